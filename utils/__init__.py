@@ -1,0 +1,1 @@
+"""Training, evaluation, data and checkpoint helpers shared by the six scripts."""

@@ -29,7 +29,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .basis import BasisPosition, basis_conv2d, make_shared_basis
+from .basis import BasisPosition, basis_conv2d, fold_position, make_shared_basis
 from .registry import register_model
 
 
@@ -120,6 +120,20 @@ class SharedBasicBlock(nn.Module):
     def basis_positions(self) -> list[BasisPosition]:
         return [BasisPosition(getattr(self, f"basis_conv{i}", None), self._shared(i), getattr(self, f"basis_bn{i}"),
                               getattr(self, f"coeff_conv{i}")) for i in (1, 2)]
+
+    @torch.no_grad()
+    def folded(self) -> BasicBlock:
+        """The eval-mode equivalent plain block: each factorised conv becomes one dense 3x3 conv, whose bias is
+        absorbed into the following BatchNorm's running mean."""
+        planes = self.bn1.num_features
+        block = BasicBlock(planes, planes).to(self.bn1.weight.device, self.bn1.weight.dtype)
+        for i, position in enumerate(self.basis_positions(), 1):
+            weight, bias = fold_position(position)
+            getattr(block, f"conv{i}").weight.copy_(weight)
+            bn = getattr(block, f"bn{i}")
+            bn.load_state_dict(getattr(self, f"bn{i}").state_dict())
+            bn.running_mean.sub_(bias)
+        return block.eval()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = x

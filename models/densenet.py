@@ -1,0 +1,192 @@
+"""DenseNet-BC 121 for CIFAR-100, plain and with shared filter bases (paper section 4.2; SPEC sections 2.4, 4).
+
+One :class:`DenseNet` class covers both models; the shared one differs in its bottleneck (the 3x3 conv is factorised
+as ``[unique || shared basis] -> basis BN -> 1x1 coefficients``), in four network-level bases, and in two naming
+details of the authors' code that the checkpoints fix:
+
+* **Every** bottleneck of every dense block is shared (unlike the ResNets, no plain first layer), and ranks are not
+  scaled per block: all bases are ``[s, 128, 3, 3]`` (the bottleneck width is ``4 * growth`` everywhere).
+* The last dense block is wired to ``shared_basis_3``, the basis of the block before it (the authors' loop index
+  leaked). ``shared_basis_4`` is therefore never called in forward, yet it exists, is counted in the parameters, is in
+  the state_dict and is regularised (SPEC 2.4 and 10.2). Kept for checkpoint compatibility: see :func:`_basis_of_block`.
+* The last dense block's container is ``features.dense_block3`` in the plain model but
+  ``features.dense_block_layer_3`` in the shared one (see :meth:`DenseNet._block_name`).
+
+Attribute names are checkpoint keys and module construction order is the authors' (``conv1``, the four bases, the
+feature stack, ``linear``), so ``torch.manual_seed`` reproduces their initial weights. There is no explicit
+initialisation: PyTorch defaults everywhere, and the shared bases are *not* orthogonal at init (SPEC section 3).
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .basis import BasisPosition, basis_conv2d, make_shared_basis
+from .registry import register_model
+
+
+class Transition(nn.Module):
+    """BN -> 1x1 conv -> 2x2 average pool (no ReLU, as in the authors' code). Keys ``down_sample.{0,1}``."""
+
+    def __init__(self, in_channels: int, out_channels: int) -> None:
+        super().__init__()
+        self.down_sample = nn.Sequential(nn.BatchNorm2d(in_channels),
+                                         nn.Conv2d(in_channels, out_channels, 1, bias=False),
+                                         nn.AvgPool2d(2, stride=2))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_sample(x)
+
+
+class Bottleneck(nn.Module):
+    """Plain DenseNet-BC layer: BN -> ReLU -> 1x1 conv -> BN -> ReLU -> 3x3 conv; output ``[x, new]``.
+
+    The ReLUs are modules (keys ``residual_function.{0,2,3,5}``), so the FLOP counter counts them, as ptflops did.
+    """
+
+    def __init__(self, in_channels: int, growth_rate: int) -> None:
+        super().__init__()
+        inner = 4 * growth_rate
+        self.residual_function = nn.Sequential(
+            nn.BatchNorm2d(in_channels), nn.ReLU(inplace=True),
+            nn.Conv2d(in_channels, inner, 1, bias=False),
+            nn.BatchNorm2d(inner), nn.ReLU(inplace=True),
+            nn.Conv2d(inner, growth_rate, 3, padding=1, bias=False))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat((x, self.residual_function(x)), 1)
+
+
+class SharedBottleneck(nn.Module):
+    """DenseNet-BC layer whose 3x3 conv is factorised over a shared basis.
+
+    bn0 -> ReLU -> 1x1 conv1 -> bn1 -> ReLU -> [unique 3x3 basis_conv2 || shared 3x3] -> basis_bn2 -> 1x1
+    coeff_conv2; output ``[x, new]``. The ReLUs are functional (not counted by ptflops); basis conv, basis BN and
+    coefficient conv are linear, so the basis part can be folded or fused (:meth:`basis_positions`).
+
+    Args:
+        in_channels: input channels of this layer.
+        growth_rate: new channels (the coefficient conv's output); the inner width is ``4 * growth_rate``.
+        unique_rank: filters of the layer's own basis (0 = shared part only).
+        shared_basis: the dense block's shared ``nn.Conv2d`` (registered here as ``shared_basis``, the checkpoint key).
+    """
+
+    def __init__(self, in_channels: int, growth_rate: int, unique_rank: int, shared_basis: nn.Conv2d) -> None:
+        super().__init__()
+        inner = 4 * growth_rate
+        rank = unique_rank + shared_basis.out_channels
+        self.fused = True
+        self.shared_basis = shared_basis  # alias registration; first in the checkpoint's key order
+        self.bn0 = nn.BatchNorm2d(in_channels)
+        self.conv1 = nn.Conv2d(in_channels, inner, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(inner)
+        self.basis_conv2 = nn.Conv2d(inner, unique_rank, 3, padding=1, bias=False) if unique_rank else None
+        self.basis_bn2 = nn.BatchNorm2d(rank)
+        self.coeff_conv2 = nn.Conv2d(rank, growth_rate, 1, bias=False)
+
+    def basis_positions(self) -> list[BasisPosition]:
+        return [BasisPosition(self.basis_conv2, self.shared_basis, self.basis_bn2, self.coeff_conv2)]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn0(x), inplace=True)
+        out = F.relu(self.bn1(self.conv1(out)), inplace=True)
+        out = basis_conv2d(out, self.basis_conv2, self.shared_basis, fused=self.fused)  # (N, u + s, H, W)
+        out = self.coeff_conv2(self.basis_bn2(out))
+        return torch.cat((x, out), 1)
+
+
+def _basis_of_block(block: int, num_blocks: int) -> int:
+    """1-based shared basis used by dense block ``block`` (0-based): its own, except that the last block reuses the
+    basis of the block before it, as in the authors' code (checkpoints depend on it; SPEC 2.4)."""
+    return min(block, num_blocks - 2) + 1
+
+
+class DenseNet(nn.Module):
+    """DenseNet-BC for 32x32 inputs, plain or with one shared basis per dense block.
+
+    Args:
+        layers: bottlenecks per dense block, e.g. ``(6, 12, 24, 16)``.
+        num_classes: classifier outputs.
+        growth_rate: channels each bottleneck adds; the stem makes ``2 * growth_rate``.
+        reduction: transition compression (output channels are ``floor(reduction * C)``).
+        shared_rank: filters per shared basis; None builds the plain DenseNet.
+        unique_rank: filters of each bottleneck's own basis (shared model only).
+    """
+
+    def __init__(self, layers: Sequence[int], num_classes: int, *, growth_rate: int = 32, reduction: float = 0.5,
+                 shared_rank: Optional[int] = None, unique_rank: int = 0) -> None:
+        super().__init__()
+        self.growth_rate = growth_rate
+        self.shared = shared_rank is not None
+        channels = 2 * growth_rate
+        self.conv1 = nn.Conv2d(3, channels, 3, padding=1, bias=False)
+        self.features = nn.Sequential()  # registered before the bases: its keys come first in the state_dict
+        if self.shared:
+            # One basis per dense block, all over the 4 * growth bottleneck width. Constructed here, before the
+            # blocks, as in the authors' code (this fixes the RNG order of the default init).
+            for g in range(1, len(layers) + 1):
+                setattr(self, f"shared_basis_{g}", make_shared_basis(4 * growth_rate, shared_rank))
+        for i, n in enumerate(layers):
+            block = nn.Sequential()
+            basis = getattr(self, f"shared_basis_{_basis_of_block(i, len(layers))}") if self.shared else None
+            for j in range(n):
+                layer = (Bottleneck(channels, growth_rate) if basis is None
+                         else SharedBottleneck(channels, growth_rate, unique_rank, basis))
+                block.add_module(f"bottle_neck_layer_{j}", layer)
+                channels += growth_rate
+            self.features.add_module(self._block_name(i, len(layers)), block)
+            if i < len(layers) - 1:
+                out_channels = int(reduction * channels)
+                self.features.add_module(f"transition_layer_{i}", Transition(channels, out_channels))
+                channels = out_channels
+        self.features.add_module("bn", nn.BatchNorm2d(channels))
+        self.features.add_module("relu", nn.ReLU(inplace=True))
+        self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
+        self.linear = nn.Linear(channels, num_classes)
+        self.num_blocks = len(layers)
+
+    def _block_name(self, i: int, num_blocks: int) -> str:
+        # Checkpoint keys: the authors named the last dense block differently in their two classes.
+        if i == num_blocks - 1 and not self.shared:
+            return f"dense_block{i}"
+        return f"dense_block_layer_{i}"
+
+    def dense_blocks(self) -> list[nn.Sequential]:
+        return [getattr(self.features, self._block_name(i, self.num_blocks)) for i in range(self.num_blocks)]
+
+    def basis_groups(self) -> list["BasisGroup"]:
+        """One group per shared basis (including the never-called ``shared_basis_4``); ``unique`` holds the unique
+        basis weights of the bottlenecks that use that basis (so group 4 has none: block 4 uses basis 3)."""
+        from .regularizer import BasisGroup
+        if not self.shared:
+            return []
+        groups = []
+        for g in range(1, self.num_blocks + 1):
+            basis = getattr(self, f"shared_basis_{g}")
+            unique = [layer.basis_conv2.weight for block in self.dense_blocks() for layer in block
+                      if layer.shared_basis is basis and layer.basis_conv2 is not None]
+            groups.append(BasisGroup(shared=[basis.weight], unique=unique))
+        return groups
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.features(self.conv1(x))
+        x = torch.flatten(self.avgpool(x), 1)
+        return self.linear(x)
+
+
+_DENSENET121 = (6, 12, 24, 16)
+
+
+@register_model("cifar100", "DenseNet121")
+def _densenet121(num_classes: int) -> DenseNet:
+    return DenseNet(_DENSENET121, num_classes, growth_rate=32)
+
+
+@register_model("cifar100", "DenseNet121_SingleShared", rank_args=("shared_rank", "unique_rank"),
+                shared_rank=16, unique_rank=1)
+def _densenet121_single_shared(num_classes: int, shared_rank: int, unique_rank: int) -> DenseNet:
+    # The paper's row "DenseNet121-S64U4" is this model at shared_rank=16, unique_rank=1 (SPEC section 9).
+    return DenseNet(_DENSENET121, num_classes, growth_rate=32, shared_rank=shared_rank, unique_rank=unique_rank)

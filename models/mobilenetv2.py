@@ -1,0 +1,176 @@
+"""MobileNetV2 for CIFAR-100 and ILSVRC, plain and with shared expansion convs (paper section 4.3; SPEC 2.6, 4).
+
+One :class:`MobileNetV2` class builds all four models from a stage table and a :class:`MobileNetV2Cfg` that holds
+what the authors' CIFAR and ILSVRC files do differently:
+
+=============  ==========================================  ==============================================
+               CIFAR-100                                   ILSVRC
+=============  ==========================================  ==============================================
+stem ``pre``   1x1 conv, stride 1, *padding 1* (32 -> 34)  3x3 conv, stride 2, padding 1
+stage6 stride  1                                           2
+residual       every stride-1 block: identity if in = out  stride 1 and in = out only (identity)
+               else 1x1 conv + BN (keys ``shortcut.*``)
+head           1x1 conv ``conv2`` (bias) after the pool    Dropout(0.2) + Linear ``classifier.1``
+=============  ==========================================  ==============================================
+
+Blocks are inverted residuals: 1x1 expand -> BN -> ReLU -> depthwise 3x3 -> BN -> ReLU -> 1x1 project -> BN. Their
+ReLUs are functional (plain ReLU, not ReLU6); only the stem's and head's ReLU6 are modules (counted by ptflops), and
+the global pool is functional (not counted).
+
+``MobileNetV2_Shared`` gives stages 3-6 one 1x1 expansion conv each (``shared_basis_1..4``, [6c, c, 1, 1]): the first
+block of those stages is plain, blocks 2..n drop their own ``conv1`` and call the stage's conv (registered in the block
+as ``shared_basis1``), keeping their own ``bn1``. No unique part, no rank arguments, PyTorch default init everywhere.
+The bases have more filters than inputs (192 x 32 ... 960 x 160), so the orthogonality penalty has a positive floor.
+
+Attribute names are checkpoint keys and construction order is the authors' (``pre``, stages with each shared conv
+built just before its stage, ``conv1``, head), so ``torch.manual_seed`` reproduces their initial weights.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .registry import register_model
+
+# (expansion t, output channels c, blocks n, first-block stride s) per stage; stage 6's stride comes from the cfg.
+STAGES = ((1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1), (6, 160, 3, None),
+          (6, 320, 1, 1))
+SHARED_STAGES = (3, 4, 5, 6)  # 1-based stages that get a shared expansion conv (shared_basis_1..4)
+
+
+@dataclass(frozen=True)
+class MobileNetV2Cfg:
+    """What differs between the authors' CIFAR-100 and ILSVRC MobileNetV2 (see the module docstring).
+
+    Args:
+        stem_kernel, stem_stride, stem_padding: the stem conv (3 -> 32, with bias).
+        stage6_stride: first-block stride of stage 6.
+        projection_shortcuts: CIFAR rule (every stride-1 block is residual, projecting when channels change) instead
+            of the ILSVRC rule (residual only for stride 1 and in = out).
+        conv_head: classify with a 1x1 conv ``conv2`` after pooling (CIFAR) instead of Dropout + Linear (ILSVRC).
+    """
+
+    stem_kernel: int
+    stem_stride: int
+    stem_padding: int
+    stage6_stride: int
+    projection_shortcuts: bool
+    conv_head: bool
+
+
+CIFAR = MobileNetV2Cfg(stem_kernel=1, stem_stride=1, stem_padding=1, stage6_stride=1, projection_shortcuts=True,
+                       conv_head=True)
+ILSVRC = MobileNetV2Cfg(stem_kernel=3, stem_stride=2, stem_padding=1, stage6_stride=2, projection_shortcuts=False,
+                        conv_head=False)
+
+
+class InvertedResidual(nn.Module):
+    """Expand (own 1x1 ``conv1`` or a stage's shared ``shared_basis1``) -> bn1 -> ReLU -> depthwise 3x3 ``conv2``
+    (stride) -> bn2 -> ReLU -> 1x1 ``conv3`` -> bn3, plus the residual chosen by ``projection_shortcuts``.
+
+    Args:
+        in_channels, out_channels: block input and output channels.
+        expansion: inner width is ``expansion * in_channels``.
+        stride: stride of the depthwise conv.
+        projection_shortcuts: see :class:`MobileNetV2Cfg`.
+        shared_expand: the stage's shared 1x1 conv, used instead of an own ``conv1``.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, expansion: int, stride: int, projection_shortcuts: bool,
+                 shared_expand: Optional[nn.Conv2d] = None) -> None:
+        super().__init__()
+        planes = expansion * in_channels
+        self.shortcut: Optional[nn.Module] = None  # identity when residual
+        self.uses_shared = shared_expand is not None
+        if shared_expand is not None:
+            if shared_expand.in_channels != in_channels or shared_expand.out_channels != planes:
+                raise ValueError(f"shared expansion conv is {shared_expand.in_channels}->{shared_expand.out_channels}"
+                                 f", the block needs {in_channels}->{planes}")
+            self.shared_basis1 = shared_expand  # alias registration; checkpoint key `shared_basis1`
+        else:
+            self.conv1 = nn.Conv2d(in_channels, planes, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, stride=stride, padding=1, groups=planes, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.conv3 = nn.Conv2d(planes, out_channels, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(out_channels)
+        if projection_shortcuts:
+            self.residual = stride == 1
+            if self.residual and in_channels != out_channels:
+                self.shortcut = nn.Sequential(nn.Conv2d(in_channels, out_channels, 1, bias=False),
+                                              nn.BatchNorm2d(out_channels))
+        else:
+            self.residual = stride == 1 and in_channels == out_channels
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        expand = self.shared_basis1 if self.uses_shared else self.conv1
+        out = F.relu(self.bn1(expand(x)), inplace=True)
+        out = F.relu(self.bn2(self.conv2(out)), inplace=True)
+        out = self.bn3(self.conv3(out))
+        if self.residual:
+            out = out + (x if self.shortcut is None else self.shortcut(x))
+        return out
+
+
+class MobileNetV2(nn.Module):
+    """MobileNetV2 (width 1.0) with the authors' stage layout, plain or with shared expansion convs.
+
+    Args:
+        cfg: :data:`CIFAR` or :data:`ILSVRC`.
+        num_classes: classifier outputs.
+        shared: give stages 3-6 one shared expansion conv each (``MobileNetV2_Shared``).
+    """
+
+    def __init__(self, cfg: MobileNetV2Cfg, num_classes: int, *, shared: bool = False) -> None:
+        super().__init__()
+        self.arch = cfg
+        self.shared = shared
+        self.pre = nn.Sequential(
+            nn.Conv2d(3, 32, cfg.stem_kernel, stride=cfg.stem_stride, padding=cfg.stem_padding),
+            nn.BatchNorm2d(32), nn.ReLU6(inplace=True))
+        in_channels = 32
+        for i, (t, c, n, s) in enumerate(STAGES, 1):
+            stride = cfg.stage6_stride if s is None else s
+            basis = None
+            if shared and i in SHARED_STAGES:
+                basis = nn.Conv2d(c, t * c, 1, bias=False)
+                setattr(self, f"shared_basis_{SHARED_STAGES.index(i) + 1}", basis)
+            blocks = [InvertedResidual(in_channels, c, t, stride, cfg.projection_shortcuts)]
+            for _ in range(1, n):
+                blocks.append(InvertedResidual(c, c, t, 1, cfg.projection_shortcuts, shared_expand=basis))
+            in_channels = c
+            # Stages of one block are the block itself in the checkpoints (`stage1.conv1`), the others Sequentials.
+            setattr(self, f"stage{i}", blocks[0] if n == 1 else nn.Sequential(*blocks))
+        self.num_stages = len(STAGES)
+        self.conv1 = nn.Sequential(nn.Conv2d(in_channels, 1280, 1), nn.BatchNorm2d(1280), nn.ReLU6(inplace=True))
+        if cfg.conv_head:
+            self.conv2 = nn.Conv2d(1280, num_classes, 1)
+        else:
+            self.classifier = nn.Sequential(nn.Dropout(0.2), nn.Linear(1280, num_classes))
+
+    def shared_bases(self) -> list[nn.Conv2d]:
+        return [getattr(self, f"shared_basis_{g}") for g in range(1, len(SHARED_STAGES) + 1)] if self.shared else []
+
+    def basis_groups(self) -> list["BasisGroup"]:
+        """One group per shared expansion conv (no unique part)."""
+        from .regularizer import BasisGroup
+        return [BasisGroup(shared=[b.weight]) for b in self.shared_bases()]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.pre(x)
+        for i in range(1, self.num_stages + 1):
+            x = getattr(self, f"stage{i}")(x)
+        x = F.adaptive_avg_pool2d(self.conv1(x), 1)  # (N, 1280, 1, 1)
+        if self.arch.conv_head:
+            return torch.flatten(self.conv2(x), 1)
+        return self.classifier(torch.flatten(x, 1))
+
+
+for _dataset, _arch in (("cifar100", CIFAR), ("ilsvrc", ILSVRC)):
+    register_model(_dataset, "MobileNetV2")(partial(MobileNetV2, _arch))
+    register_model(_dataset, "MobileNetV2_Shared")(partial(MobileNetV2, _arch, shared=True))

@@ -1,0 +1,180 @@
+"""Parameter and FLOP counts, the way the paper reports them (SPEC section 8).
+
+* Params = ``sum(p.numel() for p in model.parameters())``; a shared basis is one tensor and counts once.
+* FLOPs = 2 x MACs as ptflops 0.6 counted them for the paper: forward hooks on convolutions (with bias adds), linear
+  layers (without), BatchNorm (2 per element), ReLU/ReLU6 *modules* and pooling modules (functional ops are not
+  counted), at batch 1 and the dataset's input size. A shared module is counted on every call, which is right: each
+  block really runs it. (ptflops 0.7's default backend gets shared models wrong; see SPEC section 8.)
+
+Run ``python -m models.summary --all`` for the paper's tables, or name one model::
+
+    python -m models.summary --dataset cifar10 --model ResNet56_DoubleShared --shared_rank 16 --unique_rank 1
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn as nn
+
+from .basis import set_fused
+from .registry import DATASETS, INPUT_SIZE, get_model, list_models, model_rank_args, rank_flags
+
+
+@dataclass(frozen=True)
+class PaperRow:
+    """One row of the paper's result tables, with the flags that build it."""
+
+    dataset: str
+    row: str
+    model: str
+    ranks: tuple  # ((arg, value), ...)
+    params: str
+    flops: str
+    top1_err: str
+    top5_err: str = ""
+    note: str = ""
+
+
+_S = lambda s, u: (("shared_rank", s), ("unique_rank", u))  # noqa: E731
+PAPER_ROWS = (
+    PaperRow("cifar100", "ResNet34-S8U1", "ResNet34_SingleShared", _S(8, 1), "5.87M", "0.79G", "23.11%"),
+    PaperRow("cifar100", "ResNet34-S16U1", "ResNet34_SingleShared", _S(16, 1), "6.49M", "1.05G", "22.64%"),
+    PaperRow("cifar100", "ResNet34-S32U1", "ResNet34_SingleShared", _S(32, 1), "7.73M", "1.55G", "21.79%"),
+    PaperRow("cifar100", "DenseNet121-S64U4", "DenseNet121_SingleShared", _S(16, 1), "5.08M", "1.43G", "22.15%",
+             note="built with shared_rank=16 unique_rank=1, not the row name's 64/4"),
+    PaperRow("cifar100", "ResNeXt50-S16U1", "ResNext50_SingleShared", _S(64, 4), "19.3M", "2.38G", "20.09%",
+             note="built with shared_rank=64 unique_rank=4; 16/1 are its basis conv group counts"),
+    PaperRow("cifar100", "MobileNetV2-Shared", "MobileNetV2_Shared", (), "2.16M", "0.14G", "27.70%"),
+    PaperRow("cifar10", "ResNet32-S8U1", "ResNet32_SingleShared", _S(8, 1), "0.15M", "0.10G", "8.08%"),
+    PaperRow("cifar10", "ResNet32-S16U1", "ResNet32_SingleShared", _S(16, 1), "0.20M", "0.16G", "7.43%"),
+    PaperRow("cifar10", "ResNet32-S16U1*", "ResNet32_DoubleShared", _S(16, 1), "0.24M", "0.16G", "6.93%",
+             note="the authors' code gives 245,642 params (0.25M)"),
+    PaperRow("cifar10", "ResNet56-S8U1", "ResNet56_SingleShared", _S(8, 1), "0.20M", "0.17G", "7.52%"),
+    PaperRow("cifar10", "ResNet56-S16U1", "ResNet56_SingleShared", _S(16, 1), "0.22M", "0.30G", "7.46%",
+             note="the authors' code gives 270,842 params (0.27M)"),
+    PaperRow("cifar10", "ResNet56-S16U1*", "ResNet56_DoubleShared", _S(16, 1), "0.31M", "0.30G", "6.30%",
+             note="the authors' code gives 319,226 params (0.32M)"),
+    PaperRow("ilsvrc", "ResNet34-S32U1*", "ResNet34_DoubleShared", _S(32, 1), "9.76M", "4.98G", "27.20%", "8.93%"),
+    PaperRow("ilsvrc", "ResNet34-S48U1*", "ResNet34_DoubleShared", _S(48, 1), "11.79M", "6.52G", "26.67%", "8.54%"),
+    PaperRow("ilsvrc", "MobileNetV2-Shared", "MobileNetV2_Shared", (), "3.24M", "0.66G", "27.61%", "9.34%"),
+)
+
+
+def count_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def _conv_macs(m: nn.Conv2d, inp, out) -> int:
+    per_position = math.prod(m.kernel_size) * m.in_channels * (m.out_channels // m.groups)
+    positions = out.numel() // m.out_channels  # batch x output H x W
+    return per_position * positions + (m.out_channels * positions if m.bias is not None else 0)
+
+
+def _macs_of(m: nn.Module, inp, out) -> int:
+    if isinstance(m, nn.Conv2d):
+        return _conv_macs(m, inp, out)
+    if isinstance(m, nn.Linear):
+        return inp[0].numel() * out.shape[-1]
+    if isinstance(m, nn.BatchNorm2d):
+        return inp[0].numel() * (2 if m.affine else 1)
+    if isinstance(m, (nn.ReLU, nn.ReLU6)):
+        return out.numel()
+    if isinstance(m, (nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)):
+        return inp[0].numel()
+    return 0
+
+
+@torch.no_grad()
+def count_macs(model: nn.Module, input_size: Optional[tuple] = None) -> int:
+    """MACs of one forward pass at batch 1, in ptflops 0.6's convention (see module docstring)."""
+    if input_size is None:
+        input_size = model.cfg.input_size
+    fused = {m: m.fused for m in model.modules() if hasattr(m, "fused")}
+    set_fused(model, False)  # call basis convs as modules so the hooks see them
+    total = 0
+
+    def hook(m, inp, out):
+        nonlocal total
+        total += _macs_of(m, inp, out)
+
+    handles = [m.register_forward_hook(hook) for m in model.modules()]  # modules() visits a shared module once
+    was_training = model.training
+    try:
+        model.eval()
+        model(torch.zeros(1, *input_size, device=next(model.parameters()).device))
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+        for m, f in fused.items():
+            m.fused = f
+    return total
+
+
+def summarize(name: str, dataset: str, **ranks) -> dict:
+    """Params and FLOPs of a registered model, as numbers and as the paper prints them."""
+    model = get_model(name, dataset, **ranks)
+    params, macs = count_params(model), count_macs(model)
+    return {"dataset": dataset, "model": name, **model.cfg.build_kwargs(), "params": params, "macs": macs,
+            "params_str": f"{params / 1e6:.2f}M", "flops_str": f"{2 * macs / 1e9:.2f}G"}
+
+
+def _fmt_paper_params(measured: int, paper: str) -> str:
+    digits = len(paper.rstrip("M").split(".")[1])
+    return f"{measured / 1e6:.{digits}f}M"
+
+
+def paper_table() -> list[dict]:
+    """Every paper row with what this implementation measures and the flags that build it."""
+    rows = []
+    for r in PAPER_ROWS:
+        s = summarize(r.model, r.dataset, **dict(r.ranks))
+        params = _fmt_paper_params(s["params"], r.params)
+        rows.append({**s, "row": r.row, "paper_params": r.params, "paper_flops": r.flops, "top1_err": r.top1_err,
+                     "top5_err": r.top5_err, "params_ok": params == r.params, "flops_ok": s["flops_str"] == r.flops,
+                     "flags": f"--model={r.model} {rank_flags(dict(r.ranks))}".strip(), "note": r.note,
+                     "measured_params": params})
+    return rows
+
+
+def _print_table(rows: list[dict]) -> None:
+    head = f"{'dataset':9} {'paper row':20} {'params':>8} {'paper':>7} {'FLOPs':>6} {'paper':>6}  flags"
+    print(head)
+    print("-" * len(head))
+    for r in rows:
+        mark = "" if r["params_ok"] else "  *params differ from the paper; matches the authors' code"
+        print(f"{r['dataset']:9} {r['row']:20} {r['measured_params']:>8} {r['paper_params']:>7} "
+              f"{r['flops_str']:>6} {r['paper_flops']:>6}  {r['flags']}{mark}")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m models.summary", description=__doc__.split("\n\n")[0])
+    p.add_argument("--all", action="store_true", help="print every row of the paper's tables")
+    p.add_argument("--dataset", choices=DATASETS)
+    p.add_argument("--model")
+    p.add_argument("--shared_rank", type=int)
+    p.add_argument("--unique_rank", type=int)
+    args = p.parse_args(argv)
+    if args.all:
+        _print_table(paper_table())
+        return 0
+    if not args.dataset or not args.model:
+        p.error("give --all, or --dataset and --model")
+    ranks = {k: getattr(args, k) for k in ("shared_rank", "unique_rank") if getattr(args, k) is not None}
+    try:
+        s = summarize(args.model, args.dataset, **ranks)
+    except ValueError as e:
+        p.error(str(e))
+    print(f"{args.dataset} {args.model} {rank_flags({k: s[k] for k in model_rank_args(args.model, args.dataset)})}"
+          f"\n  params {s['params']:,} ({s['params_str']})\n  MACs {s['macs']:,}  FLOPs {s['flops_str']} "
+          f"(2 x MACs, ptflops-0.6 convention, input {INPUT_SIZE[args.dataset]})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

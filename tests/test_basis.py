@@ -1,0 +1,163 @@
+"""SharedBasisConv2d and the shared blocks: fused == two-conv form, sharing is one tensor, init, BN settings."""
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from models import SharedBasisConv2d, basis_conv2d, get_model, set_fused
+from models.basis import make_shared_basis
+from models.resnet import SharedBasicBlock
+
+
+def _grads(params):
+    return [p.grad.clone() for p in params]
+
+
+@pytest.mark.parametrize("unique_rank,shared_rank", [(1, 16), (4, 8), (0, 8), (3, 0)])
+def test_fused_equals_two_convs_outputs_and_gradients(unique_rank, shared_rank):
+    torch.manual_seed(0)
+    shared = make_shared_basis(16, shared_rank) if shared_rank else None
+    conv = SharedBasisConv2d(16, 32, unique_rank, shared)
+    x = torch.randn(4, 16, 8, 8, requires_grad=True)
+    results = []
+    for fused in (True, False):
+        conv.fused = fused
+        conv.zero_grad()
+        x.grad = None
+        y = conv(x)
+        (y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum().backward()
+        results.append((y.detach(), x.grad.clone(), _grads(conv.parameters())))
+    (y1, gx1, g1), (y2, gx2, g2) = results
+    torch.testing.assert_close(y1, y2, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(gx1, gx2, rtol=1e-5, atol=1e-5)
+    for a, b in zip(g1, g2):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_fused_model_equals_two_conv_model():
+    torch.manual_seed(0)
+    model = get_model("ResNet32_DoubleShared", "cifar10", shared_rank=8, unique_rank=1)
+    x = torch.randn(4, 3, 32, 32)
+    outs = []
+    for fused in (True, False):
+        set_fused(model, fused)
+        model.zero_grad()
+        y = model(x)
+        y.logsumexp(1).sum().backward()
+        outs.append((y.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+    torch.testing.assert_close(outs[0][0], outs[1][0], rtol=1e-5, atol=1e-5)
+    for n in outs[0][1]:
+        torch.testing.assert_close(outs[0][1][n], outs[1][1][n], rtol=1e-4, atol=1e-6, msg=n)
+
+
+def test_basis_conv_equals_dense_conv_built_from_parts():
+    """Slow reference: in eval mode, coeff x BN x [unique || shared] is one dense 3x3 conv with bias."""
+    torch.manual_seed(0)
+    conv = SharedBasisConv2d(8, 12, 2, make_shared_basis(8, 6)).eval()
+    bn = conv.basis_bn
+    bn.running_mean.uniform_(-1, 1), bn.running_var.uniform_(0.5, 2), bn.weight.data.uniform_(0.5, 2)
+    basis = torch.cat([conv.basis_conv.weight, conv.shared_basis.weight])  # (r, 8, 3, 3)
+    scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+    coeff = conv.coeff_conv.weight.flatten(1)  # (12, r)
+    dense = torch.einsum("or,rikl->oikl", coeff * scale, basis)
+    bias = coeff @ (bn.bias - bn.running_mean * scale)
+    x = torch.randn(2, 8, 10, 10)
+    with torch.no_grad():
+        torch.testing.assert_close(conv(x), F.conv2d(x, dense, bias, padding=1), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("name,dataset,bases", [("ResNet56_DoubleShared", "cifar10", 2),
+                                                ("ResNet56_SingleShared", "cifar10", 1),
+                                                ("ResNet56_SharedOnly", "cifar10", 2),
+                                                ("ResNet34_SharedOnly", "cifar100", 1),
+                                                ("ResNet34_DoubleShared", "ilsvrc", 2)])
+def test_each_block_uses_the_groups_bases(name, dataset, bases):
+    model = get_model(name, dataset, shared_rank=4)
+    for g, group_bases in enumerate(model.shared_bases(), 1):
+        assert len(group_bases) == bases
+        blocks = list(getattr(model, f"layer{g}"))
+        assert not isinstance(blocks[0], SharedBasicBlock)  # first block of every group is plain
+        for block in blocks[1:]:
+            positions = block.basis_positions()
+            expected = group_bases if bases == 2 else group_bases * 2
+            assert [p.shared for p in positions] == expected  # the same module objects
+            assert all(p.shared.weight is expected[i].weight for i, p in enumerate(positions))
+
+
+def test_non_shared_blocks_own_distinct_weights():
+    model = get_model("ResNet32_NonShared", "cifar10", unique_rank=2)
+    weights = [p.unique.weight for m in model.modules() if isinstance(m, SharedBasicBlock)
+               for p in m.basis_positions()]
+    assert all(p.shared is None for m in model.modules() if isinstance(m, SharedBasicBlock)
+               for p in m.basis_positions())
+    assert len({id(w) for w in weights}) == len(weights) == 2 * 3 * 4
+    assert not model.basis_groups()[0].shared
+
+
+def test_shared_basis_gets_gradient_from_every_block():
+    torch.manual_seed(0)
+    model = get_model("ResNet32_DoubleShared", "cifar10", shared_rank=4, unique_rank=1).train()
+    basis = model.shared_basis_2_1.weight
+    blocks = list(model.layer2)[1:]
+    x = torch.randn(2, 32, 16, 16)
+    per_block = []
+    for block in blocks:
+        (g,) = torch.autograd.grad(block(x).square().sum(), basis)
+        assert g.abs().sum() > 0
+        per_block.append(g)
+    # Through a chain of blocks the total gradient reaches the tensor via every block; summing the
+    # per-block losses on a common input must give the sum of the per-block gradients (one tensor, not copies).
+    (total,) = torch.autograd.grad(sum(b(x).square().sum() for b in blocks), basis)
+    torch.testing.assert_close(total, sum(per_block), rtol=1e-4, atol=1e-5)
+
+
+def test_sharing_survives_load_state_dict_and_to():
+    src = get_model("ResNet32_SingleShared", "cifar10", shared_rank=4, unique_rank=1)
+    dst = get_model("ResNet32_SingleShared", "cifar10", shared_rank=4, unique_rank=1)
+    dst.load_state_dict(src.state_dict())
+    dst.to(torch.float64)
+    for block in list(dst.layer1)[1:]:
+        assert block.shared_basis.weight is dst.shared_basis_1.weight
+    torch.testing.assert_close(dst.shared_basis_1.weight.float(), src.shared_basis_1.weight)
+    assert sum(1 for _ in dst.parameters()) == len({id(p) for p in dst.parameters()})
+
+
+@pytest.mark.parametrize("name,dataset", [("ResNet56_DoubleShared", "cifar10"), ("ResNet56_SharedOnly", "cifar10"),
+                                          ("ResNet32_SingleShared", "cifar10"), ("ResNet34_SingleShared", "cifar100"),
+                                          ("ResNet34_DoubleShared", "ilsvrc")])
+def test_initial_shared_bases_are_orthonormal(name, dataset):
+    model = get_model(name, dataset)
+    for bases in model.shared_bases():
+        rows = torch.cat([b.weight.flatten(1) for b in bases])  # a pair is orthonormal jointly
+        torch.testing.assert_close(rows @ rows.t(), torch.eye(rows.shape[0]), atol=1e-5, rtol=0)
+
+
+def test_initialisation_follows_the_reference():
+    model = get_model("ResNet56_DoubleShared", "cifar10")
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            assert m.eps == 1e-5 and m.momentum == 0.1 and m.affine and m.track_running_stats
+            assert torch.all(m.weight == 1) and torch.all(m.bias == 0)
+    conv = model.layer3[0].conv1  # Kaiming normal, fan_out, ReLU gain: std = sqrt(2 / (64 * 9))
+    assert abs(conv.weight.std().item() - (2 / (64 * 9)) ** 0.5) < 0.005
+
+
+def test_manual_seed_controls_everything():
+    torch.manual_seed(3)
+    a = get_model("ResNet32_DoubleShared", "cifar10").state_dict()
+    torch.manual_seed(3)
+    b = get_model("ResNet32_DoubleShared", "cifar10").state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_basis_conv2d_rejects_nothing_silently():
+    with pytest.raises(ValueError):
+        SharedBasisConv2d(8, 8, 0, None)
+    with pytest.raises(ValueError, match="input channels"):
+        SharedBasisConv2d(8, 8, 1, make_shared_basis(4, 2))
+    x = torch.randn(1, 8, 6, 6)
+    shared, unique = make_shared_basis(8, 3), nn.Conv2d(8, 2, 3, stride=2, padding=1, bias=False)
+    y_fused = basis_conv2d(x, unique, shared, stride=2)
+    y_split = basis_conv2d(x, unique, shared, stride=2, fused=False)
+    assert y_fused.shape == (1, 5, 3, 3)
+    torch.testing.assert_close(y_fused, y_split)

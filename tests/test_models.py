@@ -1,0 +1,84 @@
+"""Every reference model: state_dict layout, parameter count and FLOPs against the authors' code (models.json)."""
+import pytest
+import torch
+
+from models import get_model, list_models
+from models.summary import count_macs, count_params, paper_table
+from reference import entries, entry_args
+
+ENTRIES = entries()
+
+
+@pytest.mark.parametrize("entry", ENTRIES, ids=[e["key"] for e in ENTRIES])
+def test_matches_reference(entry):
+    dataset, name, ranks = entry_args(entry)
+    model = get_model(name, dataset, **ranks)
+    state = model.state_dict(keep_vars=True)
+    assert [[k, list(v.shape)] for k, v in state.items()] == entry["state_dict"]
+    for alias, target in entry["state_dict_aliases"].items():
+        assert state[alias] is state[target], alias  # one shared tensor, listed under every alias
+    assert count_params(model) == entry["params"]
+    assert count_macs(model) == entry["macs_ptflops_0_6_2"]
+
+
+def test_paper_rows_reproduced():
+    rows = paper_table()
+    assert len(rows) == 15
+    assert all(r["flops_ok"] for r in rows), [r["row"] for r in rows if not r["flops_ok"]]
+    wrong_in_paper = {("cifar10", "ResNet32-S16U1*"), ("cifar10", "ResNet56-S16U1"), ("cifar10", "ResNet56-S16U1*")}
+    assert {(r["dataset"], r["row"]) for r in rows if not r["params_ok"]} == wrong_in_paper
+
+
+SCRIPT_NAMES = {
+    "cifar10": ["ResNet20", "ResNet32", "ResNet44", "ResNet56", "ResNet110", "ResNet1202", "ResNet56_DoubleShared",
+                "ResNet32_DoubleShared", "ResNet56_SingleShared", "ResNet32_SingleShared", "ResNet56_SharedOnly",
+                "ResNet32_SharedOnly", "ResNet56_NonShared", "ResNet32_NonShared"],
+    "cifar100": ["ResNet18", "ResNet34", "ResNet34_SingleShared", "ResNet34_NonShared", "ResNet34_SharedOnly",
+                 "DenseNet121", "DenseNet121_SingleShared", "ResNext50", "ResNext50_SingleShared", "MobileNetV2",
+                 "MobileNetV2_Shared"],
+    "ilsvrc": ["ResNet18", "ResNet34", "ResNet34_DoubleShared", "ResNet34_SingleShared", "MobileNetV2",
+               "MobileNetV2_Shared"],
+}
+
+
+@pytest.mark.parametrize("dataset", SCRIPT_NAMES)
+def test_registry_has_every_script_name(dataset):
+    assert sorted(list_models(dataset)) == sorted(SCRIPT_NAMES[dataset])
+
+
+ALL = [(d, n) for d in SCRIPT_NAMES for n in SCRIPT_NAMES[d] if n != "ResNet1202"]
+
+
+@pytest.mark.parametrize("dataset,name", ALL, ids=[f"{d}/{n}" for d, n in ALL])
+def test_forward_backward(dataset, name):
+    torch.manual_seed(0)
+    model = get_model(name, dataset)
+    size = model.cfg.input_size if dataset != "ilsvrc" else (3, 64, 64)  # ImageNet nets are size-agnostic
+    out = model(torch.randn(2, *size))
+    assert out.shape == (2, model.cfg.num_classes) and torch.isfinite(out).all()
+    out.logsumexp(1).sum().backward()
+    unused = {"shared_basis_4.weight"} if name == "DenseNet121_SingleShared" else set()  # SPEC 2.4: never called
+    missing = [n for n, p in model.named_parameters() if p.grad is None and n not in unused]
+    assert not missing
+
+
+def test_registry_errors():
+    with pytest.raises(ValueError, match="valid names: .*ResNet56_DoubleShared"):
+        get_model("ResNet57", "cifar10")
+    with pytest.raises(ValueError, match="valid datasets"):
+        get_model("ResNet56", "mnist")
+    with pytest.raises(ValueError, match="does not take shared_rank; it takes no rank arguments"):
+        get_model("ResNet56", "cifar10", shared_rank=16)
+    with pytest.raises(ValueError, match="does not take unique_rank; it takes shared_rank"):
+        get_model("ResNet56_SharedOnly", "cifar10", unique_rank=1)
+    with pytest.raises(ValueError, match="positive integer"):
+        get_model("ResNet56_DoubleShared", "cifar10", shared_rank=0)
+    with pytest.raises(ValueError, match="multiple of 4"):
+        get_model("ResNext50_SingleShared", "cifar100", shared_rank=16, unique_rank=1)
+
+
+def test_cfg_records_build():
+    model = get_model("ResNet56_DoubleShared", dataset="cifar10", shared_rank=16, unique_rank=1)
+    assert model.cfg.build_kwargs() == {"shared_rank": 16, "unique_rank": 1}
+    assert model.cfg.num_classes == 10 and model.cfg.input_size == (3, 32, 32)
+    assert get_model("ResNet34_DoubleShared", "ilsvrc").cfg.build_kwargs() == {"shared_rank": 32, "unique_rank": 1}

@@ -1,0 +1,50 @@
+"""The authors' own outputs for ResNet32_DoubleShared(8, 1) (SPEC section 11)."""
+import torch
+
+from models import get_model, orthogonality_penalty
+from reference import reference_weights, test_vector
+
+
+def _model(bnrand=False):
+    model = get_model("ResNet32_DoubleShared", "cifar10", shared_rank=8, unique_rank=1)
+    model.load_state_dict(reference_weights(bnrand), strict=True)
+    return model
+
+
+def _input():
+    tv = test_vector()
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    assert abs(x.sum().item() - tv["input_sum"]) < 1e-3
+    return x
+
+
+def _close_rel(y, ref):
+    ref = torch.tensor(ref)
+    assert torch.allclose(y, ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item()), (y - ref).abs().max()
+
+
+def test_seed0_build_equals_reference_initialisation():
+    torch.manual_seed(0)
+    model = get_model("ResNet32_DoubleShared", "cifar10", shared_rank=8, unique_rank=1)
+    ref = reference_weights()
+    state = model.state_dict()
+    assert state.keys() == ref.keys()
+    assert all(torch.equal(state[k], ref[k]) for k in ref)
+
+
+@torch.no_grad()
+def test_eval_and_train_logits():
+    tv, x = test_vector(), _input()
+    model = _model().eval()
+    _close_rel(model(x), tv["logits_eval"])
+    model.train()
+    assert torch.allclose(model(x), torch.tensor(tv["logits_train_mode"]), atol=1e-4)
+    _close_rel(_model(bnrand=True).eval()(x), tv["logits_eval_bnrand"])
+
+
+def test_regulariser_values():
+    tv = test_vector()
+    model = _model()
+    assert abs(orthogonality_penalty(model, include_unique=True).item()
+               - tv["orthogonality_reg_cifar10_double_with_unique"]) < 1e-5
+    assert orthogonality_penalty(model, include_unique=False).item() < 1e-12

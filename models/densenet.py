@@ -1,8 +1,8 @@
 """DenseNet-BC 121 for CIFAR-100, plain and with shared filter bases (paper section 4.2; SPEC sections 2.4, 4).
 
 One :class:`DenseNet` class covers both models; the shared one differs in its bottleneck (the 3x3 conv is factorised
-as ``[unique || shared basis] -> basis BN -> 1x1 coefficients``), in four network-level bases, and in two naming
-details of the authors' code that the checkpoints fix:
+as ``[unique || shared basis] -> basis BN -> 1x1 coefficients``), in four network-level bases, and in these details
+of the authors' code, which their checkpoints fix:
 
 * **Every** bottleneck of every dense block is shared (unlike the ResNets, no plain first layer), and ranks are not
   scaled per block: all bases are ``[s, 128, 3, 3]`` (the bottleneck width is ``4 * growth`` everywhere).
@@ -131,6 +131,7 @@ class DenseNet(nn.Module):
                 setattr(self, f"shared_basis_{g}", make_shared_basis(4 * growth_rate, shared_rank))
         for i, n in enumerate(layers):
             block = nn.Sequential()
+            # Checkpoint quirk: the last dense block gets shared_basis_3, leaving shared_basis_4 unused in forward.
             basis = getattr(self, f"shared_basis_{_basis_of_block(i, len(layers))}") if self.shared else None
             for j in range(n):
                 layer = (Bottleneck(channels, growth_rate) if basis is None

@@ -137,16 +137,16 @@ def infer_ranks(name: str, dataset: str, state_dict: dict) -> dict:
     ref = _shapes(get_model(name, dataset, **base))
     ranks = dict(base)
     for arg in entry.rank_args:
-        step = entry.rank_multiple
+        step = base[arg]  # probe at twice the default: valid for grouped bases too (powers of two of the group)
         moved = _shapes(get_model(name, dataset, **{**base, arg: base[arg] + step}))
         for key, shape in ref.items():
             dims = [i for i, (a, b) in enumerate(zip(shape, moved[key])) if a != b]
             if dims and key in state_dict and len(state_dict[key].shape) == len(shape):
                 i = dims[0]
                 slope, offset = moved[key][i] - shape[i], shape[i]
-                value, rest = divmod(state_dict[key].shape[i] - offset, slope)
-                if rest == 0 and base[arg] + value * step > 0:
-                    ranks[arg] = base[arg] + value * step
+                value, rest = divmod((state_dict[key].shape[i] - offset) * step, slope)
+                if rest == 0 and base[arg] + value > 0:
+                    ranks[arg] = base[arg] + value
                 break
     expected = _shapes(get_model(name, dataset, **ranks))
     problem = _shape_mismatch(expected, state_dict)

@@ -1,0 +1,404 @@
+"""utils/data.py: CIFAR pickle reader, both CIFAR pipelines, ILSVRC folders and build_loaders (CPU, seconds)."""
+import os
+import pickle
+
+import numpy as np
+import pytest
+import torch
+import torchvision.transforms.functional as TF
+
+from utils import data as D
+
+try:  # importable both as a package module and from the tests/ directory (pytest's rootdir-less import mode)
+    from tests.fakedata import write_fake_cifar, write_fake_imagefolder
+except ImportError:  # pragma: no cover
+    from fakedata import write_fake_cifar, write_fake_imagefolder
+
+
+def _read_pickle(path):
+    with open(path, "rb") as f:
+        return pickle.load(f, encoding="latin1")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """These tensors are tiny; with intra-op threads on a busy shared CPU each op can wait a scheduler slice."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def cifar_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cifar")
+    write_fake_cifar(root, "cifar10", n_train=103, n_test=37, seed=1)
+    write_fake_cifar(root, "cifar100", n_train=211, n_test=50, seed=2)
+    return str(root)
+
+
+@pytest.fixture(scope="module")
+def imagenet_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ilsvrc")
+    return write_fake_imagefolder(root, classes=3, per_class=4, size=40, seed=0)
+
+
+# ---------------------------------------------------------------------------------------------- CIFAR file reading
+
+@pytest.mark.parametrize("dataset,files,key", [
+    ("cifar10", [f"cifar-10-batches-py/data_batch_{i}" for i in range(1, 6)], "labels"),
+    ("cifar100", ["cifar-100-python/train"], "fine_labels"),
+])
+def test_load_cifar_round_trip(cifar_root, dataset, files, key):
+    images, labels = D.load_cifar(cifar_root, dataset, train=True, download=False)
+    rows = np.concatenate([_read_pickle(os.path.join(cifar_root, f))["data"] for f in files])
+    want = np.concatenate([_read_pickle(os.path.join(cifar_root, f))[key] for f in files])
+    assert images.dtype == torch.uint8 and images.shape == (rows.shape[0], 32, 32, 3)
+    assert labels.dtype == torch.int64 and labels.tolist() == want.tolist()
+    # HWC order vs the CHW-flattened rows: row[c*1024 + y*32 + x] == image[y, x, c]
+    n, y, x, c = 5, 7, 19, 2
+    assert images[n, y, x, c].item() == rows[n, c * 1024 + y * 32 + x]
+    assert torch.equal(images, torch.from_numpy(rows.reshape(-1, 3, 32, 32)).permute(0, 2, 3, 1))
+    # subset files: 103 (cifar10) / 211 (cifar100) images instead of 50000
+    assert images.shape[0] == (103 if dataset == "cifar10" else 211)
+
+
+def test_load_cifar_test_split_and_trailing_slash(cifar_root):
+    a = D.load_cifar(cifar_root, "cifar10", train=False, download=False)
+    b = D.load_cifar(cifar_root + "/", "cifar10", train=False, download=False)
+    assert a[0].shape[0] == 37 and torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    assert set(D.load_cifar(cifar_root, "cifar100", train=False, download=False)[1].tolist()) <= set(range(100))
+
+
+def _one_line(err):
+    msg = str(err.value)
+    assert msg and "\n" not in msg
+    return msg
+
+
+def test_missing_dir_raises(tmp_path):
+    with pytest.raises(D.DatasetError) as e:
+        D.load_cifar(tmp_path, "cifar10", train=True, download=False)
+    msg = _one_line(e)
+    assert "cifar-10-batches-py" in msg and "data_batch_1" in msg and D.CIFAR_URLS["cifar10"] in msg
+
+
+def test_failed_download_reported(tmp_path, monkeypatch):
+    import torchvision
+
+    class NoNet:
+        def __init__(self, *a, **k):
+            raise OSError("network unreachable")
+    monkeypatch.setattr(torchvision.datasets, "CIFAR100", NoNet)
+    with pytest.raises(D.DatasetError) as e:
+        D.load_cifar(tmp_path, "cifar100", train=False)
+    msg = _one_line(e)
+    assert "network unreachable" in msg and "cifar-100-python" in msg and D.CIFAR_URLS["cifar100"] in msg
+
+
+def test_partial_cifar10_names_missing_file(tmp_path):
+    base = write_fake_cifar(tmp_path, "cifar10", 20, 5)
+    os.remove(os.path.join(base, "data_batch_4"))
+    with pytest.raises(D.DatasetError) as e:   # no download attempt: some files exist
+        D.load_cifar(tmp_path, "cifar10", train=True)
+    assert "data_batch_4" in _one_line(e)
+
+
+@pytest.mark.parametrize("payload,fragment", [
+    (b"this is not a pickle", "not a readable"),
+    (pickle.dumps({"data": np.zeros((2, 3072), np.uint8), "fine_labels": [0, 1]}), "lacks key"),
+    (pickle.dumps({"data": np.zeros((2, 3, 32, 32), np.uint8), "labels": [0, 1]}), "expected uint8 [N, 3072]"),
+    (pickle.dumps({"data": np.zeros((2, 3072), np.uint8), "labels": [0]}), "expected 2 integer labels"),
+    (pickle.dumps({"data": np.zeros((2, 3072), np.uint8), "labels": [0, 10]}), "expected 0..9"),
+    (pickle.dumps([1, 2, 3]), "holds a list"),
+    (pickle.dumps({"data": os.getcwd, "labels": []}), "refusing to load global"),
+])
+def test_malformed_pickle_raises(tmp_path, payload, fragment):
+    base = write_fake_cifar(tmp_path, "cifar10", 20, 5)
+    bad = os.path.join(base, "test_batch")
+    with open(bad, "wb") as f:
+        f.write(payload)
+    with pytest.raises(D.DatasetError) as e:
+        D.load_cifar(tmp_path, "cifar10", train=False, download=False)
+    msg = _one_line(e)
+    assert bad in msg and fragment in msg
+
+
+def test_bytes_keys_and_int_data_accepted(tmp_path):
+    base = os.path.join(tmp_path, "cifar-100-python")
+    os.makedirs(base)
+    data = np.arange(2 * 3072).reshape(2, 3072) % 256   # int64, values 0..255
+    for name in ("train", "test"):
+        with open(os.path.join(base, name), "wb") as f:
+            pickle.dump({b"data": data, b"fine_labels": [3, 99]}, f)
+    images, labels = D.load_cifar(tmp_path, "cifar100", train=True)
+    assert labels.tolist() == [3, 99] and images[1, 0, 1, 0].item() == (3072 + 1) % 256
+    # numpy-1.x pickles (like the official files) name numpy.core.multiarray; numpy 2 must still read them
+    blob = pickle.dumps({"data": np.zeros((1, 3072), np.uint8), "fine_labels": [7]}, protocol=2)
+    with open(os.path.join(base, "test"), "wb") as f:
+        f.write(blob.replace(b"numpy._core.multiarray", b"numpy.core.multiarray"))
+    assert D.load_cifar(tmp_path, "cifar100", train=False)[1].tolist() == [7]
+
+
+# ---------------------------------------------------------------------------------------------- batched crop/flip
+
+def _coded_images(n):
+    """uint8 [N,3,32,32]: ch0 = column+1, ch1 = row+1, ch2 = (index % 250)+1 (all nonzero, position-recoverable)."""
+    img = torch.zeros(n, 3, 32, 32, dtype=torch.uint8)
+    img[:, 0] = torch.arange(1, 33, dtype=torch.uint8).view(1, 1, 32)
+    img[:, 1] = torch.arange(1, 33, dtype=torch.uint8).view(1, 32, 1)
+    img[:, 2] = (torch.arange(n) % 250 + 1).to(torch.uint8).view(n, 1, 1)
+    return img
+
+
+def _recover(out):
+    """(dy, dx, flip) per image from a crop/flip of _coded_images (valid region is >= 28x28, never empty)."""
+    dys, dxs, flips = [], [], []
+    for o in out:
+        rows = (o[1] > 0).any(1).nonzero().flatten()
+        cols = (o[0] > 0).any(0).nonzero().flatten()
+        y0, c0, c1 = rows[0].item(), cols[0].item(), cols[1].item()
+        dys.append(int(o[1, y0, c0]) - 1 - y0)
+        flip = int(o[0, y0, c1]) < int(o[0, y0, c0])
+        src = int(o[0, y0, c0]) - 1                      # source column of output column c0
+        dxs.append(src - ((31 - c0) if flip else c0))
+        flips.append(flip)
+    return torch.tensor(dys), torch.tensor(dxs), torch.tensor(flips)
+
+
+def test_random_crop_flip_matches_torchvision_ops():
+    n = 2000
+    img = _coded_images(n)
+    g = torch.Generator().manual_seed(0)
+    out = D.random_crop_flip(img, pad=4, generator=g)
+    assert out.dtype == torch.uint8 and out.shape == img.shape
+    dy, dx, flip = _recover(out)
+    for d in (dy, dx):   # every offset in [-4, 4] occurs, roughly uniformly, on both axes
+        counts = torch.bincount(d + 4, minlength=9)
+        assert d.min() >= -4 and d.max() <= 4 and len(counts) == 9
+        assert counts.min() > n / 9 * 0.7 and counts.max() < n / 9 * 1.3
+    assert abs(flip.sum().item() - n / 2) < 5 * (n * 0.25) ** 0.5   # Binomial(n, 1/2), 5 sigma
+    # each image equals torchvision's pad-with-zeros + crop (+ hflip) at the recovered parameters: padded region is
+    # exactly zero, content moves with its image
+    for i in range(0, n, 7):
+        ref = TF.crop(TF.pad(img[i], [4]), int(dy[i]) + 4, int(dx[i]) + 4, 32, 32)
+        ref = TF.hflip(ref) if flip[i] else ref
+        assert torch.equal(out[i], ref)
+    # float input: same geometry for the same draws, zeros in the padded region
+    outf = D.random_crop_flip(img.float(), pad=4, generator=torch.Generator().manual_seed(0))
+    assert outf.dtype == torch.float32 and torch.equal(outf, out.float())
+
+
+def test_random_crop_flip_keeps_labels_with_images():
+    img = _coded_images(300)
+    out = D.random_crop_flip(img, generator=torch.Generator().manual_seed(3))
+    code = out[:, 2].flatten(1).max(1).values     # max over the valid region = the image's code
+    assert torch.equal(code, img[:, 2, 0, 0])
+    # the code channel is constant over the valid region and zero elsewhere
+    assert ((out[:, 2] == 0) | (out[:, 2] == code.view(-1, 1, 1))).all()
+
+
+# ---------------------------------------------------------------------------------------------- GpuCifarLoader (CPU)
+
+def _decode(x, mean, std):
+    """Normalised float batch -> uint8 pixels (exact inverse up to rounding)."""
+    m = torch.tensor(mean).view(1, 3, 1, 1)
+    s = torch.tensor(std).view(1, 3, 1, 1)
+    return torch.round((x * s + m) * 255).to(torch.uint8)
+
+
+def _index_images(n):
+    """HWC uint8 images encoding their index in channels 1 (index // 250 + 1) and 2 (index % 250 + 1)."""
+    img = torch.zeros(n, 32, 32, 3, dtype=torch.uint8)
+    idx = torch.arange(n)
+    img[..., 1] = (idx // 250 + 1).to(torch.uint8).view(n, 1, 1)
+    img[..., 2] = (idx % 250 + 1).to(torch.uint8).view(n, 1, 1)
+    img[..., 0] = 200
+    return img, idx
+
+
+def _epoch(loader, mean, std):
+    xs, ys = zip(*list(loader))
+    x, y = torch.cat(xs), torch.cat(ys)
+    px = _decode(x, mean, std)
+    code = (px[:, 1].flatten(1).max(1).values.long() - 1) * 250 + px[:, 2].flatten(1).max(1).values.long() - 1
+    return x, y, code
+
+
+def test_gpu_loader_epoch_coverage_and_reproducibility():
+    n, bs = 613, 128
+    images, labels = _index_images(n)
+    mean, std = D.MEAN_STD["cifar100"]
+    loader = D.GpuCifarLoader(images, labels, bs, mean=mean, std=std, train=True, device="cpu", seed=5)
+    assert len(loader) == 5 and loader.num_samples == n and len(loader.dataset) == n
+    sizes = [x.shape[0] for x, _ in loader]
+    assert sizes == [128] * 4 + [101]                     # drop_last=False
+    loader.set_epoch(3)
+    x3, y3, code3 = _epoch(loader, mean, std)
+    assert x3.dtype == torch.float32 and y3.dtype == torch.int64
+    assert sorted(y3.tolist()) == list(range(n))          # every sample exactly once
+    assert torch.equal(code3, y3)                         # labels stay with their images
+    loader.set_epoch(3)
+    x3b, y3b, _ = _epoch(loader, mean, std)
+    assert torch.equal(x3, x3b) and torch.equal(y3, y3b)  # same seed + epoch -> same batches
+    again = D.GpuCifarLoader(images, labels, bs, mean=mean, std=std, train=True, device="cpu", seed=5)
+    again.set_epoch(3)
+    assert torch.equal(_epoch(again, mean, std)[0], x3)   # resumable: a fresh loader at epoch 3
+    x4, y4, _ = _epoch(loader, mean, std)                  # no set_epoch: advances to epoch 4
+    assert not torch.equal(y3, y4) and not torch.equal(x3, x4)
+    other = D.GpuCifarLoader(images, labels, bs, mean=mean, std=std, train=True, device="cpu", seed=6)
+    other.set_epoch(3)
+    assert not torch.equal(_epoch(other, mean, std)[1], y3)
+    # augmentation happens: some pixels are zero padding (pixel value 0 in every channel)
+    assert (_decode(x3, mean, std) == 0).all(1).any()
+
+
+@pytest.mark.parametrize("dataset", ["cifar10", "cifar100"])
+def test_gpu_loader_test_mode_matches_torchvision_exactly(cifar_root, dataset):
+    images, labels = D.load_cifar(cifar_root, dataset, train=False, download=False)
+    mean, std = D.MEAN_STD[dataset]
+    gpu = D.GpuCifarLoader(images, labels, 16, mean=mean, std=std, train=False, device="cpu")
+    cpu = D.CifarDataset(images, labels, D.cifar_transforms(dataset, train=False))
+    xg = torch.cat([x for x, _ in gpu])
+    yg = torch.cat([y for _, y in gpu])
+    xc = torch.stack([cpu[i][0] for i in range(len(cpu))])
+    assert torch.equal(yg, labels) and torch.equal(xg, xc)   # bit-identical, same order
+
+
+def test_gpu_loader_train_distribution_matches_torchvision_pipeline():
+    """The DataLoader path's RandomCrop/flip on the same coded image gives offsets in the same range and zero fill
+    in pixel space, i.e. its decoded output is one of the GPU path's 162 possible outputs."""
+    img = _coded_images(1)[0]                              # CHW uint8
+    hwc = img.permute(1, 2, 0).contiguous()
+    mean, std = D.MEAN_STD["cifar10"]
+    ds = D.CifarDataset(hwc.unsqueeze(0), torch.zeros(1, dtype=torch.int64), D.cifar_transforms("cifar10", True))
+    torch.manual_seed(0)
+    seen = set()
+    for _ in range(150):
+        px = _decode(ds[0][0].unsqueeze(0), mean, std)
+        dy, dx, flip = _recover(px)
+        seen.add((int(dy), int(dx), bool(flip)))
+        ref = D._crop_flip(img.unsqueeze(0), dy, dx, flip)
+        assert torch.equal(px, ref)
+    assert {d for d, _, _ in seen} == set(range(-4, 5)) and {d for _, d, _ in seen} == set(range(-4, 5))
+
+
+def test_gpu_loader_channels_last():
+    images, labels = _index_images(10)
+    loader = D.GpuCifarLoader(images, labels, 4, mean=(0.5,) * 3, std=(0.5,) * 3, channels_last=True)
+    x, _ = next(iter(loader))
+    assert x.is_contiguous(memory_format=torch.channels_last)
+
+
+# ---------------------------------------------------------------------------------------------- DataLoader wrapper
+
+def test_epoch_dataloader_order_is_resumable(cifar_root):
+    train, _, _ = D.build_loaders("cifar10", cifar_root, 16, num_workers=0, seed=3, download=False)
+    assert isinstance(train, D.EpochDataLoader)
+    orders = []
+    for epoch in range(3):          # uninterrupted run: set_epoch each epoch
+        train.set_epoch(epoch)
+        orders.append(torch.cat([y for _, y in train]))
+    resumed, _, _ = D.build_loaders("cifar10", cifar_root, 16, num_workers=0, seed=3, download=False)
+    resumed.set_epoch(2)
+    assert torch.equal(torch.cat([y for _, y in resumed]), orders[2])
+    assert not torch.equal(orders[0], orders[1])
+    # no set_epoch: passes advance the epoch
+    auto, _, _ = D.build_loaders("cifar10", cifar_root, 16, num_workers=0, seed=3, download=False)
+    assert [torch.equal(torch.cat([y for _, y in auto]), o) for o in orders] == [True, True, True]
+
+
+def test_epoch_dataloader_with_workers(cifar_root):
+    train, test, _ = D.build_loaders("cifar100", cifar_root, 64, num_workers=2, seed=0, download=False)
+    assert train.loader.persistent_workers and not train.loader.pin_memory
+    train.set_epoch(1)
+    a = torch.cat([y for _, y in train])
+    train.set_epoch(1)
+    b = torch.cat([y for _, y in train])
+    assert torch.equal(a, b) and sorted(a.tolist()) == sorted(D.load_cifar(cifar_root, "cifar100", True)[1].tolist())
+
+
+# ---------------------------------------------------------------------------------------------- ILSVRC folders
+
+@pytest.mark.parametrize("slash", ["", "/"])
+def test_imagefolder_train_val(imagenet_root, slash):
+    train, test, num_classes = D.build_loaders("ilsvrc", imagenet_root + slash, 5, num_workers=0)
+    assert num_classes == 3 and train.num_samples == 12 and len(test.dataset) == 12
+    assert len(train) == 3 and len(test) == 3
+    x, y = next(iter(train))
+    assert x.shape == (5, 3, 224, 224) and x.dtype == torch.float32 and y.dtype == torch.int64
+    ys = torch.cat([y for _, y in test])
+    assert ys.tolist() == sorted(ys.tolist()) and set(ys.tolist()) == {0, 1, 2}   # test: not shuffled
+    x, _ = next(iter(test))
+    assert x.shape == (5, 3, 224, 224)
+
+
+def test_imagefolder_errors(tmp_path):
+    with pytest.raises(D.DatasetError) as e:
+        D.build_loaders("ilsvrc", tmp_path, 4)
+    assert "val" in _one_line(e)
+    os.makedirs(tmp_path / "train" / "n0001")
+    os.makedirs(tmp_path / "val" / "n0001")
+    with pytest.raises(D.DatasetError) as e:
+        D.build_loaders("ilsvrc", tmp_path, 4)
+    assert "no images" in _one_line(e)
+
+
+def test_imagefolder_class_mismatch(tmp_path):
+    write_fake_imagefolder(tmp_path, classes=3, per_class=1)
+    import shutil
+    shutil.rmtree(tmp_path / "val" / "n00000001")
+    with pytest.raises(D.DatasetError) as e:
+        D.build_loaders("ilsvrc", tmp_path, 4, num_workers=0)
+    assert "class folders" in _one_line(e)
+    _, test, n = D.build_loaders("ilsvrc", tmp_path, 4, num_workers=0, train=False)   # eval only: no comparison possible
+    assert n == 2 and test.num_samples == 2
+
+
+# ---------------------------------------------------------------------------------------------- build_loaders
+
+@pytest.mark.parametrize("dataset,classes,n_train,n_test", [("cifar10", 10, 103, 37), ("cifar100", 100, 211, 50)])
+@pytest.mark.parametrize("gpu_pipeline", [None, True, False])
+def test_build_loaders_cifar(cifar_root, dataset, classes, n_train, n_test, gpu_pipeline):
+    train, test, num_classes = D.build_loaders(dataset, cifar_root, 32, num_workers=0, device="cpu",
+                                               gpu_pipeline=gpu_pipeline, download=False)
+    assert num_classes == classes
+    assert isinstance(train, D.GpuCifarLoader if gpu_pipeline else D.EpochDataLoader)
+    assert train.num_samples == n_train and len(train.dataset) == n_train and test.num_samples == n_test
+    assert len(train) == -(-n_train // 32) and len(test) == -(-n_test // 32)
+    for loader in (train, test):
+        loader.set_epoch(0)
+        batches = list(loader)
+        assert len(batches) == len(loader)
+        x, y = batches[0]
+        assert x.shape == (32, 3, 32, 32) and x.dtype == torch.float32 and y.dtype == torch.int64
+        assert int(y.min()) >= 0 and int(y.max()) < classes
+        assert sum(b[1].numel() for b in batches) == loader.num_samples
+    # test loader order is the file order
+    assert torch.equal(torch.cat([y for _, y in test]), D.load_cifar(cifar_root, dataset, False)[1])
+
+
+def test_build_loaders_eval_only_and_errors(cifar_root, tmp_path):
+    train, test, n = D.build_loaders("cifar10", cifar_root, 8, num_workers=0, train=False)
+    assert train is None and n == 10 and test.num_samples == 37
+    # eval only does not need the train files
+    base = write_fake_cifar(tmp_path, "cifar10", 10, 6)
+    os.remove(os.path.join(base, "data_batch_1"))
+    assert D.build_loaders("cifar10", tmp_path, 8, num_workers=0, train=False)[1].num_samples == 6
+    with pytest.raises(ValueError):
+        D.build_loaders("mnist", cifar_root, 8)
+    with pytest.raises(ValueError):
+        D.build_loaders("ilsvrc", cifar_root, 8, gpu_pipeline=True)
+
+
+def test_fake_cifar_is_learnable():
+    """Nearest class mean on raw pixels separates the fake classes far above chance (so smoke runs can learn)."""
+    import tempfile
+    with tempfile.TemporaryDirectory() as root:
+        write_fake_cifar(root, "cifar100", 1000, 300, seed=0)
+        xtr, ytr = D.load_cifar(root, "cifar100", True)
+        xte, yte = D.load_cifar(root, "cifar100", False)
+    xtr, xte = xtr.flatten(1).float(), xte.flatten(1).float()
+    means = torch.stack([xtr[ytr == c].mean(0) for c in range(100)])
+    acc = (torch.cdist(xte, means).argmin(1) == yte).float().mean().item()
+    assert acc > 0.5

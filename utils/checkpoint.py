@@ -6,7 +6,7 @@ files carry DataParallel's ``module.`` prefix. Everything is loaded with ``weigh
 from __future__ import annotations
 
 import os
-from typing import Union
+from typing import Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
@@ -64,6 +64,11 @@ def load_weights(model: nn.Module, checkpoint: Union[str, dict], map_location="c
     return obj
 
 
+def state_dict_mismatch(model: nn.Module, state: dict) -> str:
+    """Why ``state`` (prefix-free) cannot be loaded strictly into ``model``: '' when it can."""
+    return _shape_mismatch(_shapes(unwrap_model(model)), state)
+
+
 def _explain_mismatch(model: nn.Module, state: dict, problem: str) -> str:
     cfg = getattr(model, "cfg", None)
     if cfg is None:
@@ -75,3 +80,203 @@ def _explain_mismatch(model: nn.Module, state: dict, problem: str) -> str:
                 f"the checkpoint was trained on")
     return (f"checkpoint was trained with {rank_flags(ranks)} but the model was built with "
             f"{rank_flags(cfg.build_kwargs())}; pass {rank_flags(ranks)}")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Writing and resuming (this project's format)
+# ---------------------------------------------------------------------------------------------------------------------
+#
+# A checkpoint is the authors' four keys plus what resuming and rebuilding need; every value is something
+# ``torch.load(weights_only=True)`` can read (tensors, numbers, strings, None, lists/tuples/dicts of those):
+#
+#   net_state_dict        unwrapped model state_dict (no ``module.``/``_orig_mod.``), tensors on CPU
+#   optimizer_state_dict  SGD state (momentum buffers on CPU)
+#   acc                   test top-1 of the saved epoch, percent, 0-dim float32 CPU tensor (authors' key)
+#   epoch                 1-based epoch of the save (authors' key); resuming starts at epoch + 1
+#   format_version        FORMAT_VERSION
+#   model, dataset        registry name and dataset
+#   model_kwargs          the rank keywords the model was built with (``ModelCfg.build_kwargs()``)
+#   args                  the run's resolved arguments, a plain dict
+#   acc5, best_acc, best_acc5, best_epoch, stage, scaler_state_dict, rng_state
+
+FORMAT_VERSION = 1
+
+
+def _to_cpu(obj):
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu()
+    if isinstance(obj, dict):
+        return {k: _to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to_cpu(v) for v in obj)
+    return obj
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The bare model under ``DataParallel``/``DistributedDataParallel`` and ``torch.compile`` wrappers."""
+    while True:
+        if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+            model = model.module
+        elif hasattr(model, "_orig_mod") and isinstance(model._orig_mod, nn.Module):
+            model = model._orig_mod
+        else:
+            return model
+
+
+def capture_rng_state() -> dict:
+    """RNG states of torch (CPU and every CUDA device), numpy and Python ``random``, in weights_only-safe types."""
+    import random
+
+    import numpy as np
+
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    version, py_state, py_gauss = random.getstate()
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": {"kind": str(kind), "keys": torch.from_numpy(keys.astype("int64")), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "gauss": float(gauss)},
+        "python": {"version": int(version), "state": [int(v) for v in py_state], "gauss": py_gauss},
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = [s.cpu() for s in torch.cuda.get_rng_state_all()]
+    return state
+
+
+def restore_rng_state(state: Optional[dict]) -> None:
+    """Inverse of :func:`capture_rng_state` (missing parts are left alone)."""
+    import random
+
+    import numpy as np
+
+    if not state:
+        return
+    if "torch" in state:
+        torch.set_rng_state(state["torch"].cpu())
+    if "numpy" in state:
+        n = state["numpy"]
+        np.random.set_state((n["kind"], n["keys"].numpy().astype("uint32"), n["pos"], n["has_gauss"], n["gauss"]))
+    if "python" in state:
+        p = state["python"]
+        random.setstate((p["version"], tuple(p["state"]), p["gauss"]))
+    if state.get("cuda") and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _fsync_dir(directory: str) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # some filesystems refuse fsync on directories; the rename itself is still atomic
+        pass
+    finally:
+        os.close(fd)
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def atomic_write_bytes(data: bytes, path: str) -> None:
+    """Write ``data`` to ``path`` so that ``path`` is either the old file or the complete new one, never a mix.
+
+    The bytes go to a temporary file in the same directory, are flushed and fsync'ed, and the temporary file is then
+    ``os.replace``d onto ``path``. On any failure (full disk, interrupt) the temporary file is removed and ``path`` is
+    untouched.
+    """
+    import tempfile
+
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=directory)
+    try:
+        if hasattr(os, "fchmod"):  # mkstemp makes 0600; give the file the permissions open() would
+            os.fchmod(fd, 0o666 & ~_umask())
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    _fsync_dir(directory)
+
+
+def serialize(obj) -> bytes:
+    """``torch.save`` into memory (so one serialisation can be written to several files)."""
+    import io
+
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return buffer.getvalue()
+
+
+def save_checkpoint(obj: dict, path: Union[str, Sequence[str]]) -> None:
+    """Atomically write ``obj`` (tensors moved to CPU) to one path or to each of several paths."""
+    data = serialize(_to_cpu(obj))
+    for p in [path] if isinstance(path, str) else path:
+        atomic_write_bytes(data, p)
+
+
+def make_checkpoint(model: nn.Module, optimizer: Optional[torch.optim.Optimizer], *, epoch: int, acc: float,
+                    **extra) -> dict:
+    """The checkpoint dict for ``model`` (unwrapped) at ``epoch`` with test top-1 ``acc`` (percent).
+
+    ``extra`` adds this project's keys (``acc5``, ``best_acc``, ``args``, ``stage``, ...); ``model``, ``dataset`` and
+    ``model_kwargs`` are filled in from ``model.cfg`` when the model has one.
+    """
+    bare = unwrap_model(model)
+    ckpt = {
+        "net_state_dict": bare.state_dict(),
+        "optimizer_state_dict": optimizer.state_dict() if optimizer is not None else None,
+        "acc": torch.tensor(float(acc), dtype=torch.float32),
+        "epoch": int(epoch),
+        "format_version": FORMAT_VERSION,
+    }
+    cfg = getattr(bare, "cfg", None)
+    if cfg is not None:
+        ckpt.update(model=cfg.name, dataset=cfg.dataset, model_kwargs=dict(cfg.build_kwargs()))
+    ckpt.update(extra)
+    if isinstance(ckpt.get("args"), dict):
+        ckpt["args"] = _plain(ckpt["args"])
+    return ckpt
+
+
+def _plain(value):
+    """Arguments as weights_only-safe builtins (paths and other objects become strings)."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return str(value)
+
+
+def checkpoint_acc(obj: dict) -> Optional[float]:
+    """The checkpoint's ``acc`` as a float (0-dim tensor or number in the authors' files), or None."""
+    acc = obj.get("acc")
+    if isinstance(acc, torch.Tensor) and acc.numel() == 1:
+        return float(acc.item())
+    if isinstance(acc, (int, float)) and not isinstance(acc, bool):
+        return float(acc)
+    return None
+
+
+def check_identity(obj: dict, path: str, *, dataset: str, model: Optional[str] = None) -> None:
+    """Refuse a checkpoint that records another dataset or model (the authors' files record neither: accepted)."""
+    recorded_ds, recorded_model = obj.get("dataset"), obj.get("model")
+    if recorded_ds is not None and recorded_ds != dataset:
+        raise CheckpointError(f"checkpoint {path!r} was trained on {recorded_ds} ({recorded_model}), not {dataset}; "
+                              f"use the {recorded_ds} scripts")
+    if model is not None and recorded_model is not None and recorded_model != model:
+        raise CheckpointError(f"checkpoint {path!r} holds a {recorded_model}, not a {model}; "
+                              f"pass --model={recorded_model}")

@@ -1,0 +1,22 @@
+#!/usr/bin/env python3
+"""Evaluate a checkpoint on the CIFAR-10 test set: top-1/top-5 accuracy and error (SPEC sections 6-7).
+
+    python3 eval_cifar10.py --pretrained=<path_to_model> --model=ResNet56_DoubleShared --shared_rank=16 --unique_rank=1
+
+Reads the authors' files (with or without the ``module.`` prefix) and this project's. ``--model`` and the rank flags
+may be left out: this project's checkpoints record them, and for the authors' files the ranks are read off the tensor
+shapes. Prints the authors' ``Eval_Acc_top1 = ...`` / ``Eval_Acc_top5 = ...`` lines, the errors and one JSON line.
+"""
+import sys
+
+from utils.cli import eval_main
+
+DEFAULTS = {
+    "dataset": "cifar10",
+    # the authors' flag defaults (used for what neither the flags nor the checkpoint say)
+    "shared_rank": 16, "unique_rank": 1, "batch_size": 256,
+    "dataset_path": "./data/", "model": "ResNet56_DoubleShared",
+}
+
+if __name__ == "__main__":
+    sys.exit(eval_main(DEFAULTS))

@@ -1,0 +1,216 @@
+"""utils/checkpoint.py: atomic writes, round trips, weights_only loading, prefix stripping, RNG state (CPU, seconds)."""
+import os
+import random
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+from models import get_model
+from utils import checkpoint as C
+
+
+def _tiny():
+    torch.manual_seed(0)
+    return get_model("ResNet32_DoubleShared", "cifar10", shared_rank=1, unique_rank=1)
+
+
+def _files(directory):
+    return sorted(os.listdir(directory))
+
+
+def _ckpt(model, **extra):
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    for p in model.parameters():  # stand-in gradients (no backward pass needed to create momentum buffers)
+        p.grad = torch.randn_like(p)
+    opt.step()
+    return C.make_checkpoint(model, opt, epoch=3, acc=12.5, **extra), opt
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# atomic writes
+# ---------------------------------------------------------------------------------------------------------------------
+
+def test_atomic_write_replaces_whole_file(tmp_path):
+    path = str(tmp_path / "a.pth")
+    C.atomic_write_bytes(b"old", path)
+    C.atomic_write_bytes(b"new contents", path)
+    assert open(path, "rb").read() == b"new contents"
+    assert _files(tmp_path) == ["a.pth"]  # no temporary files left behind
+    assert os.stat(path).st_mode & 0o777 == 0o666 & ~C._umask()  # as open() would create it, not mkstemp's 0600
+
+
+@pytest.mark.parametrize("where", ["write", "fsync", "replace", "interrupt"])
+def test_failed_save_keeps_old_file(tmp_path, monkeypatch, where):
+    """A crash or a full disk while writing leaves the previous checkpoint intact and no partial file."""
+    model = _tiny()
+    path = str(tmp_path / "run.pth")
+    C.save_checkpoint(C.make_checkpoint(model, None, epoch=1, acc=1.0), path)
+    before = open(path, "rb").read()
+
+    if where == "write":  # disk full half-way through the file
+        real_fdopen = os.fdopen
+
+        class _Full:
+            def __init__(self, f):
+                self.f = f
+
+            def write(self, data):
+                self.f.write(data[: len(data) // 2])
+                raise OSError(28, "No space left on device")
+
+            def __getattr__(self, name):
+                return getattr(self.f, name)
+
+            def __enter__(self):
+                return self
+
+            def __exit__(self, *exc):
+                self.f.close()
+
+        monkeypatch.setattr(C.os, "fdopen", lambda fd, mode: _Full(real_fdopen(fd, mode)))
+        error = OSError
+    elif where == "fsync":
+        def fail(fd):
+            raise OSError(5, "Input/output error")
+        monkeypatch.setattr(C.os, "fsync", fail)
+        error = OSError
+    elif where == "replace":
+        def fail(src, dst):
+            raise OSError(18, "Invalid cross-device link")
+        monkeypatch.setattr(C.os, "replace", fail)
+        error = OSError
+    else:
+        def interrupt(fd):
+            raise KeyboardInterrupt
+        monkeypatch.setattr(C.os, "fsync", interrupt)
+        error = KeyboardInterrupt
+
+    with pytest.raises(error):
+        C.save_checkpoint(C.make_checkpoint(model, None, epoch=2, acc=2.0), path)
+    monkeypatch.undo()
+    assert open(path, "rb").read() == before
+    assert _files(tmp_path) == ["run.pth"]
+    assert C.read_checkpoint(path)["epoch"] == 1
+
+
+def test_serialisation_failure_writes_nothing(tmp_path):
+    path = str(tmp_path / "x.pth")
+    with pytest.raises(Exception):
+        C.save_checkpoint({"bad": lambda: None}, path)  # not picklable
+    assert _files(tmp_path) == []
+
+
+def test_save_to_several_paths(tmp_path):
+    model = _tiny()
+    paths = [str(tmp_path / "best.pth"), str(tmp_path / "last.pth")]
+    C.save_checkpoint(C.make_checkpoint(model, None, epoch=1, acc=1.0), paths)
+    assert open(paths[0], "rb").read() == open(paths[1], "rb").read()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# contents and round trip
+# ---------------------------------------------------------------------------------------------------------------------
+
+def test_round_trip_and_weights_only(tmp_path):
+    model = _tiny()
+    scaler = torch.amp.GradScaler("cpu", enabled=True)
+    ckpt, opt = _ckpt(model, acc5=50.0, best_acc=12.5, best_acc5=50.0, best_epoch=3, stage=1,
+                      scaler_state_dict=scaler.state_dict(), rng_state=C.capture_rng_state(),
+                      args={"lr": 0.1, "model": "ResNet32_DoubleShared", "schedule": {"milestones": [150, 225]},
+                            "path": tmp_path})
+    path = str(tmp_path / "ckpt.pth")
+    C.save_checkpoint(ckpt, path)
+
+    obj = torch.load(path, map_location="cpu", weights_only=True)  # everything is weights_only-safe
+    assert {"net_state_dict", "optimizer_state_dict", "acc", "epoch"} <= set(obj)  # the authors' keys
+    assert obj["format_version"] == C.FORMAT_VERSION
+    assert obj["model"] == "ResNet32_DoubleShared" and obj["dataset"] == "cifar10"
+    assert obj["model_kwargs"] == {"shared_rank": 1, "unique_rank": 1}
+    assert obj["epoch"] == 3 and isinstance(obj["epoch"], int)
+    assert obj["acc"].dim() == 0 and obj["acc"].device.type == "cpu" and float(obj["acc"]) == 12.5
+    assert type(obj["args"]) is dict and obj["args"]["path"] == str(tmp_path)  # paths stored as strings
+    assert all(v.device.type == "cpu" for v in obj["net_state_dict"].values())
+    # every alias key of the shared bases is present, as in the authors' files
+    assert set(obj["net_state_dict"]) == set(model.state_dict())
+
+    fresh = get_model("ResNet32_DoubleShared", "cifar10", shared_rank=1, unique_rank=1)
+    C.load_weights(fresh, path)
+    model.eval(), fresh.eval()
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(fresh(x), model(x), rtol=0, atol=0)
+    assert fresh.shared_basis_1_1 is fresh.layer1[1].shared_basis_1  # still one tensor after loading
+
+    opt2 = torch.optim.SGD(fresh.parameters(), lr=0.1, momentum=0.9)
+    opt2.load_state_dict(obj["optimizer_state_dict"])
+    for p, q in zip(opt.param_groups[0]["params"], opt2.param_groups[0]["params"]):
+        torch.testing.assert_close(opt.state[p]["momentum_buffer"], opt2.state[q]["momentum_buffer"])
+
+
+def test_authors_four_key_file_loads(tmp_path):
+    model = _tiny()
+    path = str(tmp_path / "ref.pth")
+    torch.save({"net_state_dict": model.state_dict(), "optimizer_state_dict": {}, "acc": torch.tensor(93.07),
+                "epoch": 300}, path)
+    obj = C.read_checkpoint(path)
+    assert C.checkpoint_acc(obj) == pytest.approx(93.07)
+    C.check_identity(obj, path, dataset="cifar100", model="Anything")  # records nothing: accepted
+    C.load_weights(get_model("ResNet32_DoubleShared", "cifar10", shared_rank=1, unique_rank=1), obj)
+
+
+@pytest.mark.parametrize("prefix", ["module.", "_orig_mod.", "module._orig_mod."])
+def test_prefix_stripping(tmp_path, prefix):
+    model = _tiny()
+    path = str(tmp_path / "p.pth")
+    torch.save({"net_state_dict": {prefix + k: v for k, v in model.state_dict().items()}, "acc": torch.tensor(1.0),
+                "epoch": 1}, path)
+    fresh = get_model("ResNet32_DoubleShared", "cifar10", shared_rank=1, unique_rank=1)
+    C.load_weights(fresh, path)
+    for k, v in model.state_dict().items():
+        assert torch.equal(fresh.state_dict()[k], v)
+
+
+def test_unwrap_before_saving():
+    model = _tiny()
+    for wrapped in (nn.DataParallel(model), torch.compile(model), nn.DataParallel(torch.compile(model))):
+        ckpt = C.make_checkpoint(wrapped, None, epoch=1, acc=0.0)
+        assert set(ckpt["net_state_dict"]) == set(model.state_dict())
+        assert ckpt["model"] == "ResNet32_DoubleShared"
+
+
+def test_identity_check(tmp_path):
+    obj = C.make_checkpoint(_tiny(), None, epoch=1, acc=0.0)
+    C.check_identity(obj, "f", dataset="cifar10", model="ResNet32_DoubleShared")
+    C.check_identity(obj, "f", dataset="cifar10", model=None)
+    with pytest.raises(C.CheckpointError, match="trained on cifar10"):
+        C.check_identity(obj, "f", dataset="cifar100")
+    with pytest.raises(C.CheckpointError, match="--model=ResNet32_DoubleShared"):
+        C.check_identity(obj, "f", dataset="cifar10", model="ResNet20")
+
+
+@pytest.mark.parametrize("content", [b"", b"not a checkpoint", "truncate"])
+def test_unreadable_files(tmp_path, content):
+    path = str(tmp_path / "bad.pth")
+    if content == "truncate":
+        C.save_checkpoint(C.make_checkpoint(_tiny(), None, epoch=1, acc=0.0), path)
+        data = open(path, "rb").read()
+        content = data[: len(data) // 2]
+    open(path, "wb").write(content)
+    with pytest.raises(C.CheckpointError, match="not a readable PyTorch checkpoint"):
+        C.read_checkpoint(path)
+    with pytest.raises(C.CheckpointError, match="does not exist"):
+        C.read_checkpoint(str(tmp_path / "missing.pth"))
+
+
+def test_rng_state_round_trip(tmp_path):
+    state = C.capture_rng_state()
+    first = (torch.rand(3), np.random.rand(3), [random.random() for _ in range(3)])
+    path = str(tmp_path / "rng.pth")
+    C.save_checkpoint({"rng_state": state}, path)
+    torch.rand(10), np.random.rand(10), random.random()  # move the streams on
+    C.restore_rng_state(torch.load(path, weights_only=True)["rng_state"])
+    again = (torch.rand(3), np.random.rand(3), [random.random() for _ in range(3)])
+    assert torch.equal(first[0], again[0])
+    np.testing.assert_array_equal(first[1], again[1])
+    assert first[2] == again[2]

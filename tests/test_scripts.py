@@ -1,0 +1,406 @@
+"""The six scripts end to end, run as a user runs them (subprocesses, CPU, tiny fake datasets on disk).
+
+Covers: training writes best + last checkpoints and the authors' printed lines; the eval script reproduces the
+training's test accuracy from our files, from the authors' four-key files and from ``module.``-prefixed ones (ranks
+read off the shapes when not given); an interrupted run resumed with ``--resume`` ends with exactly the weights of
+an uninterrupted one; the CIFAR-100 stages restart from the best weights with a fresh optimizer; bad inputs end with
+one line on stderr, a non-zero status, no traceback, and leave existing checkpoints byte-identical.
+"""
+import hashlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import torch
+
+try:  # importable both as a package module and from the tests/ directory
+    from tests.fakedata import write_fake_cifar, write_fake_imagefolder
+except ImportError:  # pragma: no cover
+    from fakedata import write_fake_cifar, write_fake_imagefolder
+
+REPO = Path(__file__).resolve().parents[1]
+# CI=1 turns the progress bars off; one intra-op thread makes CPU results independent of the machine's core count
+# (the resume test compares weights bit for bit) and is faster for these tiny batches on a busy CPU.
+ENV = {**os.environ, "CI": "1", "OMP_NUM_THREADS": "1", "PYTHONDONTWRITEBYTECODE": "1"}
+COMMON = ["--device=cpu", "--num_workers=0"]
+SHARED = ["--model=ResNet32_DoubleShared", "--shared_rank=1", "--unique_rank=1"]
+
+
+def run(args, rc=0, timeout=600):
+    """Run ``python <args>`` in the repository root; check the exit status (None: any)."""
+    p = subprocess.run([sys.executable, *map(str, args)], cwd=REPO, env=ENV, capture_output=True, text=True,
+                       timeout=timeout)
+    if rc is not None:
+        assert p.returncode == rc, (f"{' '.join(map(str, args))}\nexit {p.returncode}, expected {rc}\n"
+                                    f"--- stdout ---\n{p.stdout[-3000:]}\n--- stderr ---\n{p.stderr[-3000:]}")
+    return p
+
+
+def value(stdout, label):
+    """The last ``label = <number>`` printed (as text, to compare exactly what the user sees)."""
+    found = re.findall(rf"^{re.escape(label)} = (\S+)$", stdout, re.M)
+    assert found, f"no '{label} = ' line in:\n{stdout[-2000:]}"
+    return found[-1]
+
+
+def json_line(stdout):
+    return json.loads(stdout.strip().splitlines()[-1])
+
+
+def digest(directory):
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(Path(directory).iterdir())
+            if p.is_file()}
+
+
+def authors_format(ckpt, prefix=""):
+    """The authors' checkpoint: four keys, optionally DataParallel's ``module.`` prefix."""
+    return {"net_state_dict": {prefix + k: v for k, v in ckpt["net_state_dict"].items()},
+            "optimizer_state_dict": ckpt["optimizer_state_dict"], "acc": ckpt["acc"], "epoch": ckpt["epoch"]}
+
+
+def load(path):
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data")
+    write_fake_cifar(root / "c10", "cifar10", n_train=32, n_test=32, seed=0)
+    write_fake_cifar(root / "c100", "cifar100", n_train=16, n_test=16, seed=0)
+    write_fake_imagefolder(root / "in", classes=3, per_class=2, size=40, seed=0)
+    return {"c10": str(root / "c10"), "c100": str(root / "c100"), "in": str(root / "in")}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# CIFAR-10: train, evaluate, resume
+# ---------------------------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def shared_runs(data, tmp_path_factory):
+    """ResNet32_DoubleShared (s1, u1), 3 epochs: once straight through, once interrupted after epoch 2 + resumed."""
+    root = tmp_path_factory.mktemp("runs")
+    flags = [*SHARED, "--epochs=3", "--batch_size=16", "--lr=0.1", "--momentum=0.9", "--weight_decay=5e-4",
+             "--lambdaR=10", "--seed=3", f"--dataset_path={data['c10']}", *COMMON]
+    full = run(["train_cifar10.py", *flags, f"--output_dir={root / 'full'}"])
+    # Ctrl-C right after epoch 2's checkpoints were written (the script's KeyboardInterrupt path).
+    stop_after_2 = (
+        "import runpy, sys\n"
+        "import utils.engine as e\n"
+        "orig = e._print_test_lines\n"
+        "def stop(dataset, te, state, improved, periodic):\n"
+        "    orig(dataset, te, state, improved, periodic)\n"
+        "    if state.epoch == 2:\n"
+        "        raise KeyboardInterrupt\n"
+        "e._print_test_lines = stop\n"
+        "sys.argv = sys.argv[1:]\n"
+        "runpy.run_path(sys.argv[0], run_name='__main__')\n")
+    interrupted = run(["-c", stop_after_2, "train_cifar10.py", *flags, f"--output_dir={root / 'resumed'}"], rc=130)
+    stem = "CIFAR10-ResNet32_DoubleShared-S1-U1-L10-0"
+    after_interrupt = load(root / "resumed" / f"{stem}-last.pth")
+    resumed = run(["train_cifar10.py", *flags, f"--output_dir={root / 'resumed'}", "--resume"])
+    return {"root": root, "stem": stem, "full": full, "interrupted": interrupted, "resumed": resumed,
+            "after_interrupt": after_interrupt, "flags": flags}
+
+
+def test_cifar10_train_then_eval(data, tmp_path):
+    out = tmp_path / "out"
+    p = run(["train_cifar10.py", "--model=ResNet20", "--epochs=2", "--batch_size=16", "--lambdaR=10",
+             f"--dataset_path={data['c10']}", f"--output_dir={out}", *COMMON])
+    # the authors' lines (ResNet20 has no shared bases: "Epoch", not "Basis Epoch")
+    for line in ("Cuda 0 Epoch: 1", "Cuda 0 Epoch: 2", "Training_Acc_Top1 = ", "Training_Acc_Top5 = ",
+                 "accuracy_loss: ", "Time:  ", "Best_Acc_top5 = "):
+        assert line in p.stdout
+    assert "similarity loss" not in p.stdout
+    result = json_line(p.stdout)
+    stem = "CIFAR10-ResNet20-S16-U1-L10-0"  # --lambdaR=10 gives L10 (the authors' script wrote L10.0)
+    best, last = out / f"{stem}.pth", out / f"{stem}-last.pth"
+    assert result["best_checkpoint"] == str(best) and best.is_file() and last.is_file()
+    args = json.loads((out / f"{stem}-args.json").read_text())
+    assert args["epochs"] == 2 and args["milestones"] == [1, 1] and args["model"] == "ResNet20"
+    assert (out / "runs" / stem).is_dir()  # TensorBoard events
+
+    ckpt = load(best)
+    assert ckpt["epoch"] == result["best_epoch"] and ckpt["model"] == "ResNet20" and ckpt["dataset"] == "cifar10"
+    assert ckpt["acc"].dim() == 0 and "%.3f" % float(ckpt["acc"]) == value(p.stdout, "Best_Acc_top1")
+    assert load(last)["epoch"] == 2
+
+    # the eval script rebuilds the model from the checkpoint and prints exactly the training's best top-1
+    e = run(["eval_cifar10.py", f"--pretrained={best}", "--batch_size=16", f"--dataset_path={data['c10']}", *COMMON])
+    assert value(e.stdout, "Eval_Acc_top1") == value(p.stdout, "Best_Acc_top1")
+    assert value(e.stdout, "Eval_Acc_top5") == value(p.stdout, "Best_Acc_top5")
+    assert "%.3f" % (100 - float(value(e.stdout, "Eval_Acc_top1"))) == value(e.stdout, "Eval_Err_top1")
+    report = json_line(e.stdout)
+    assert report["model"] == "ResNet20" and report["images"] == 32 and report["params"] == 269722
+
+    # the authors' four-key file with DataParallel's "module." prefix, evaluated with the README's flags
+    ref = tmp_path / "authors.pth"
+    torch.save(authors_format(ckpt, "module."), ref)
+    e = run(["eval_cifar10.py", f"--pretrained={ref}", "--model=ResNet20", "--batch_size=16",
+             f"--dataset_path={data['c10']}", *COMMON])
+    assert value(e.stdout, "Eval_Acc_top1") == value(p.stdout, "Best_Acc_top1")
+
+
+def test_resume_matches_uninterrupted_run(shared_runs):
+    r, stem = shared_runs, shared_runs["stem"]
+    assert r["interrupted"].stderr.strip().count("\n") == 0 and "--resume" in r["interrupted"].stderr
+    assert r["after_interrupt"]["epoch"] == 2 and r["after_interrupt"]["stage"] == 1
+    best = value(r["interrupted"].stdout, "Best_Acc_top1") if "Best_Acc_top1" in r["interrupted"].stdout else "0.000"
+
+    out = r["resumed"].stdout
+    assert f"(epoch 2, stage 2, best top-1 {best})" in out
+    assert "Basis Epoch: 3" in out and "Epoch: 1\n" not in out and "Epoch: 2\n" not in out
+    assert "[epoch 3/3] stage 3 lr 0.001 " in out  # the same LR stage as the uninterrupted run's epoch 3
+    assert "[epoch 3/3] stage 3 lr 0.001 " in r["full"].stdout
+    assert value(out, "Best_Acc_top1") == value(r["full"].stdout, "Best_Acc_top1")
+
+    a = load(r["root"] / "full" / f"{stem}-last.pth")
+    b = load(r["root"] / "resumed" / f"{stem}-last.pth")
+    assert a["epoch"] == b["epoch"] == 3
+    assert a["best_acc"] == b["best_acc"] and a["best_epoch"] == b["best_epoch"]
+    assert a["net_state_dict"].keys() == b["net_state_dict"].keys()
+    for k, v in a["net_state_dict"].items():  # bit-identical weights, BN statistics included
+        assert torch.equal(v, b["net_state_dict"][k]), k
+    for i, s in a["optimizer_state_dict"]["state"].items():
+        assert torch.equal(s["momentum_buffer"], b["optimizer_state_dict"]["state"][i]["momentum_buffer"])
+
+
+def test_resume_of_finished_run_does_nothing(shared_runs):
+    r = shared_runs
+    before = digest(r["root"] / "full")
+    p = run(["train_cifar10.py", *r["flags"], f"--output_dir={r['root'] / 'full'}", "--resume"])
+    assert "Nothing to do" in p.stdout and "Epoch:" not in p.stdout
+    after = digest(r["root"] / "full")
+    assert {k: v for k, v in after.items() if not k.endswith(".pth")}.keys() == \
+        {k: v for k, v in before.items() if not k.endswith(".pth")}.keys()
+    assert {k: v for k, v in after.items() if k.endswith(".pth")} == \
+        {k: v for k, v in before.items() if k.endswith(".pth")}
+
+
+def test_eval_authors_file_infers_ranks(shared_runs, data, tmp_path):
+    ckpt = load(shared_runs["root"] / "full" / f"{shared_runs['stem']}-last.pth")
+    ref = tmp_path / "authors.pth"
+    torch.save(authors_format(ckpt), ref)
+    # --model given, ranks not: the defaults (16, 1) do not fit, so they are read off the shapes
+    e = run(["eval_cifar10.py", f"--pretrained={ref}", "--model=ResNet32_DoubleShared", "--batch_size=16",
+             f"--dataset_path={data['c10']}", *COMMON])
+    assert "Ranks read from the checkpoint: --shared_rank=1 --unique_rank=1" in e.stdout
+    assert value(e.stdout, "Eval_Acc_top1") == "%.3f" % float(ckpt["acc"])
+    assert json_line(e.stdout)["model_kwargs"] == {"shared_rank": 1, "unique_rank": 1}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# CIFAR-100: stages restart from the best weights with a fresh optimizer
+# ---------------------------------------------------------------------------------------------------------------------
+
+def test_cifar100_train_stages_then_eval(data, tmp_path):
+    out = tmp_path / "out"
+    # SharedOnly takes only --shared_rank: the given --unique_rank is ignored, as in the authors' scripts
+    p = run(["train_cifar100.py", "--model=ResNet34_SharedOnly", "--shared_rank=1", "--unique_rank=7", "--epochs=3",
+             "--batch_size=16", f"--dataset_path={data['c100']}", f"--output_dir={out}", *COMMON])
+    assert "Cuda 0 Basis Epoch: 1" in p.stdout and "similarity loss: " in p.stdout
+    assert re.search(r"^Stage 2 from epoch 2: restarting from .* with a fresh SGD at lr 0\.01$", p.stdout, re.M)
+    assert re.search(r"^Stage 3 from epoch 3: restarting from .* with a fresh SGD at lr 0\.001$", p.stdout, re.M)
+    last = out / "CIFAR100-ResNet34_SharedOnly-S1-U7-L10-0-last.pth"
+    ckpt = load(last)
+    assert ckpt["epoch"] == 3 and ckpt["stage"] == 2 and ckpt["model_kwargs"] == {"shared_rank": 1}
+    e = run(["eval_cifar100.py", f"--pretrained={last}", "--batch_size=16", f"--dataset_path={data['c100']}",
+             *COMMON])
+    assert value(e.stdout, "Eval_Acc_top1") == "%.3f" % float(ckpt["acc"])
+
+
+def test_cifar100_restart_reloads_best_with_fresh_momentum(data, tmp_path, monkeypatch):
+    """In-process, with scripted test accuracies: epoch 1 is the best, so stages 2 and 3 both start from its
+    weights (not from epoch 2's), with empty momentum buffers and the stage's learning rate."""
+    import train_cifar100
+    from utils import cli, engine
+
+    accs = {1: 50.0, 2: 40.0, 3: 45.0}
+    seen = {}
+    real_train = engine.train_one_epoch
+
+    def fake_evaluate(net, model, loader, **kw):
+        epoch = len(seen)
+        return {"top1": accs[epoch], "top5": 90.0, "loss": 1.0, "images": 16, "correct1": 0, "correct5": 0,
+                "seconds": 0.0}
+
+    def spy_train(net, model, loader, optimizer, **kw):
+        epoch = len(seen) + 1
+        entry = {k: v.clone() for k, v in model.state_dict().items()}
+        info = {"entry": entry, "momentum": len(optimizer.state), "lr": optimizer.param_groups[0]["lr"]}
+        result = real_train(net, model, loader, optimizer, **kw)
+        info["exit"] = {k: v.clone() for k, v in model.state_dict().items()}
+        seen[epoch] = info
+        return result
+
+    monkeypatch.setitem(os.environ, "CUDA_VISIBLE_DEVICES", os.environ.get("CUDA_VISIBLE_DEVICES", "0"))
+    monkeypatch.setattr(engine, "evaluate", fake_evaluate)
+    monkeypatch.setattr(engine, "train_one_epoch", spy_train)
+    args = cli.parse_train_args(train_cifar100.DEFAULTS, [
+        "--model=ResNet18", "--epochs=3", "--batch_size=16", f"--dataset_path={data['c100']}",
+        f"--output_dir={tmp_path}", *COMMON], prog="train_cifar100.py")
+    result = engine.fit(args)
+    assert result["best_epoch"] == 1 and result["best_acc"] == 50.0
+
+    def same(a, b):
+        return all(torch.equal(a[k], b[k]) for k in a)
+
+    assert [seen[e]["lr"] for e in (1, 2, 3)] == pytest.approx([0.1, 0.01, 0.001])
+    assert seen[1]["momentum"] == 0 and seen[2]["momentum"] == 0 and seen[3]["momentum"] == 0  # fresh SGD
+    assert same(seen[2]["entry"], seen[1]["exit"])  # stage 2 starts from the best (epoch 1) weights
+    assert same(seen[3]["entry"], seen[1]["exit"])  # stage 3 too: not from epoch 2's weights
+    assert not same(seen[3]["entry"], seen[2]["exit"])
+    best = load(result["best_checkpoint"])
+    assert best["epoch"] == 1 and same(best["net_state_dict"], seen[1]["exit"])
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# ILSVRC: a plain model trains (the authors' script crashed) and evaluates from a DataParallel-style file
+# ---------------------------------------------------------------------------------------------------------------------
+
+def test_ilsvrc_train_then_eval(data, tmp_path):
+    out = tmp_path / "out"
+    # the README's ILSVRC MobileNetV2 command, shrunk (MobileNetV2_Shared takes no rank flags: they are ignored)
+    p = run(["train_ilsvrc.py", "--model=MobileNetV2_Shared", "--lr=0.1", "--momentum=0.9", "--weight_decay=1e-4",
+             "--lambdaR=10", "--epochs=1", "--batch_size=8", f"--dataset_path={data['in']}", f"--output_dir={out}",
+             *COMMON])
+    top1, top5 = re.findall(r"^Test_Acc_Top1/5 = (\S+)\t(\S+)$", p.stdout, re.M)[-1]
+    assert "Cuda 0 Basis Epoch: 1" in p.stdout and "similarity loss: " in p.stdout
+    assert "lr 0.1 x0.1 after epochs [1, 1, 1]" in p.stdout  # MobileNetV2 schedule (150/225/285 of 300), 1 epoch
+    last = out / "ILSVRC-MobileNetV2_Shared-S32-U1-L10-0-last.pth"
+    ckpt = load(last)
+    assert ckpt["model_kwargs"] == {} and ckpt["dataset"] == "ilsvrc"
+    ref = tmp_path / "authors.pth"
+    torch.save(authors_format(ckpt, "module."), ref)  # the authors' ILSVRC files are DataParallel state_dicts
+    e = run(["eval_ilsvrc.py", f"--pretrained={ref}", "--model=MobileNetV2_Shared", "--batch_size=8",
+             f"--dataset_path={data['in']}", *COMMON])
+    assert value(e.stdout, "Eval_Acc_top1") == top1 and value(e.stdout, "Eval_Acc_top5") == top5
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Bad inputs: one line on stderr, non-zero status, no traceback, existing files untouched
+# ---------------------------------------------------------------------------------------------------------------------
+
+def test_bad_inputs(shared_runs, data, tmp_path):
+    r = shared_runs
+    full = r["root"] / "full"
+    best = full / f"{r['stem']}.pth"
+    last = full / f"{r['stem']}-last.pth"
+    ref = tmp_path / "authors.pth"
+    torch.save(authors_format(load(last)), ref)
+    garbage = tmp_path / "garbage.pth"
+    garbage.write_bytes(b"this is not a checkpoint\n" * 10)
+    truncated = tmp_path / "truncated.pth"
+    truncated.write_bytes(last.read_bytes()[: last.stat().st_size // 2])
+    # an output dir whose last checkpoint was cut short (e.g. copied from a full disk by another tool)
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    shutil.copy(truncated, broken / f"{r['stem']}-last.pth")
+    partial = tmp_path / "partial"  # CIFAR-10 with a training batch missing (no download is attempted)
+    shutil.copytree(data["c10"], partial)
+    (partial / "cifar-10-batches-py" / "data_batch_3").unlink()
+
+    train = ["train_cifar10.py", *r["flags"], f"--output_dir={full}"]  # same run: would overwrite full/ on success
+    ev = ["eval_cifar10.py", "--batch_size=16", f"--dataset_path={data['c10']}", *COMMON]
+    cases = {
+        "unknown model (train)": ([*train, "--model=ResNet99"], 2, ["unknown --model 'ResNet99'",
+                                                                     "ResNet56_DoubleShared"]),
+        "unknown model (eval)": (["eval_cifar100.py", f"--pretrained={best}", "--model=ResNet56"], 2,
+                                 ["valid names", "ResNet34_SingleShared"]),
+        "eval without --pretrained": ([*ev], 2, ["--pretrained"]),
+        "wrong ranks (ours)": ([*ev, f"--pretrained={best}", "--shared_rank=2"], 1,
+                               ["pass --shared_rank=1 --unique_rank=1"]),
+        "wrong ranks (authors')": ([*ev, f"--pretrained={ref}", *SHARED[:1], "--shared_rank=4", "--unique_rank=1"], 1,
+                                   ["pass --shared_rank=1 --unique_rank=1"]),
+        "other model": ([*ev, f"--pretrained={best}", "--model=ResNet20"], 1, ["--model=ResNet32_DoubleShared"]),
+        "other dataset": (["eval_cifar100.py", f"--pretrained={best}", *COMMON], 1, ["trained on cifar10"]),
+        "missing dataset (cifar)": ([*train, f"--dataset_path={partial}"], 1, ["data_batch_3", "not found"]),
+        "missing dataset (ilsvrc)": (["train_ilsvrc.py", "--model=ResNet18", f"--dataset_path={tmp_path / 'none'}",
+                                      f"--output_dir={full}", *COMMON], 1, ["not found"]),
+        "garbage checkpoint (eval)": ([*ev, f"--pretrained={garbage}"], 1, ["not a readable PyTorch checkpoint"]),
+        "truncated checkpoint (pretrained)": ([*train, f"--pretrained={truncated}"], 1, ["not a readable"]),
+        "truncated checkpoint (resume)": ([*r["flags"], f"--output_dir={broken}", "--resume"], 1, ["not a readable"]),
+        "nothing to resume": ([*r["flags"], f"--output_dir={tmp_path / 'empty'}", "--resume"], 1,
+                              ["nothing to resume"]),
+    }
+    cases["truncated checkpoint (resume)"][0].insert(0, "train_cifar10.py")
+    cases["nothing to resume"][0].insert(0, "train_cifar10.py")
+    before = {d: digest(d) for d in (full, broken)}
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        results = dict(zip(cases, pool.map(lambda c: run(c[0], rc=None), cases.values())))
+    failures = []
+    for name, (args, rc, needles) in cases.items():
+        p = results[name]
+        err = p.stderr.strip()
+        problems = []
+        if p.returncode != rc:
+            problems.append(f"exit {p.returncode}, expected {rc}")
+        if "Traceback" in err or len(err.splitlines()) != 1:
+            problems.append("stderr is not one line")
+        problems += [f"no {n!r} in stderr" for n in needles if n not in err]
+        if problems:
+            failures.append(f"{name}: {'; '.join(problems)}\n    stderr: {err[-1500:]}")
+    assert not failures, "\n".join(failures)
+    assert {d: digest(d) for d in (full, broken)} == before  # nothing written, replaced or deleted
+    assert not (tmp_path / "empty").exists() or not any((tmp_path / "empty").iterdir())
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["--lr=-1"], "--lr"), (["--lr=nan"], "--lr"), (["--momentum=-0.5"], "--momentum"),
+    (["--weight_decay=-1"], "--weight_decay"), (["--lambdaR=-10"], "--lambdaR"), (["--batch_size=0"], "--batch_size"),
+    (["--shared_rank=0"], "--shared_rank"), (["--unique_rank=-1"], "--unique_rank"), (["--epochs=0"], "--epochs"),
+    (["--num_workers=-1"], "--num_workers"), (["--device=gpu"], "--device"), (["--model=resnet56"], "valid names"),
+    (["--epochs=5", "--starting_epoch=5"], "--starting_epoch"), (["--resume", "--pretrained=x.pth"], "exclusive"),
+])
+def test_cli_validation(argv, needle, capsys):
+    """Flag errors: argparse's exit status 2 and one line naming the flag (in-process: no data, no model)."""
+    import train_cifar10
+    from utils import cli
+
+    with pytest.raises(SystemExit) as exit_info:
+        cli.parse_train_args(train_cifar10.DEFAULTS, argv, prog="train_cifar10.py")
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2 and len(err.splitlines()) == 1 and needle in err, err
+
+
+def test_cli_defaults(monkeypatch):
+    """The authors' defaults per script; plain models get their family's ILSVRC schedule; lambdaR is a float."""
+    import eval_cifar10
+    import train_cifar100
+    import train_ilsvrc
+    from utils import cli
+
+    monkeypatch.setitem(os.environ, "CUDA_VISIBLE_DEVICES", os.environ.get("CUDA_VISIBLE_DEVICES", "0"))
+    a = cli.parse_train_args(train_ilsvrc.DEFAULTS, [], prog="train_ilsvrc.py")
+    assert (a.lr, a.momentum, a.weight_decay, a.lambdaR, a.shared_rank, a.unique_rank, a.batch_size) == \
+        (0.1, 0.9, 1e-4, 10.0, 32, 1, 256)
+    assert (a.model, a.dataset_path, a.visible_device, a.pretrained, a.starting_epoch, a.output_dir) == \
+        ("ResNet34_DoubleShared", "/media/data/ILSVRC2012/", "0", None, 0, "./checkpoint")
+    assert a.epochs == 150 and a.schedule["milestones"] == [60, 100, 140]
+    # the authors' script had no schedule for the plain ILSVRC models (NameError); they take their family's
+    assert cli.parse_train_args(train_ilsvrc.DEFAULTS, ["--model=ResNet18"]).schedule["milestones"] == [60, 100, 140]
+    plain = cli.parse_train_args(train_ilsvrc.DEFAULTS, ["--model=MobileNetV2"])
+    assert plain.epochs == 300 and plain.schedule["milestones"] == [150, 225, 285]
+    b = cli.parse_train_args(train_cifar100.DEFAULTS, ["--lambdaR=10", "--epochs=30"])
+    assert b.epochs == 30 and b.schedule == {"milestones": [150, 225], "restart": True, "recipe_epochs": 300}
+    assert b.lambdaR == 10.0 and b.model == "ResNet34_SingleShared" and b.weight_decay == 5e-4
+    e = cli.parse_eval_args(eval_cifar10.DEFAULTS, ["--pretrained=x.pth"])
+    assert e.model is None and e.shared_rank is None  # taken from the checkpoint when it records them
+    assert e.fallback == {"model": "ResNet56_DoubleShared", "shared_rank": 16, "unique_rank": 1}
+
+
+def test_schedules():
+    from utils.engine import Schedule
+
+    c10 = Schedule.from_recipe(0.1, {"recipe_epochs": 300, "milestones": [150, 225]})
+    assert [c10.lr_at(e) for e in (1, 150, 151, 225, 226, 300)] == pytest.approx([0.1, 0.1, 0.01, 0.01, 1e-3, 1e-3])
+    short = Schedule.from_recipe(0.1, {"recipe_epochs": 300, "milestones": [150, 225]}, epochs=30)
+    assert short.milestones == (15, 22)
+    ilsvrc = Schedule.from_recipe(0.1, {"recipe_epochs": 150, "milestones": [60, 100, 140]})
+    assert [ilsvrc.stage(e) for e in (60, 61, 100, 101, 140, 141, 150)] == [0, 1, 1, 2, 2, 3, 3]
+    assert Schedule.from_recipe(0.1, {"recipe_epochs": 150, "milestones": [60, 100, 140]}, epochs=1).lr_at(1) == 0.1

@@ -1,0 +1,28 @@
+#!/usr/bin/env python3
+"""Train a ConvNet with deeply shared filter bases on CIFAR-100 (paper section 4; recipe in SPEC section 5).
+
+    python3 train_cifar100.py --lr=0.1 --momentum=0.9 --weight_decay=5e-4 --lambdaR=10 --shared_rank=16 \\
+        --unique_rank=1 --batch_size=256 --model=ResNet34_SingleShared
+
+Three stages of 150 + 75 + 75 epochs at lr, lr x0.1 and lr x0.01; stages 2 and 3 start from the best checkpoint's
+weights with a fresh SGD (no momentum), as the authors' script. Writes ``<output_dir>/CIFAR100-<model>-S<s>-U<u>-
+L<lambdaR>-<visible_device>.pth`` (best test top-1) and ``...-last.pth`` (``--resume`` continues from it).
+"""
+import sys
+
+from utils.cli import train_main
+
+DEFAULTS = {
+    "dataset": "cifar100",
+    # the authors' flag defaults
+    "lr": 0.1, "momentum": 0.9, "weight_decay": 5e-4, "lambdaR": 10.0,
+    "shared_rank": 16, "unique_rank": 1, "batch_size": 256,
+    "dataset_path": "./data/", "model": "ResNet34_SingleShared",
+    # stages end after epochs 150 and 225; each new stage restarts from the best weights with a fresh optimizer
+    "recipes": {"*": {"epochs": 300, "milestones": [150, 225], "restart": True}},
+    # CIFAR-100 form of the regulariser: shared bases only
+    "reg_include_unique": False,
+}
+
+if __name__ == "__main__":
+    sys.exit(train_main(DEFAULTS))

@@ -1,0 +1,247 @@
+"""The command line shared by the six scripts (``train_*.py``, ``eval_*.py``).
+
+Every flag of the authors' scripts is accepted with the same meaning and default (SPEC section 6); each script passes
+its own defaults dict (dataset, flag defaults, training recipe). Added flags: ``--epochs --seed --num_workers
+--output_dir --device --resume --amp --channels_last --compile``.
+
+Errors a user can fix (unknown model, bad numbers, missing dataset, unusable checkpoint) end the script with one line
+``<script>: error: <what and how to fix it>`` on stderr and a non-zero status (2 for bad flags, 1 otherwise), never a
+traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import fnmatch
+import os
+import re
+import sys
+from typing import Callable, Optional, Sequence
+
+RANK_FLAGS = ("shared_rank", "unique_rank")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but errors are one line (no usage block), so logs and tests see a single message."""
+
+    def error(self, message: str):  # noqa: D401  (argparse API)
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Shows ``(default: X)``, except for switches and flags whose default is "not given"."""
+
+    def _get_help_string(self, action):
+        if action.default is None or isinstance(action.default, bool):
+            return action.help
+        return super()._get_help_string(action)
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def _nonneg_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be a non-negative integer, got {text}")
+    return value
+
+
+def _nonneg_float(text: str) -> float:
+    value = float(text)
+    if not value >= 0 or value == float("inf"):  # also refuses nan
+        raise argparse.ArgumentTypeError(f"must be a finite non-negative number, got {text}")
+    return value
+
+
+# argparse prints the type's __name__ in "invalid <name> value" messages
+_positive_int.__name__ = "positive int"
+_nonneg_int.__name__ = "non-negative int"
+_nonneg_float.__name__ = "non-negative float"
+
+
+def _device(text: str) -> str:
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", text):
+        raise argparse.ArgumentTypeError(f"expected auto, cpu, cuda or cuda:N, got {text!r}")
+    return text
+
+
+_device.__name__ = "device"
+
+
+def _common_parser(defaults: dict) -> argparse.ArgumentParser:
+    """Flags of both the training and the evaluation scripts."""
+    p = argparse.ArgumentParser(add_help=False)
+    g = p.add_argument_group("model and data (the authors' flags)")
+    from models import list_models
+
+    g.add_argument("--model", type=str, help=f"model name, one of: {', '.join(list_models(defaults['dataset']))}")
+    g.add_argument("--shared_rank", type=_positive_int, help="rank s of each shared filter basis (group 1)")
+    g.add_argument("--unique_rank", type=_positive_int, help="rank u of each layer's own basis (group 1)")
+    g.add_argument("--batch_size", type=_positive_int, default=256, help="batch size, train and test")
+    g.add_argument("--visible_device", type=str, default=None,
+                   help="CUDA_VISIBLE_DEVICES, e.g. 0,1,2,3 (several GPUs -> DataParallel; default 0, or the "
+                        "environment's CUDA_VISIBLE_DEVICES when set)")
+    g.add_argument("--pretrained", type=str, default=None, help="checkpoint to start from / to evaluate")
+    g.add_argument("--dataset_path", type=str, help="dataset root")
+    g = p.add_argument_group("added")
+    g.add_argument("--device", type=_device, default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
+    g.add_argument("--num_workers", type=_nonneg_int, default=min(8, os.cpu_count() or 1),
+                   help="data-loading worker processes (the authors fixed 8)")
+    g.add_argument("--seed", type=int, default=0, help="seed for torch, numpy, random and data order")
+    g.add_argument("--amp", action="store_true",
+                   help="mixed precision: bf16 autocast where supported (CPU, recent GPUs), else fp16 + GradScaler")
+    g.add_argument("--channels_last", action="store_true", help="NHWC memory format for model and inputs")
+    g.add_argument("--compile", action="store_true", help="torch.compile the model (falls back to eager on failure)")
+    p.set_defaults(**defaults)
+    return p
+
+
+def _train_parser(prog: str, defaults: dict) -> argparse.ArgumentParser:
+    p = _Parser(prog=prog, parents=[_common_parser(defaults)], description=_script_doc(),
+                formatter_class=_HelpFormatter)
+    g = p.add_argument_group("optimisation (the authors' flags)")
+    g.add_argument("--lr", type=_nonneg_float, help="initial learning rate")
+    g.add_argument("--momentum", type=_nonneg_float, help="SGD momentum")
+    g.add_argument("--weight_decay", type=_nonneg_float, help="weight decay (all parameters)")
+    g.add_argument("--lambdaR", type=_nonneg_float, help="weight of the orthogonality regulariser")
+    g.add_argument("--starting_epoch", type=_nonneg_int, default=0,
+                   help="with --pretrained: the epoch the checkpoint ended at (training continues at the next)")
+    g = p.add_argument_group("added")
+    g.add_argument("--epochs", type=_positive_int, default=None,
+                   help="total epochs (default: the recipe's); LR milestones scale proportionally")
+    g.add_argument("--output_dir", type=str, default="./checkpoint",
+                   help="where best/last checkpoints, args JSON and TensorBoard logs go")
+    g.add_argument("--resume", nargs="?", const="auto", default=None, metavar="PATH",
+                   help="continue an interrupted run from its last checkpoint (or from PATH)")
+    return p
+
+
+def _eval_parser(prog: str, defaults: dict) -> argparse.ArgumentParser:
+    p = _Parser(prog=prog, parents=[_common_parser(defaults)], description=_script_doc(),
+                formatter_class=_HelpFormatter)
+    # Model and ranks default to the checkpoint's record (then to the authors' defaults): None = not given.
+    fallback = {k: defaults[k] for k in ("model", *RANK_FLAGS)}
+    p.set_defaults(model=None, shared_rank=None, unique_rank=None, fallback=fallback)
+    for action in p._actions:
+        if action.dest in fallback:
+            action.help = f"{action.help} (default: what the checkpoint records, else {fallback[action.dest]})"
+    return p
+
+
+def _script_doc() -> Optional[str]:
+    """The running script's docstring (shown by ``--help``)."""
+    main = sys.modules.get("__main__")
+    return getattr(main, "__doc__", None)
+
+
+def _check_model(parser: argparse.ArgumentParser, dataset: str, name: Optional[str]) -> None:
+    from models import list_models
+
+    valid = list_models(dataset)
+    if name is not None and name not in valid:
+        parser.error(f"unknown --model {name!r} for {dataset}; valid names: {', '.join(valid)}")
+
+
+def _resolve_visible_device(args: argparse.Namespace) -> None:
+    """Apply ``--visible_device`` before anything initialises CUDA (the flag is also part of checkpoint names)."""
+    if args.visible_device is not None:
+        os.environ["CUDA_VISIBLE_DEVICES"] = args.visible_device
+    elif "CUDA_VISIBLE_DEVICES" not in os.environ:
+        os.environ["CUDA_VISIBLE_DEVICES"] = "0"  # the authors' default
+    if args.visible_device is None:
+        args.visible_device = "0"
+
+
+def _pick_recipe(recipes: dict, model: str) -> dict:
+    for pattern, recipe in recipes.items():
+        if fnmatch.fnmatch(model, pattern):
+            return dict(recipe)
+    raise KeyError(model)
+
+
+def parse_train_args(defaults: dict, argv: Optional[Sequence[str]] = None, prog: Optional[str] = None):
+    """Parse and validate a training command line.
+
+    Args:
+        defaults: the script's dict: ``dataset``, flag defaults (``lr``, ``model``, ...), ``recipes`` (model-name glob
+            -> ``{"epochs", "milestones", "restart"}``, first match wins) and ``reg_include_unique``.
+    """
+    prog = prog or os.path.basename(sys.argv[0])
+    parser = _train_parser(prog, defaults)
+    args = parser.parse_args(argv)
+    _check_model(parser, args.dataset, args.model)
+    if args.resume is not None and args.pretrained is not None:
+        parser.error("--resume and --pretrained are exclusive (--resume continues this run; --pretrained starts "
+                     "from another checkpoint)")
+    try:
+        recipe = _pick_recipe(args.recipes, args.model)
+    except KeyError:
+        parser.error(f"no training recipe for {args.model} on {args.dataset}")
+    recipe["recipe_epochs"] = recipe.pop("epochs")
+    args.schedule = recipe
+    del args.recipes
+    if args.epochs is None:
+        args.epochs = recipe["recipe_epochs"]
+    if args.starting_epoch >= args.epochs:
+        parser.error(f"--starting_epoch={args.starting_epoch} leaves nothing to train (--epochs={args.epochs})")
+    if args.lr == 0:
+        print(f"{prog}: warning: --lr=0, the weights will not change", file=sys.stderr)
+    _resolve_visible_device(args)
+    return args
+
+
+def parse_eval_args(defaults: dict, argv: Optional[Sequence[str]] = None, prog: Optional[str] = None):
+    """Parse and validate an evaluation command line (``--pretrained`` is required)."""
+    prog = prog or os.path.basename(sys.argv[0])
+    parser = _eval_parser(prog, defaults)
+    args = parser.parse_args(argv)
+    if not args.pretrained:
+        parser.error("--pretrained=<checkpoint> is required (there is nothing to evaluate without weights)")
+    _check_model(parser, args.dataset, args.model)
+    _resolve_visible_device(args)
+    return args
+
+
+def run(main: Callable, args, prog: Optional[str] = None) -> int:
+    """Call ``main(args)``; turn the errors a user can fix into one stderr line and exit status 1."""
+    from utils.checkpoint import CheckpointError
+    from utils.data import DatasetError
+    from utils.engine import RunError
+
+    prog = prog or os.path.basename(sys.argv[0])
+    try:
+        sys.stdout.reconfigure(line_buffering=True)  # logs piped through tee show up as they happen
+    except (AttributeError, ValueError):
+        pass
+    try:
+        main(args)
+    except (CheckpointError, DatasetError, RunError) as e:
+        sys.stdout.flush()
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        sys.stdout.flush()
+        print(f"{prog}: interrupted (the last completed epoch is in the -last.pth checkpoint; rerun with --resume)",
+              file=sys.stderr)
+        return 130
+    return 0
+
+
+def train_main(defaults: dict, argv: Optional[Sequence[str]] = None) -> int:
+    """Entry point of the training scripts: parse, then :func:`utils.engine.fit`."""
+    args = parse_train_args(defaults, argv)
+    from utils.engine import fit
+
+    return run(fit, args)
+
+
+def eval_main(defaults: dict, argv: Optional[Sequence[str]] = None) -> int:
+    """Entry point of the evaluation scripts: parse, then :func:`utils.engine.evaluate_checkpoint`."""
+    args = parse_eval_args(defaults, argv)
+    from utils.engine import evaluate_checkpoint
+
+    return run(evaluate_checkpoint, args)

@@ -1,0 +1,101 @@
+"""torch.hub entry points: every registered model of "Learning Deeply Shared Filter Bases for Efficient ConvNets".
+
+Each model name of the registry (``models.list_models()``) is an entry point under its paper name::
+
+    model = torch.hub.load("/path/to/repo", "ResNet56_DoubleShared", source="local", dataset="cifar10",
+                           shared_rank=16, unique_rank=1, checkpoint="ckpt.pth")
+
+Keyword arguments of every entry point: ``dataset`` (required when the name exists for several datasets, unless the
+checkpoint records it), ``shared_rank`` and ``unique_rank`` (models that take them; taken from the checkpoint when
+not given), ``num_classes`` (a new head) and ``checkpoint`` (a local file in the authors' format or this project's).
+Models are returned in training mode, as ``nn.Module`` builds them: call ``model.eval()`` before predicting.
+
+The entry points are generated from the registry, so a newly registered model is a hub entry point too. Names that
+torch.hub would list are the model names only: every helper here is private (leading underscore).
+"""
+import inspect as _inspect
+import os as _os
+import sys as _sys
+
+dependencies = ["torch", "torchvision"]
+
+_REPO = _os.path.dirname(_os.path.realpath(__file__))
+
+
+def _import_project():
+    """Import this repository's ``models`` and ``models.export`` (torch.hub puts the repo first on sys.path while
+    importing this file; a direct ``import hubconf`` from elsewhere needs it added)."""
+    if _REPO not in [_os.path.realpath(p) for p in _sys.path if p]:
+        _sys.path.insert(0, _REPO)
+    for package in ("models", "utils"):
+        loaded = _sys.modules.get(package)
+        where = getattr(loaded, "__file__", None) or ""
+        if loaded is not None and not _os.path.realpath(where).startswith(_REPO + _os.sep):
+            raise ImportError(f"another module named {package!r} is already imported ({where or loaded!r}); this "
+                              f"repository's hub entry points need its own {package!r} package: load them in a fresh "
+                              f"Python process, or before importing the other {package!r}")
+    import models
+    from models import export
+    return models, export
+
+
+_models, _export = _import_project()
+
+
+_VARIANTS = {
+    "DoubleShared": "two shared filter bases per group (one per conv position) plus unique filters",
+    "SingleShared": "one shared filter basis per group plus unique filters",
+    "SharedOnly": "shared filter bases only (no unique filters)",
+    "NonShared": "per-layer bases only (the no-sharing ablation)",
+    "Shared": "shared 1x1 expansion convs",
+}
+
+
+def _rank_args(name: str) -> list:
+    """The rank keywords ``name`` takes on any of its datasets, in registry order."""
+    return list(dict.fromkeys(a for d in _export.datasets_of(name) for a in _models.model_rank_args(name, d)))
+
+
+def _doc(name: str) -> str:
+    """One line (what torch.hub.help shows): the model, its datasets and its keyword arguments with defaults."""
+    datasets = _export.datasets_of(name)
+    variant = name.split("_", 1)[1] if "_" in name else None
+    what = _VARIANTS.get(variant, "shared-basis variant") if variant else "plain baseline"
+    args = [f"dataset={datasets[0]!r}" if len(datasets) == 1 else f"dataset={'|'.join(datasets)} (required)"]
+    for arg in _rank_args(name):
+        values = {d: _models.registry.model_defaults(name, d).get(arg) for d in datasets}
+        if len(set(values.values())) == 1:
+            args.append(f"{arg}={values[datasets[0]]}")
+        else:
+            args.append(f"{arg}=" + "|".join(f"{v} ({d})" for d, v in values.items()))
+    from_file = "; ranks not given are read from it" if len(args) > 1 else ""
+    return (f"{name}, {what} ({', '.join(datasets)}); kwargs: {', '.join(args)}, "
+            f"checkpoint=None (a local file{from_file}).")
+
+
+def _make_entry(name: str):
+    def entry(dataset=None, *, shared_rank=None, unique_rank=None, num_classes=None, checkpoint=None):
+        return _export.build_model(name, dataset, shared_rank=shared_rank, unique_rank=unique_rank,
+                                   num_classes=num_classes, checkpoint=checkpoint)
+
+    entry.__name__ = entry.__qualname__ = name
+    entry.__module__ = __name__
+    entry.__doc__ = _doc(name)
+    # Show only the rank keywords this model takes (the others are refused with a clear error anyway).
+    takes = set(_rank_args(name))
+    signature = _inspect.signature(entry)
+    entry.__signature__ = signature.replace(parameters=[
+        p for p in signature.parameters.values() if p.name not in ("shared_rank", "unique_rank") or p.name in takes])
+    return entry
+
+
+def _register_entries() -> list:
+    names = sorted({qualified.split("/", 1)[1] for qualified in _models.list_models()})
+    for name in names:
+        if not name.isidentifier() or name.startswith("_") or name == "dependencies":
+            raise ValueError(f"model name {name!r} cannot be a torch.hub entry point")
+        globals()[name] = _make_entry(name)
+    return names
+
+
+__all__ = _register_entries()

@@ -12,19 +12,26 @@ of the authors' code, which their checkpoints fix:
 * The last dense block's container is ``features.dense_block3`` in the plain model but
   ``features.dense_block_layer_3`` in the shared one (see :meth:`DenseNet._block_name`).
 
+For inference, :func:`models.fold` turns each shared layer into a plain or a BN-free factorised layer, whichever
+costs fewer MACs, and moves the layers' output biases into the BatchNorms downstream (:meth:`SharedBottleneck.folded`,
+:meth:`DenseNet.after_fold`).
+
 Attribute names are checkpoint keys and module construction order is the authors' (``conv1``, the four bases, the
 feature stack, ``linear``), so ``torch.manual_seed`` reproduces their initial weights. There is no explicit
 initialisation: PyTorch defaults everywhere, and the shared bases are *not* orthogonal at init (SPEC section 3).
 """
 from __future__ import annotations
 
+import copy
+from collections import OrderedDict
 from typing import Optional, Sequence
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .basis import BasisPosition, basis_conv2d, make_shared_basis
+from .basis import BasisPosition, basis_conv2d, fold_position, make_shared_basis
+from .fold import conv_with_bias, dense_is_cheaper, fold_position_low_rank
 from .registry import register_model
 
 
@@ -90,12 +97,65 @@ class SharedBottleneck(nn.Module):
     def basis_positions(self) -> list[BasisPosition]:
         return [BasisPosition(self.basis_conv2, self.shared_basis, self.basis_bn2, self.coeff_conv2)]
 
+    @torch.no_grad()
+    def folded(self, dense: Optional[bool] = None) -> nn.Module:
+        """The eval-mode equivalent of this layer, its basis BN folded away; the new channels keep a bias.
+
+        * ``dense=True``: a plain :class:`Bottleneck` whose 3x3 conv is the whole basis part ``[unique || shared]
+          -> basis_bn2 -> coeff_conv2`` as one dense conv 128 -> growth (:func:`~models.basis.fold_position`).
+        * ``dense=False``: a :class:`FoldedSharedBottleneck`, the factorisation kept: the block's own copy of the
+          ``[unique || shared]`` filters as one 3x3 conv 128 -> r, then ``coeff_conv2`` with the BN folded in.
+        * ``dense=None`` (what :func:`~models.fold` uses): whichever costs fewer MACs
+          (:func:`~models.fold.dense_is_cheaper`). Dense is 128*9*32 = 36,864 MACs per pixel, factorised 1,184*r, so
+          ranks up to 31 stay factorised: the paper's S16U1 (r = 17, 20,128 MACs; dense would make the network 26%
+          more MACs, 0.90G instead of 0.71G) and S64U4 (r = 68) becomes a plain DenseNet.
+
+        Either way the last conv has a bias, and nothing in the block follows it. Every reader of these channels is a
+        BatchNorm (later layers' ``bn0``, the transition BN, the final BN), so :meth:`DenseNet.after_fold` moves the
+        biases into those BNs' running means and drops them: exact, and with the dense form it leaves exactly the
+        plain DenseNet. Without ``after_fold`` the returned block is exact on its own.
+        """
+        position = self.basis_positions()[0]
+        if not (dense_is_cheaper(position) if dense is None else dense):
+            basis, coeff, bias = fold_position_low_rank(position)
+            return FoldedSharedBottleneck(copy.deepcopy(self.bn0), copy.deepcopy(self.conv1), copy.deepcopy(self.bn1),
+                                          conv_with_bias(self.shared_basis, basis, None),
+                                          conv_with_bias(self.coeff_conv2, coeff, bias)).eval()
+        weight, bias = fold_position(position)
+        block = Bottleneck(self.bn0.num_features, self.coeff_conv2.out_channels).to(weight.device, weight.dtype)
+        f = block.residual_function
+        f[0].load_state_dict(self.bn0.state_dict())
+        f[2].weight.copy_(self.conv1.weight)
+        f[3].load_state_dict(self.bn1.state_dict())
+        f[5] = conv_with_bias(f[5], weight, bias)
+        return block.eval()
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = F.relu(self.bn0(x), inplace=True)
         out = F.relu(self.bn1(self.conv1(out)), inplace=True)
         out = basis_conv2d(out, self.basis_conv2, self.shared_basis, fused=self.fused)  # (N, u + s, H, W)
         out = self.coeff_conv2(self.basis_bn2(out))
         return torch.cat((x, out), 1)
+
+
+class FoldedSharedBottleneck(nn.Module):
+    """Eval-only low-rank form of :class:`SharedBottleneck` (from its :meth:`~SharedBottleneck.folded`).
+
+    bn0 -> ReLU -> 1x1 conv1 -> bn1 -> ReLU -> 3x3 ``basis_conv2`` (the ``[unique || shared]`` filters, this layer's
+    own copy) -> 1x1 ``coeff_conv2`` (basis BN folded in; its bias goes downstream in :meth:`DenseNet.after_fold`);
+    output ``[x, new]``. Functional ReLUs, as in the shared layer.
+    """
+
+    def __init__(self, bn0: nn.BatchNorm2d, conv1: nn.Conv2d, bn1: nn.BatchNorm2d, basis_conv2: nn.Conv2d,
+                 coeff_conv2: nn.Conv2d) -> None:
+        super().__init__()
+        self.bn0, self.conv1, self.bn1 = bn0, conv1, bn1
+        self.basis_conv2, self.coeff_conv2 = basis_conv2, coeff_conv2
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn0(x), inplace=True)
+        out = F.relu(self.bn1(self.conv1(out)), inplace=True)
+        return torch.cat((x, self.coeff_conv2(self.basis_conv2(out))), 1)
 
 
 def _basis_of_block(block: int, num_blocks: int) -> int:
@@ -171,6 +231,43 @@ class DenseNet(nn.Module):
                       if layer.shared_basis is basis and layer.basis_conv2 is not None]
             groups.append(BasisGroup(shared=[basis.weight], unique=unique))
         return groups
+
+    @torch.no_grad()
+    def after_fold(self) -> None:
+        """Finish :func:`models.fold`: move the folded layers' output biases into the BatchNorms (exact, eval mode).
+
+        Each folded layer's last conv bias ``b`` is only ever read through BatchNorms, and BN is per channel, so
+        ``bn(x + b) = bn'(x)`` with running mean ``mu - b`` on those channels: the biases are walked through the
+        feature stack (concatenation keeps a channel's index until the next transition) and subtracted from the
+        running means of every BN that reads them; the convs lose their bias. If every layer became a plain
+        :class:`Bottleneck`, the last dense block is renamed to the plain model's ``dense_block3`` and ``shared`` is
+        cleared, so the state_dict is exactly the plain DenseNet's.
+        """
+        layers = [m for m in self.modules() if isinstance(m, (Bottleneck, FoldedSharedBottleneck, SharedBottleneck))]
+        if not self.shared or any(isinstance(m, SharedBottleneck) for m in layers):
+            return  # plain model, or layers that were not folded: nothing to do
+        stem = self.conv1.weight
+        pending = torch.zeros(self.conv1.out_channels, device=stem.device, dtype=stem.dtype)  # bias per channel
+        for module in self.features.children():
+            if isinstance(module, Transition):
+                module.down_sample[0].running_mean.sub_(pending)
+                pending = pending.new_zeros(module.down_sample[1].out_channels)
+            elif isinstance(module, nn.BatchNorm2d):
+                module.running_mean.sub_(pending)
+            elif isinstance(module, nn.Sequential):  # a dense block
+                for layer in module:
+                    plain = isinstance(layer, Bottleneck)
+                    (layer.residual_function[0] if plain else layer.bn0).running_mean.sub_(pending)
+                    conv = layer.residual_function[5] if plain else layer.coeff_conv2  # makes the new channels
+                    bias = conv.bias if conv.bias is not None else pending.new_zeros(conv.out_channels)
+                    conv.register_parameter("bias", None)
+                    pending = torch.cat((pending, bias))
+        if all(isinstance(m, Bottleneck) for m in layers):
+            names = {self._block_name(i, self.num_blocks): None for i in range(self.num_blocks)}
+            self.shared = False
+            for i, old in enumerate(names):
+                names[old] = self._block_name(i, self.num_blocks)
+            self.features = nn.Sequential(OrderedDict((names.get(n, n), m) for n, m in self.features.named_children()))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.features(self.conv1(x))

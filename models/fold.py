@@ -3,15 +3,23 @@
 In eval mode basis conv, basis BN and coefficient conv are all linear, so a factorised conv is one dense conv with a
 bias, and a BatchNorm after a conv is the conv with scaled filters and a bias. What each family folds to:
 
-* **ResNets**: the dense conv's bias folds into the BN that follows (``bn(y + b) = bn'(y)`` with running mean
+* **ResNets**: where one dense 3x3 conv is no more work than the factorised one (CIFAR-10), each factorised conv
+  becomes a dense conv whose bias folds into the BN that follows (``bn(y + b) = bn'(y)`` with running mean
   ``mu - b``), so a folded shared ResNet *is* a plain ResNet: same block class, same parameter shapes, same speed.
-* **DenseNet**: each shared bottleneck becomes a plain ``Bottleneck``; the dense 3x3 conv's bias is moved into the
-  BatchNorms that read those channels (later bottlenecks, the transition, the final BN), so the folded shared
-  DenseNet has exactly the plain DenseNet's state_dict (see :meth:`models.densenet.DenseNet.after_fold`).
-* **MobileNetV2**: every conv -> BN pair becomes one conv with bias (blocks, stem and head); a block that called its
-  stage's shared 1x1 expansion gets its own 1x1 conv (the shared conv times that block's ``bn1``).
-* **ResNeXt**: a ReLU sits between the basis BN and ``conv3``, so only the BNs fold into the convs before them; the
-  grouped bases stay two grouped convs (see :meth:`models.resnext.SharedBottleneck.folded`).
+  Where the rank is low against the width (CIFAR-100/ILSVRC ResNet34) it stays a basis conv + 1x1 conv, without the
+  basis BN and the concatenation, inside the same plain block class.
+* **DenseNet**: each shared layer's basis part becomes one dense 3x3 conv (a plain ``Bottleneck``) when that costs
+  fewer MACs (S64U4), else it stays factorised without its BN (S16U1: the dense conv would be 26% more MACs); the
+  new channels' bias is moved into the BatchNorms that read them, so the folded S64U4 has exactly the plain
+  DenseNet's state_dict (see :meth:`models.densenet.SharedBottleneck.folded` and ``DenseNet.after_fold``).
+* **MobileNetV2**: every conv -> BN pair becomes one conv with bias (blocks, plain ones too, stem and head); a block
+  that called its stage's shared 1x1 expansion gets its own 1x1 conv (the shared conv times that block's ``bn1``).
+* **ResNeXt**: in shared blocks a ReLU sits between the basis BN and ``conv3``, so the BNs fold only into the convs
+  before them; the grouped bases stay two grouped convs (see :meth:`models.resnext.SharedBottleneck.folded`).
+
+Folding is exact up to float rounding (about 1e-7 relative on the logits). It pays only where the folded form is
+not more work: :func:`dense_is_cheaper` is the test the DenseNet layers use. (The ResNets fold to dense convs at any
+rank would make CIFAR-100/ILSVRC ResNet34 *more* MACs, so they use the same test.)
 
 Protocol: a module opts in by defining ``folded() -> nn.Module`` (an eval-only equivalent of itself, built without
 modifying it); :func:`fold` replaces the outermost such modules. A module may also define ``after_fold()``, called on
@@ -38,12 +46,15 @@ def fold(model: nn.Module) -> nn.Module:
     """
     if model.training:
         raise ValueError("fold() freezes BatchNorm statistics: call model.eval() first (folding is for inference)")
+    if getattr(model, "folded", None) is True:  # already folded: folding again would find no BatchNorms to fold
+        return copy.deepcopy(model)
     model = copy.deepcopy(model)
-    _replace(model)
-    for module in list(model.modules()):
-        hook = getattr(module, "after_fold", None)
-        if callable(hook):
-            hook()
+    with torch.random.fork_rng(devices=[]):  # building the folded modules runs their default init: keep the RNG
+        _replace(model)
+        for module in list(model.modules()):
+            hook = getattr(module, "after_fold", None)
+            if callable(hook):
+                hook()
     _drop_unused_bases(model)
     model.eval()
     model.folded = True
@@ -58,18 +69,18 @@ def _replace(module: nn.Module) -> None:
             _replace(child)
 
 
-def _drop_unused_bases(module: nn.Module) -> None:
-    # Shared bases registered on the network are no longer used by folded blocks: drop them from the copy. This also
-    # drops bases that were never called (DenseNet's shared_basis_4), since no block aliases them.
-    for child in module.children():
-        _drop_unused_bases(child)
-    for name in [n for n in module._modules if n.startswith("shared_basis")]:
-        if not _used_below(module, module._modules[name], skip=name):
-            delattr(module, name)
-
-
-def _used_below(module: nn.Module, target: nn.Module, skip: str) -> bool:
-    return any(m is target for n, child in module.named_children() if n != skip for m in child.modules())
+def _drop_unused_bases(model: nn.Module) -> None:
+    # The network-level registrations of shared bases (``shared_basis*`` on the root, where every family keeps them)
+    # are dead once no block holds the basis any more: drop them from the copy. A basis still held by an unfolded
+    # block is registered there too and stays; so does the basis of a root that uses it itself (a bare
+    # SharedBasisConv2d). This also drops bases that were never called (DenseNet's shared_basis_4).
+    if callable(getattr(model, "basis_positions", None)):
+        return
+    for name in [n for n in model._modules if n.startswith("shared_basis")]:
+        target = model._modules[name]
+        holders = sum(1 for m in model.modules(remove_duplicate=False) if m is target)
+        if holders == 1:
+            delattr(model, name)
 
 
 # ------------------------------------------------------------------------------------------------- fold helpers
@@ -88,10 +99,11 @@ def bn_affine(bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
 
 @torch.no_grad()
 def conv_with_bias(conv: nn.Conv2d, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> nn.Conv2d:
-    """A new ``nn.Conv2d`` with ``conv``'s geometry (stride, padding, groups...) and the given weight and bias."""
-    new = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride, padding=conv.padding,
-                    dilation=conv.dilation, groups=conv.groups, bias=bias is not None, padding_mode=conv.padding_mode,
-                    device=weight.device, dtype=weight.dtype)
+    """A new ``nn.Conv2d`` with ``conv``'s geometry (kernel, stride, padding, groups...) and the given weight and bias;
+    the channel counts are the weight's (``out = weight.shape[0]``, ``in = weight.shape[1] * groups``)."""
+    new = nn.Conv2d(weight.shape[1] * conv.groups, weight.shape[0], conv.kernel_size, stride=conv.stride,
+                    padding=conv.padding, dilation=conv.dilation, groups=conv.groups, bias=bias is not None,
+                    padding_mode=conv.padding_mode, device=weight.device, dtype=weight.dtype)
     new.weight.copy_(weight)
     if bias is not None:
         new.bias.copy_(bias)
@@ -104,3 +116,33 @@ def fold_conv_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
     scale, shift = bn_affine(bn)
     bias = shift if conv.bias is None else conv.bias * scale + shift
     return conv_with_bias(conv, conv.weight * scale.view(-1, 1, 1, 1), bias)
+
+
+def _basis_weight(position) -> torch.Tensor:
+    parts = [m.weight for m in (position.unique, position.shared) if m is not None]
+    return torch.cat(parts) if len(parts) > 1 else parts[0]  # (r, in, kh, kw), unique rows first
+
+
+def dense_is_cheaper(position) -> bool:
+    """Whether one dense conv costs no more MACs than the factorised conv of a ``BasisPosition``.
+
+    Per output position: dense ``in*kh*kw*out`` against low rank ``r*(in*kh*kw + out)`` (basis conv + coefficient
+    conv). A low rank (``r`` below about ``out``) makes the dense conv *more* work, e.g. 2.9x for CIFAR-100
+    ResNet34-S8U1, and on CPU it is that much slower too; then keep the factorisation (:func:`fold_position_low_rank`).
+    """
+    r, cin, kh, kw = _basis_weight(position).shape
+    out = position.coeff.out_channels
+    return cin * kh * kw * out <= r * (cin * kh * kw + out)
+
+
+@torch.no_grad()
+def fold_position_low_rank(position) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The factorised conv of a ``BasisPosition`` without its basis BN, in eval mode.
+
+    Returns ``(basis, coeff, bias)``: ``coeff(basis_bn(B x)) = coeff'(B x) + bias`` with ``B`` the ``[unique ||
+    shared]`` basis weight ``(r, in, kh, kw)`` (one tensor, so one conv) and ``coeff'`` ``(out, r, 1, 1)`` the
+    coefficients times the BN scale; ``bias`` (out,) is the coefficients applied to the BN shift. Ungrouped bases only.
+    """
+    scale, shift = bn_affine(position.basis_bn)
+    coeff = position.coeff.weight
+    return _basis_weight(position).clone(), coeff * scale.view(1, -1, 1, 1), coeff.flatten(1) @ shift

@@ -35,6 +35,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .fold import fold_conv_bn
 from .registry import register_model
 
 # (expansion t, output channels c, blocks n, first-block stride s) per stage; stage 6's stride comes from the cfg.
@@ -107,11 +108,43 @@ class InvertedResidual(nn.Module):
         else:
             self.residual = stride == 1 and in_channels == out_channels
 
+    @torch.no_grad()
+    def folded(self) -> "FoldedInvertedResidual":
+        """The eval-mode equivalent block: every BatchNorm folded into the conv before it (convs with bias).
+
+        A block that calls its stage's shared expansion gets its own 1x1 conv (the shared filters scaled by this
+        block's ``bn1``): the shared conv cannot absorb per-block BNs. Same MACs for the convs, minus every BN pass.
+        """
+        expand = self.shared_basis1 if self.uses_shared else self.conv1
+        shortcut = None if self.shortcut is None else fold_conv_bn(self.shortcut[0], self.shortcut[1])
+        return FoldedInvertedResidual(fold_conv_bn(expand, self.bn1), fold_conv_bn(self.conv2, self.bn2),
+                                      fold_conv_bn(self.conv3, self.bn3), self.residual, shortcut).eval()
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         expand = self.shared_basis1 if self.uses_shared else self.conv1
         out = F.relu(self.bn1(expand(x)), inplace=True)
         out = F.relu(self.bn2(self.conv2(out)), inplace=True)
         out = self.bn3(self.conv3(out))
+        if self.residual:
+            out = out + (x if self.shortcut is None else self.shortcut(x))
+        return out
+
+
+class FoldedInvertedResidual(nn.Module):
+    """Eval-only :class:`InvertedResidual` (from its :meth:`~InvertedResidual.folded`): 1x1 ``conv1`` -> ReLU ->
+    depthwise ``conv2`` -> ReLU -> 1x1 ``conv3`` (+ residual), each conv with its BatchNorm folded in."""
+
+    def __init__(self, conv1: nn.Conv2d, conv2: nn.Conv2d, conv3: nn.Conv2d, residual: bool,
+                 shortcut: Optional[nn.Conv2d] = None) -> None:
+        super().__init__()
+        self.conv1, self.conv2, self.conv3 = conv1, conv2, conv3
+        self.residual = residual
+        self.shortcut = shortcut
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.conv1(x), inplace=True)
+        out = F.relu(self.conv2(out), inplace=True)
+        out = self.conv3(out)
         if self.residual:
             out = out + (x if self.shortcut is None else self.shortcut(x))
         return out
@@ -160,6 +193,15 @@ class MobileNetV2(nn.Module):
         """One group per shared expansion conv (no unique part)."""
         from .regularizer import BasisGroup
         return [BasisGroup(shared=[b.weight]) for b in self.shared_bases()]
+
+    @torch.no_grad()
+    def after_fold(self) -> None:
+        """Finish :func:`models.fold`: fold the stem's and the head's BatchNorm into their convs too (exact, eval
+        mode). The BN slots become ``nn.Identity``, so ``pre.0``/``conv1.0`` keep their keys (now with a bias)."""
+        for seq in (self.pre, self.conv1):
+            if isinstance(seq[1], nn.BatchNorm2d):
+                seq[0] = fold_conv_bn(seq[0], seq[1])
+                seq[1] = nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.pre(x)

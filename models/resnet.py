@@ -30,6 +30,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .basis import BasisPosition, basis_conv2d, fold_position, make_shared_basis
+from .fold import conv_with_bias, dense_is_cheaper, fold_position_low_rank
 from .registry import register_model
 
 
@@ -123,13 +124,20 @@ class SharedBasicBlock(nn.Module):
 
     @torch.no_grad()
     def folded(self) -> BasicBlock:
-        """The eval-mode equivalent plain block: each factorised conv becomes one dense 3x3 conv, whose bias is
-        absorbed into the following BatchNorm's running mean."""
+        """The eval-mode equivalent plain block. Each factorised conv becomes one dense 3x3 conv where that is no more
+        work (then the block is exactly a plain ``BasicBlock``), else a basis conv + 1x1 conv without the basis BN;
+        either way its bias is absorbed into the following BatchNorm's running mean."""
         planes = self.bn1.num_features
         block = BasicBlock(planes, planes).to(self.bn1.weight.device, self.bn1.weight.dtype)
         for i, position in enumerate(self.basis_positions(), 1):
-            weight, bias = fold_position(position)
-            getattr(block, f"conv{i}").weight.copy_(weight)
+            if dense_is_cheaper(position):
+                weight, bias = fold_position(position)
+                getattr(block, f"conv{i}").weight.copy_(weight)
+            else:
+                basis, coeff, bias = fold_position_low_rank(position)
+                template = nn.Conv2d(1, 1, 3, padding=1, bias=False)
+                setattr(block, f"conv{i}", nn.Sequential(conv_with_bias(template, basis, None),
+                                                         conv_with_bias(position.coeff, coeff, None)))
             bn = getattr(block, f"bn{i}")
             bn.load_state_dict(getattr(self, f"bn{i}").state_dict())
             bn.running_mean.sub_(bias)

@@ -10,6 +10,9 @@ ResNets' factorised conv, the basis BN *is* followed by a ReLU, so the basis par
 ``basis_positions``; and the two bases have different group counts, so they cannot be computed as one conv
 (:func:`~models.basis.basis_conv2d` falls back to two convs and a concatenation).
 
+For inference, :meth:`SharedBottleneck.folded` (used by :func:`models.fold`) folds ``bn1``, ``bn2`` and ``bn3``
+into the convs before them; the two grouped bases stay two convs.
+
 Both bases put 4 filters in each group, so both ranks must be multiples of 4 and the group counts must divide the
 conv's input width (``128 * k``): the paper's row "ResNeXt50-S16U1" is built with shared_rank=64, unique_rank=4 (16
 and 1 are its layer-1 group counts; SPEC section 9). The authors' scripts cannot build the plain ``ResNext50`` (its
@@ -28,6 +31,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .basis import basis_conv2d, make_shared_basis
+from .fold import bn_affine, conv_with_bias, fold_conv_bn
 from .registry import register_model
 
 EXPANSION = 4
@@ -81,12 +85,44 @@ class SharedBottleneck(nn.Module):
         self.conv3 = nn.Conv2d(rank, channels, 1, bias=False)
         self.bn3 = nn.BatchNorm2d(channels)
 
+    @torch.no_grad()
+    def folded(self) -> "FoldedSharedBottleneck":
+        """The eval-mode equivalent block with every BatchNorm folded into the conv before it (convs with bias).
+
+        The basis BN ``bn2`` is followed by a ReLU, so it cannot reach ``conv3``: it folds into the two grouped basis
+        convs instead (each scaled by its slice of ``bn2``; the shared one becomes this block's own copy), which stay
+        two grouped convs, as their group counts differ. ``bn1`` and ``bn3`` fold into ``conv1`` and ``conv3``.
+        """
+        u = self.basis_conv2.out_channels
+        scale, shift = bn_affine(self.bn2)
+        scale = scale.view(-1, 1, 1, 1)
+        return FoldedSharedBottleneck(
+            fold_conv_bn(self.conv1, self.bn1),
+            conv_with_bias(self.basis_conv2, self.basis_conv2.weight * scale[:u], shift[:u]),
+            conv_with_bias(self.shared_basis, self.shared_basis.weight * scale[u:], shift[u:]),
+            fold_conv_bn(self.conv3, self.bn3)).eval()
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = F.relu(self.bn1(self.conv1(x)), inplace=True)
         out = basis_conv2d(out, self.basis_conv2, self.shared_basis)  # (N, u*k + s*k, H, W); grouped: two convs
         out = F.relu(self.bn2(out), inplace=True)
         out = self.bn3(self.conv3(out))
         return F.relu(out + x, inplace=True)
+
+
+class FoldedSharedBottleneck(nn.Module):
+    """Eval-only form of :class:`SharedBottleneck` (from its :meth:`~SharedBottleneck.folded`): ``conv1`` -> ReLU ->
+    ``[basis_conv2 || shared_conv2]`` (grouped, the block's own) -> ReLU -> ``conv3``, + x, ReLU; all convs with the
+    BatchNorm after them folded in."""
+
+    def __init__(self, conv1: nn.Conv2d, basis_conv2: nn.Conv2d, shared_conv2: nn.Conv2d, conv3: nn.Conv2d) -> None:
+        super().__init__()
+        self.conv1, self.basis_conv2, self.shared_conv2, self.conv3 = conv1, basis_conv2, shared_conv2, conv3
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.conv1(x), inplace=True)
+        out = F.relu(torch.cat((self.basis_conv2(out), self.shared_conv2(out)), 1), inplace=True)
+        return F.relu(self.conv3(out) + x, inplace=True)
 
 
 def _check_groups(what: str, rank: int, groups: int, width: int, layer: int) -> None:

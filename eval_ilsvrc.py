@@ -7,6 +7,9 @@
 Reads the authors' files (with or without the ``module.`` prefix) and this project's. ``--model`` and the rank flags
 may be left out: this project's checkpoints record them, and for the authors' files the ranks are read off the tensor
 shapes. Prints the authors' ``Eval_Acc_top1 = ...`` / ``Eval_Acc_top5 = ...`` lines, the errors and one JSON line.
+
+The model is evaluated in its inference-folded form (``models.fold``: the same outputs up to float rounding, at
+plain-model speed); ``--no_fold`` evaluates it as trained. ``--amp``, ``--channels_last`` and ``--compile`` apply.
 """
 import sys
 

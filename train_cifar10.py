@@ -6,6 +6,11 @@
 
 Writes ``<output_dir>/CIFAR10-<model>-S<s>-U<u>-L<lambdaR>-<visible_device>.pth`` (best test top-1) and ``...-last.pth``
 (every epoch; ``--resume`` continues from it). ``--help`` lists every flag.
+
+Several GPUs or nodes: start it with torchrun (DistributedDataParallel; ``--batch_size`` stays the global batch),
+e.g. ``torchrun --nproc_per_node=4 train_cifar10.py ... [--sync_bn]``. ``--val_split=N`` chooses the best checkpoint on
+N held-out training images and scores the test set once, at the end. SIGINT/SIGTERM stop between checkpoint writes
+(status 130/143; ``--resume`` continues).
 """
 import sys
 

@@ -8,6 +8,11 @@
 ``--dataset_path`` holds ``train/`` and ``val/`` ImageFolder trees. Several visible GPUs -> DataParallel (checkpoints
 store the unwrapped model). Writes ``<output_dir>/ILSVRC-<model>-S<s>-U<u>-L<lambdaR>-<visible_device>.pth`` (best
 val top-1), ``...-last.pth`` (``--resume``) and, as the authors' script, ``...epoch<e>.pth`` every 5 epochs.
+
+Several GPUs or nodes: start it with torchrun (DistributedDataParallel; ``--batch_size`` stays the global batch),
+e.g. ``torchrun --nproc_per_node=4 train_ilsvrc.py ... [--sync_bn]``. ``--val_split=N`` chooses the best checkpoint on
+N held-out training images and scores the test set once, at the end. SIGINT/SIGTERM stop between checkpoint writes
+(status 130/143; ``--resume`` continues).
 """
 import sys
 

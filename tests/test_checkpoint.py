@@ -214,3 +214,97 @@ def test_rng_state_round_trip(tmp_path):
     assert torch.equal(first[0], again[0])
     np.testing.assert_array_equal(first[1], again[1])
     assert first[2] == again[2]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# load_model: the right model from a file alone
+# ---------------------------------------------------------------------------------------------------------------------
+
+FAMILIES = [
+    ("cifar10", "ResNet32_SingleShared", {"shared_rank": 2, "unique_rank": 1}),
+    ("cifar10", "ResNet56_DoubleShared", {"shared_rank": 3, "unique_rank": 2}),
+    ("cifar100", "ResNet34_SharedOnly", {"shared_rank": 2}),
+    ("cifar100", "ResNet34_NonShared", {"unique_rank": 3}),
+    ("ilsvrc", "ResNet34_DoubleShared", {"shared_rank": 2, "unique_rank": 1}),
+    ("cifar100", "DenseNet121_SingleShared", {"shared_rank": 2, "unique_rank": 1}),
+    ("cifar100", "ResNext50_SingleShared", {"shared_rank": 64, "unique_rank": 4}),
+    ("cifar100", "MobileNetV2_Shared", {}),
+]
+
+
+@pytest.fixture
+def one_thread():
+    """Model construction runs QR for the orthogonal bases: with two threads on a busy 2-core machine one small QR
+    takes 100x longer (spinning OpenMP threads), so these tests build on one."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _same_weights(a, b):
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+@pytest.mark.parametrize("dataset, name, ranks", FAMILIES, ids=[f"{d}/{n}" for d, n, _ in FAMILIES])
+def test_load_model_our_and_authors_files(tmp_path, dataset, name, ranks, one_thread):
+    torch.manual_seed(0)
+    model = get_model(name, dataset, **ranks)
+    ours, authors = str(tmp_path / "ours.pth"), str(tmp_path / "authors.pth")
+    C.save_checkpoint(C.make_checkpoint(model, None, epoch=7, acc=42.0), ours)
+    prefix = "module." if dataset == "ilsvrc" else ""  # the authors' ILSVRC files are DataParallel state_dicts
+    torch.save({"net_state_dict": {prefix + k: v for k, v in model.state_dict().items()}, "optimizer_state_dict": {},
+                "acc": torch.tensor(42.0), "epoch": 7}, authors)
+
+    net, ckpt = C.load_model(ours)  # nothing but the path
+    assert net.cfg.name == name and net.cfg.dataset == dataset and net.cfg.build_kwargs() == ranks
+    assert not net.training and ckpt["epoch"] == 7 and _same_weights(net, model)
+
+    net, ckpt = C.load_model(authors, model=name, dataset=dataset)  # ranks read off the shapes
+    assert net.cfg.build_kwargs() == ranks and _same_weights(net, model) and C.checkpoint_acc(ckpt) == 42.0
+
+    net, _ = C.load_model(authors, model=name, dataset=dataset, **ranks)  # the README's flags, all given
+    assert _same_weights(net, model)
+    with pytest.raises(C.CheckpointError, match="records no model"):
+        C.load_model(authors, dataset=dataset)
+
+
+def test_load_model_mismatches_name_the_right_flags(tmp_path, one_thread):
+    torch.manual_seed(0)
+    model = get_model("ResNet32_DoubleShared", "cifar10", shared_rank=2, unique_rank=1)
+    ours, authors = str(tmp_path / "ours.pth"), str(tmp_path / "authors.pth")
+    C.save_checkpoint(C.make_checkpoint(model, None, epoch=1, acc=1.0), ours)
+    torch.save({"net_state_dict": model.state_dict(), "acc": torch.tensor(1.0), "epoch": 1}, authors)
+    fits = "pass --shared_rank=2 --unique_rank=1"
+    for path, kw in ((ours, {}), (authors, {"model": "ResNet32_DoubleShared", "dataset": "cifar10"})):
+        with pytest.raises(C.CheckpointError, match=fits) as e:
+            C.load_model(path, **kw, shared_rank=4)
+        assert "not --shared_rank=4" in str(e.value)
+        with pytest.raises(C.CheckpointError, match=fits):
+            C.load_model(path, **kw, shared_rank=2, unique_rank=3)
+    with pytest.raises(C.CheckpointError, match="pass --model=ResNet32_DoubleShared --shared_rank=2 --unique_rank=1"):
+        C.load_model(ours, model="ResNet56_DoubleShared")
+    with pytest.raises(C.CheckpointError, match="trained on cifar10"):
+        C.load_model(ours, dataset="cifar100")
+    with pytest.raises(C.CheckpointError, match="the file fits --model=ResNet32_DoubleShared --shared_rank=2 "
+                                                "--unique_rank=1"):
+        C.load_model(authors, model="ResNet20", dataset="cifar10")
+    with pytest.raises(C.CheckpointError, match="records no dataset"):
+        C.load_model(authors, model="ResNet32_DoubleShared")
+    # a rank the model does not take is ignored, as the scripts ignore it
+    net, _ = C.load_model(ours, unique_rank=1, shared_rank=2)
+    assert net.cfg.build_kwargs() == {"shared_rank": 2, "unique_rank": 1}
+
+
+@pytest.mark.parametrize("what", ["directory", "empty"])
+def test_read_checkpoint_directory_and_empty_file(tmp_path, what):
+    path = tmp_path / "x.pth"
+    if what == "directory":
+        path.mkdir()
+        needle = "is a directory"
+    else:
+        path.write_bytes(b"")
+        needle = "the file is empty"
+    with pytest.raises(C.CheckpointError, match=needle):
+        C.read_checkpoint(str(path))

@@ -88,15 +88,15 @@ def shared_runs(data, tmp_path_factory):
     flags = [*SHARED, "--epochs=3", "--batch_size=16", "--lr=0.1", "--momentum=0.9", "--weight_decay=5e-4",
              "--lambdaR=10", "--seed=3", f"--dataset_path={data['c10']}", *COMMON]
     full = run(["train_cifar10.py", *flags, f"--output_dir={root / 'full'}"])
-    # Ctrl-C right after epoch 2's checkpoints were written (the script's KeyboardInterrupt path).
+    # A real SIGINT (Ctrl-C) right after epoch 2's checkpoints were written.
     stop_after_2 = (
-        "import runpy, sys\n"
+        "import os, runpy, signal, sys\n"
         "import utils.engine as e\n"
         "orig = e._print_test_lines\n"
-        "def stop(dataset, te, state, improved, periodic):\n"
-        "    orig(dataset, te, state, improved, periodic)\n"
+        "def stop(dataset, te, state, improved, periodic, **kw):\n"
+        "    orig(dataset, te, state, improved, periodic, **kw)\n"
         "    if state.epoch == 2:\n"
-        "        raise KeyboardInterrupt\n"
+        "        os.kill(os.getpid(), signal.SIGINT)\n"
         "e._print_test_lines = stop\n"
         "sys.argv = sys.argv[1:]\n"
         "runpy.run_path(sys.argv[0], run_name='__main__')\n")
@@ -153,7 +153,7 @@ def test_resume_matches_uninterrupted_run(shared_runs):
     best = value(r["interrupted"].stdout, "Best_Acc_top1") if "Best_Acc_top1" in r["interrupted"].stdout else "0.000"
 
     out = r["resumed"].stdout
-    assert f"(epoch 2, stage 2, best top-1 {best})" in out
+    assert f"(epoch 2, stage 2, best test top-1 {best})" in out
     assert "Basis Epoch: 3" in out and "Epoch: 1\n" not in out and "Epoch: 2\n" not in out
     assert "[epoch 3/3] stage 3 lr 0.001 " in out  # the same LR stage as the uninterrupted run's epoch 3
     assert "[epoch 3/3] stage 3 lr 0.001 " in r["full"].stdout
@@ -214,19 +214,24 @@ def test_cifar100_train_stages_then_eval(data, tmp_path):
     assert value(e.stdout, "Eval_Acc_top1") == "%.3f" % float(ckpt["acc"])
 
 
-def test_cifar100_restart_reloads_best_with_fresh_momentum(data, tmp_path, monkeypatch):
-    """In-process, with scripted test accuracies: epoch 1 is the best, so stages 2 and 3 both start from its
-    weights (not from epoch 2's), with empty momentum buffers and the stage's learning rate."""
+@pytest.mark.parametrize("val_split", [0, 4])
+def test_cifar100_restart_reloads_best_with_fresh_momentum(data, tmp_path, monkeypatch, val_split):
+    """In-process, with scripted accuracies on the selection set (test, or validation with --val_split): epoch 1 is
+    the best, so stages 2 and 3 both start from its weights (not from epoch 2's), with empty momentum buffers and the
+    stage's learning rate. With --val_split the test set is scored once, at the end, on epoch 1's weights."""
     import train_cifar100
     from utils import cli, engine
 
     accs = {1: 50.0, 2: 40.0, 3: 45.0}
     seen = {}
     real_train = engine.train_one_epoch
+    scored = []
 
     def fake_evaluate(net, model, loader, **kw):
         epoch = len(seen)
-        return {"top1": accs[epoch], "top5": 90.0, "loss": 1.0, "images": 16, "correct1": 0, "correct5": 0,
+        scored.append((kw.get("desc"), epoch, {k: v.clone() for k, v in model.state_dict().items()}))
+        top1 = 33.0 if len(scored) == 4 else accs[epoch]  # the 4th call: the final test score (--val_split)
+        return {"top1": top1, "top5": 90.0, "loss": 1.0, "images": 16, "correct1": 0, "correct5": 0,
                 "seconds": 0.0}
 
     def spy_train(net, model, loader, optimizer, **kw):
@@ -243,9 +248,18 @@ def test_cifar100_restart_reloads_best_with_fresh_momentum(data, tmp_path, monke
     monkeypatch.setattr(engine, "train_one_epoch", spy_train)
     args = cli.parse_train_args(train_cifar100.DEFAULTS, [
         "--model=ResNet18", "--epochs=3", "--batch_size=16", f"--dataset_path={data['c100']}",
-        f"--output_dir={tmp_path}", *COMMON], prog="train_cifar100.py")
+        f"--output_dir={tmp_path}", f"--val_split={val_split}", *COMMON], prog="train_cifar100.py")
     result = engine.fit(args)
     assert result["best_epoch"] == 1 and result["best_acc"] == 50.0
+    selection = "val" if val_split else "test"
+    assert [d for d, _, _ in scored] == [selection] * 3 + (["test"] if val_split else [])
+    if val_split:
+        assert result["val_acc"] == 50.0 and result["test_acc"] == 33.0 and result["selection"] == "val"
+        best = load(result["best_checkpoint"])
+        assert best["val_acc"] == 50.0 and best["test_acc"] == 33.0 and best["selection"] == "val"
+        assert all(torch.equal(v, best["net_state_dict"][k]) for k, v in scored[3][2].items())  # epoch 1's weights
+    else:
+        assert result["test_acc"] == 50.0 and result["val_acc"] is None
 
     def same(a, b):
         return all(torch.equal(a[k], b[k]) for k in a)
@@ -404,3 +418,130 @@ def test_schedules():
     ilsvrc = Schedule.from_recipe(0.1, {"recipe_epochs": 150, "milestones": [60, 100, 140]})
     assert [ilsvrc.stage(e) for e in (60, 61, 100, 101, 140, 141, 150)] == [0, 1, 1, 2, 2, 3, 3]
     assert Schedule.from_recipe(0.1, {"recipe_epochs": 150, "milestones": [60, 100, 140]}, epochs=1).lr_at(1) == 0.1
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Evaluation folds for inference by default
+# ---------------------------------------------------------------------------------------------------------------------
+
+def _eval_in_process(argv, capsys, monkeypatch, defaults=None):
+    import eval_cifar10
+    from utils import cli
+
+    monkeypatch.setitem(os.environ, "CUDA_VISIBLE_DEVICES", os.environ.get("CUDA_VISIBLE_DEVICES", "0"))
+    code = cli.eval_main(defaults or eval_cifar10.DEFAULTS, [str(a) for a in argv])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    return out
+
+
+def test_eval_folds_by_default_with_the_same_accuracy(shared_runs, data, capsys, monkeypatch):
+    best = shared_runs["root"] / "full" / f"{shared_runs['stem']}.pth"
+    flags = [f"--pretrained={best}", "--batch_size=16", f"--dataset_path={data['c10']}", *COMMON]
+    folded = _eval_in_process(flags, capsys, monkeypatch)
+    plain = _eval_in_process([*flags, "--no_fold"], capsys, monkeypatch)
+    nhwc = _eval_in_process([*flags, "--channels_last"], capsys, monkeypatch)
+    assert "| folded for inference" in folded and "| unfolded" in plain
+    assert json_line(folded)["folded"] is True and json_line(plain)["folded"] is False
+    for label in ("Eval_Acc_top1", "Eval_Acc_top5"):
+        assert value(folded, label) == value(plain, label) == value(nhwc, label)
+        assert value(folded, label) == value(shared_runs["full"].stdout, label.replace("Eval", "Best"))
+    assert abs(json_line(folded)["loss"] - json_line(plain)["loss"]) < 1e-4
+    assert json_line(folded)["params"] == json_line(plain)["params"]  # the trained (factorised) model's count
+    amp = _eval_in_process([*flags, "--amp"], capsys, monkeypatch)
+    assert "bf16 autocast" in amp and json_line(amp)["folded"] is True
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# --val_split: honest model selection
+# ---------------------------------------------------------------------------------------------------------------------
+
+def test_val_split_indices_and_loaders(data, tmp_path):
+    from utils import data as D
+
+    train_idx, val_idx = D.val_split_indices(32, 6)
+    assert len(val_idx) == 6 and len(train_idx) == 26 and not set(val_idx.tolist()) & set(train_idx.tolist())
+    assert torch.equal(D.val_split_indices(32, 6)[1], val_idx)  # fixed: independent of --seed and of torch's RNG
+    assert not torch.equal(D.val_split_indices(32, 6, seed=1)[1], val_idx)
+    images, labels = D.load_cifar(data["c10"], "cifar10", True)
+    for gpu in (False, True):
+        out = D.build_run_loaders("cifar10", data["c10"], 4, num_workers=0, val_split=6, gpu_pipeline=gpu, seed=3)
+        assert out.train.num_samples == 26 and out.val.num_samples == 6 and out.test.num_samples == 32
+        ref = D.build_run_loaders("cifar10", data["c10"], 4, num_workers=0, gpu_pipeline=gpu).test
+        mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in D.MEAN_STD["cifar10"])
+        expect = (images[val_idx].permute(0, 3, 1, 2).float() / 255 - mean) / std
+        first = torch.cat([x for x, _ in out.val])
+        assert torch.allclose(first, expect, atol=1e-6)  # the held-out images, test transform (no augmentation)
+        assert torch.equal(torch.cat([y for _, y in out.val]), labels[val_idx])
+        assert torch.equal(torch.cat([x for x, _ in out.val]), first)  # same every pass
+        train_labels = torch.cat([y for _, y in out.train])
+        assert sorted(train_labels.tolist()) == sorted(labels[train_idx].tolist())
+        assert ref.num_samples == 32
+    imagenet = D.build_run_loaders("ilsvrc", data["in"], 2, num_workers=0, val_split=2)
+    assert imagenet.train.num_samples == 4 and imagenet.val.num_samples == 2
+    a = torch.cat([x for x, _ in imagenet.val])
+    assert a.shape == (2, 3, 224, 224) and torch.equal(a, torch.cat([x for x, _ in imagenet.val]))  # val transforms
+    assert set(imagenet.val.dataset.indices).isdisjoint(imagenet.train.dataset.indices)
+
+
+def test_val_split_run_resume_and_final_test_score(data, tmp_path, capsys, monkeypatch):
+    """Best checkpoint chosen on 6 held-out training images; the test set scored once at the end on it (and that
+    number is what the eval script gives for the file); the split is the recorded one on --resume, even if the
+    default seed changed meanwhile; an interrupted + resumed run ends bit-identical to an uninterrupted one."""
+    import train_cifar10
+    from utils import cli, engine
+    from utils import data as D
+
+    monkeypatch.setitem(os.environ, "CUDA_VISIBLE_DEVICES", os.environ.get("CUDA_VISIBLE_DEVICES", "0"))
+    flags = [*SHARED, "--epochs=3", "--batch_size=16", "--val_split=6", "--seed=4", f"--dataset_path={data['c10']}",
+             *COMMON]
+    stem = "CIFAR10-ResNet32_DoubleShared-S1-U1-L10-0"
+
+    def train(out, *extra):
+        code = cli.train_main(train_cifar10.DEFAULTS, [*flags, f"--output_dir={out}", *extra])
+        o, e = capsys.readouterr()
+        return code, o, e
+
+    code, full, _ = train(tmp_path / "full")
+    assert code == 0
+    assert "26 train / 6 val (held out" in full and "best checkpoint chosen on val" in full
+    assert "Best_Acc_top1" not in full and "| val loss " in full and "| test loss" not in full
+    result = json_line(full)
+    best = load(result["best_checkpoint"])
+    assert best["selection"] == "val" and best["val_split"] == {"n": 6, "seed": D.VAL_SPLIT_SEED}
+    assert best["epoch"] == result["best_epoch"] and float(best["val_acc"]) == result["val_acc"] == result["best_acc"]
+    assert "%.3f" % best["test_acc"] == value(full, "Test_Acc_top1") and best["test_acc"] == result["test_acc"]
+    assert "%.3f" % best["val_acc"] == value(full, "Best_Val_Acc_top1")
+    assert load(tmp_path / "full" / f"{stem}-last.pth").get("test_acc") is None or result["best_epoch"] == 3
+    # the eval script on the chosen checkpoint prints the training's final test numbers
+    ev = _eval_in_process([f"--pretrained={result['best_checkpoint']}", "--batch_size=16",
+                           f"--dataset_path={data['c10']}", *COMMON], capsys, monkeypatch)
+    assert value(ev, "Eval_Acc_top1") == value(full, "Test_Acc_top1")
+    assert value(ev, "Eval_Acc_top5") == value(full, "Test_Acc_top5")
+
+    # interrupted after epoch 2, resumed after the default split seed changed: the recorded split is used
+    real = engine._print_test_lines
+
+    def stop(dataset, te, state, improved, periodic, **kw):
+        real(dataset, te, state, improved, periodic, **kw)
+        if state.epoch == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(engine, "_print_test_lines", stop)
+    code, _, err = train(tmp_path / "resumed")
+    assert code == 130 and "epoch 2 (the last completed)" in err
+    monkeypatch.setattr(engine, "_print_test_lines", real)
+    monkeypatch.setattr(D, "VAL_SPLIT_SEED", 12345)
+    code, _, err = train(tmp_path / "resumed", "--resume", "--val_split=7")
+    assert code == 1 and "--val_split=6" in err
+    code, resumed, _ = train(tmp_path / "resumed", "--resume")
+    assert code == 0 and "26 train / 6 val (held out, split seed 20240229)" in resumed
+    assert value(resumed, "Test_Acc_top1") == value(full, "Test_Acc_top1")
+    a, b = load(tmp_path / "full" / f"{stem}-last.pth"), load(tmp_path / "resumed" / f"{stem}-last.pth")
+    assert all(torch.equal(v, b["net_state_dict"][k]) for k, v in a["net_state_dict"].items())
+    # a finished run resumed again: prints the stored scores, rewrites nothing
+    before = digest(tmp_path / "resumed")
+    code, again, _ = train(tmp_path / "resumed", "--resume")
+    assert code == 0 and "Nothing to do" in again and value(again, "Test_Acc_top1") == value(full, "Test_Acc_top1")
+    assert {k: v for k, v in digest(tmp_path / "resumed").items() if k.endswith(".pth")} == \
+        {k: v for k, v in before.items() if k.endswith(".pth")}

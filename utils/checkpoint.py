@@ -11,7 +11,7 @@ from typing import Optional, Sequence, Union
 import torch
 import torch.nn as nn
 
-from models.registry import _shape_mismatch, _shapes, infer_ranks, rank_flags
+from models.registry import _shape_mismatch, _shapes, get_model, infer_ranks, list_models, model_rank_args, rank_flags
 
 _PREFIXES = ("module.", "_orig_mod.")
 
@@ -22,8 +22,12 @@ class CheckpointError(ValueError):
 
 def read_checkpoint(path: str, map_location: Union[str, torch.device] = "cpu") -> dict:
     """``torch.load`` with ``weights_only=True`` and a one-line error for missing or unreadable files."""
+    if os.path.isdir(path):
+        raise CheckpointError(f"checkpoint {path!r} is a directory, not a checkpoint file")
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint {path!r} does not exist")
+    if os.path.getsize(path) == 0:
+        raise CheckpointError(f"checkpoint {path!r} is not a readable PyTorch checkpoint (the file is empty)")
     try:
         obj = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # truncated file, not a torch file, pickled objects we refuse to run
@@ -80,6 +84,111 @@ def _explain_mismatch(model: nn.Module, state: dict, problem: str) -> str:
                 f"the checkpoint was trained on")
     return (f"checkpoint was trained with {rank_flags(ranks)} but the model was built with "
             f"{rank_flags(cfg.build_kwargs())}; pass {rank_flags(ranks)}")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Rebuilding the model from a file
+# ---------------------------------------------------------------------------------------------------------------------
+
+def load_model(path: str, *, model: Optional[str] = None, dataset: Optional[str] = None,
+               shared_rank: Optional[int] = None, unique_rank: Optional[int] = None,
+               map_location: Union[str, torch.device] = "cpu"):
+    """Rebuild the right model from a checkpoint file alone and load its weights (strictly).
+
+    This project's files record ``model``, ``dataset`` and ``model_kwargs``: nothing else is needed. The authors'
+    four-key files (and raw state_dicts) record nothing: ``model`` and ``dataset`` are then required, and the ranks are
+    read off the tensor shapes (:func:`models.registry.infer_ranks`). Arguments that are given must agree with what
+    the file records or what its shapes say; otherwise the error names the flags that fit the file, e.g.
+    ``... pass --model=ResNet32_DoubleShared --shared_rank=1 --unique_rank=1``. A rank the model does not take (e.g.
+    ``unique_rank`` for a ``SharedOnly`` model) is ignored, as the training scripts ignore it.
+
+    Returns:
+        ``(model, checkpoint_dict)``: the model (in eval mode, on CPU) and the file's dict (``acc``, ``epoch``, ...).
+
+    Raises:
+        CheckpointError: unreadable file, another dataset or model, ranks that disagree, shapes that fit nothing.
+    """
+    ckpt = read_checkpoint(path, map_location)
+    net, _ = resolve_model(ckpt, path, model=model, dataset=dataset, shared_rank=shared_rank,
+                           unique_rank=unique_rank)
+    load_weights(net, ckpt)
+    return net.eval(), ckpt
+
+
+def resolve_model(ckpt: dict, path: str, *, model: Optional[str] = None, dataset: Optional[str] = None,
+                  shared_rank: Optional[int] = None, unique_rank: Optional[int] = None):
+    """The model (freshly built, weights not loaded) that ``ckpt`` holds; see :func:`load_model`.
+
+    Returns:
+        ``(model, inferred)``: ``inferred`` is True when the ranks were read off the tensor shapes.
+    """
+    state = extract_state_dict(ckpt)
+    if dataset is not None:
+        check_identity(ckpt, path, dataset=dataset)
+    dataset = dataset or ckpt.get("dataset")
+    if dataset is None:
+        raise CheckpointError(f"checkpoint {path!r} records no dataset (an authors' file?): give the dataset "
+                              f"(cifar10, cifar100 or ilsvrc)")
+    recorded_model = ckpt.get("model")
+    recorded = ckpt.get("model_kwargs")
+    if model is not None and recorded_model is not None and model != recorded_model:
+        flags = f"--model={recorded_model} {rank_flags(recorded or {})}".strip()
+        raise CheckpointError(f"checkpoint {path!r} holds a {recorded_model}, not a {model}; pass {flags}")
+    name = model or recorded_model
+    if name is None:
+        guess = guess_model_flags(dataset, state)
+        hint = f" (the file fits {guess})" if guess else ""
+        raise CheckpointError(f"checkpoint {path!r} records no model (an authors' file?): give the model{hint}")
+    try:
+        takes = model_rank_args(name, dataset)
+    except ValueError as e:
+        raise CheckpointError(f"checkpoint {path!r}: {e}") from None
+    given = {k: v for k, v in (("shared_rank", shared_rank), ("unique_rank", unique_rank))
+             if v is not None and k in takes}
+    inferred = False
+    if isinstance(recorded, dict):
+        ranks = {k: v for k, v in recorded.items() if k in takes}
+    elif given.keys() == set(takes) and not _mismatch_at(name, dataset, given, state):
+        ranks = dict(given)  # every rank given and the shapes fit: no need to probe
+    else:
+        try:
+            ranks = infer_ranks(name, dataset, state)
+        except ValueError:
+            guess = guess_model_flags(dataset, state)
+            hint = f"; the file fits {guess}" if guess else "; check --model and the dataset it was trained on"
+            raise CheckpointError(f"checkpoint {path!r} is not a {dataset} {name} at any ranks{hint}") from None
+        inferred = bool(takes)
+    wrong = {k: v for k, v in given.items() if ranks.get(k) != v}
+    if wrong:
+        raise CheckpointError(f"checkpoint {path!r} was trained with {rank_flags(ranks)}, not {rank_flags(wrong)}; "
+                              f"pass {rank_flags(ranks)}")
+    try:
+        net = get_model(name, dataset, **ranks)
+    except ValueError as e:
+        raise CheckpointError(f"checkpoint {path!r}: cannot build {name} with {rank_flags(ranks)}: {e}") from None
+    return net, inferred
+
+
+def _mismatch_at(name: str, dataset: str, ranks: dict, state: dict) -> str:
+    try:
+        return _shape_mismatch(_shapes(get_model(name, dataset, **ranks)), state)
+    except ValueError as e:
+        return str(e)
+
+
+def guess_model_flags(dataset: str, state: dict) -> Optional[str]:
+    """``--model=<name> <rank flags>`` of the first registered ``dataset`` model whose keys and shapes fit ``state``
+    (prefix-free), or None. Builds each candidate whose key set matches, so it costs a few model constructions."""
+    keys = set(state)
+    for name in list_models(dataset):
+        try:
+            if set(get_model(name, dataset).state_dict()) != keys:
+                continue
+            ranks = infer_ranks(name, dataset, state)
+        except ValueError:
+            continue
+        return f"--model={name} {rank_flags(ranks)}".strip()
+    return None
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -2,11 +2,12 @@
 
 Every flag of the authors' scripts is accepted with the same meaning and default (SPEC section 6); each script passes
 its own defaults dict (dataset, flag defaults, training recipe). Added flags: ``--epochs --seed --num_workers
---output_dir --device --resume --amp --channels_last --compile``.
+--output_dir --device --resume --amp --channels_last --compile`` (all scripts), ``--val_split --sync_bn`` (training),
+``--no_fold`` (evaluation). Multi-GPU/multi-node runs need no flag: start the script with ``torchrun``.
 
 Errors a user can fix (unknown model, bad numbers, missing dataset, unusable checkpoint) end the script with one line
 ``<script>: error: <what and how to fix it>`` on stderr and a non-zero status (2 for bad flags, 1 otherwise), never a
-traceback.
+traceback. SIGINT/SIGTERM end a training run with one line and status 130/143 (see :func:`run`).
 """
 from __future__ import annotations
 
@@ -72,6 +73,16 @@ def _device(text: str) -> str:
 _device.__name__ = "device"
 
 
+def _visible_device(text: str) -> str:
+    # CUDA_VISIBLE_DEVICES: indices, GPU-/MIG- UUIDs; it is also part of checkpoint file names, so no path characters
+    if not re.fullmatch(r"[A-Za-z0-9_:-]+(,[A-Za-z0-9_:-]+)*", text):
+        raise argparse.ArgumentTypeError(f"expected comma-separated GPU indices such as 0,1,2,3, got {text!r}")
+    return text
+
+
+_visible_device.__name__ = "device list"
+
+
 def _common_parser(defaults: dict) -> argparse.ArgumentParser:
     """Flags of both the training and the evaluation scripts."""
     p = argparse.ArgumentParser(add_help=False)
@@ -82,7 +93,7 @@ def _common_parser(defaults: dict) -> argparse.ArgumentParser:
     g.add_argument("--shared_rank", type=_positive_int, help="rank s of each shared filter basis (group 1)")
     g.add_argument("--unique_rank", type=_positive_int, help="rank u of each layer's own basis (group 1)")
     g.add_argument("--batch_size", type=_positive_int, default=256, help="batch size, train and test")
-    g.add_argument("--visible_device", type=str, default=None,
+    g.add_argument("--visible_device", type=_visible_device, default=None,
                    help="CUDA_VISIBLE_DEVICES, e.g. 0,1,2,3 (several GPUs -> DataParallel; default 0, or the "
                         "environment's CUDA_VISIBLE_DEVICES when set)")
     g.add_argument("--pretrained", type=str, default=None, help="checkpoint to start from / to evaluate")
@@ -117,6 +128,12 @@ def _train_parser(prog: str, defaults: dict) -> argparse.ArgumentParser:
                    help="where best/last checkpoints, args JSON and TensorBoard logs go")
     g.add_argument("--resume", nargs="?", const="auto", default=None, metavar="PATH",
                    help="continue an interrupted run from its last checkpoint (or from PATH)")
+    g.add_argument("--val_split", type=_nonneg_int, default=0, metavar="N",
+                   help="hold out N training images (a fixed split, recorded in the checkpoints) to choose the best "
+                        "checkpoint; the test set is then scored once, on that checkpoint, at the end. 0: choose on "
+                        "the test set, as the paper")
+    g.add_argument("--sync_bn", action="store_true",
+                   help="under torchrun: BatchNorm statistics over the global batch (SyncBatchNorm)")
     return p
 
 
@@ -126,6 +143,10 @@ def _eval_parser(prog: str, defaults: dict) -> argparse.ArgumentParser:
     # Model and ranks default to the checkpoint's record (then to the authors' defaults): None = not given.
     fallback = {k: defaults[k] for k in ("model", *RANK_FLAGS)}
     p.set_defaults(model=None, shared_rank=None, unique_rank=None, fallback=fallback)
+    g = p.add_argument_group("added (evaluation)")
+    g.add_argument("--no_fold", action="store_true",
+                   help="evaluate the factorised model as trained instead of its inference-folded form (models.fold: "
+                        "the same outputs up to float rounding, plain-convolution speed)")
     for action in p._actions:
         if action.dest in fallback:
             action.help = f"{action.help} (default: what the checkpoint records, else {fallback[action.dest]})"
@@ -146,11 +167,20 @@ def _check_model(parser: argparse.ArgumentParser, dataset: str, name: Optional[s
         parser.error(f"unknown --model {name!r} for {dataset}; valid names: {', '.join(valid)}")
 
 
+def _under_torchrun() -> bool:
+    try:
+        return int(os.environ.get("WORLD_SIZE", "1")) > 1
+    except ValueError:
+        return False
+
+
 def _resolve_visible_device(args: argparse.Namespace) -> None:
-    """Apply ``--visible_device`` before anything initialises CUDA (the flag is also part of checkpoint names)."""
+    """Apply ``--visible_device`` before anything initialises CUDA (the flag is also part of checkpoint names).
+    Under torchrun without the flag, every process keeps the GPUs it sees (process ``LOCAL_RANK`` takes the
+    ``LOCAL_RANK``-th), instead of the authors' default of GPU 0."""
     if args.visible_device is not None:
         os.environ["CUDA_VISIBLE_DEVICES"] = args.visible_device
-    elif "CUDA_VISIBLE_DEVICES" not in os.environ:
+    elif "CUDA_VISIBLE_DEVICES" not in os.environ and not _under_torchrun():
         os.environ["CUDA_VISIBLE_DEVICES"] = "0"  # the authors' default
     if args.visible_device is None:
         args.visible_device = "0"
@@ -207,28 +237,38 @@ def parse_eval_args(defaults: dict, argv: Optional[Sequence[str]] = None, prog: 
 
 
 def run(main: Callable, args, prog: Optional[str] = None) -> int:
-    """Call ``main(args)``; turn the errors a user can fix into one stderr line and exit status 1."""
+    """Call ``main(args)``; turn the errors a user can fix into one stderr line and exit status 1, and an interrupt
+    (SIGINT, SIGTERM) into one line and the shell's status for it (130, 143). Under torchrun, ranks other than 0
+    prefix their line with ``[rank N]``."""
     from utils.checkpoint import CheckpointError
     from utils.data import DatasetError
-    from utils.engine import RunError
+    from utils.distributed import DistError
+    from utils.engine import Interrupted, RunError
 
     prog = prog or os.path.basename(sys.argv[0])
+    rank = os.environ.get("RANK", "0") if _under_torchrun() else "0"
+    tag = f"{prog}: " if rank == "0" else f"{prog} [rank {rank}]: "
     try:
         sys.stdout.reconfigure(line_buffering=True)  # logs piped through tee show up as they happen
     except (AttributeError, ValueError):
         pass
     try:
         main(args)
-    except (CheckpointError, DatasetError, RunError) as e:
+    except (CheckpointError, DatasetError, RunError, DistError) as e:
         sys.stdout.flush()
-        print(f"{prog}: error: {e}", file=sys.stderr)
+        print(f"{tag}error: {_one_line(e)}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         sys.stdout.flush()
-        print(f"{prog}: interrupted (the last completed epoch is in the -last.pth checkpoint; rerun with --resume)",
-              file=sys.stderr)
-        return 130
+        message = getattr(e, "message", "") or ("interrupted (the last completed epoch, if any, is in the -last.pth "
+                                                 "checkpoint; rerun with --resume)")
+        print(f"{tag}{_one_line(message)}", file=sys.stderr)
+        return e.exit_code if isinstance(e, Interrupted) else 130
     return 0
+
+
+def _one_line(e) -> str:
+    return " ".join(str(e).split("\n")).strip()
 
 
 def train_main(defaults: dict, argv: Optional[Sequence[str]] = None) -> int:

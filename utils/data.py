@@ -14,18 +14,21 @@ differs from the official archive (re-packed or subset files; SPEC section 10 it
 """
 from __future__ import annotations
 
+import copy
 import math
 import os
 import pickle
-from typing import Optional, Sequence, Tuple, Union
+from typing import NamedTuple, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, RandomSampler, SequentialSampler, TensorDataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler, SequentialSampler, Subset, \
+    TensorDataset
 
 __all__ = [
     "DatasetError", "MEAN_STD", "CIFAR_URLS", "DATASETS", "load_cifar", "CifarDataset", "cifar_transforms",
     "imagenet_transforms", "random_crop_flip", "normalize", "GpuCifarLoader", "EpochDataLoader",
+    "EpochDistributedSampler", "VAL_SPLIT_SEED", "val_split_indices", "RunLoaders", "build_run_loaders",
     "build_imagefolder", "build_loaders",
 ]
 
@@ -229,30 +232,79 @@ def _epoch_seed(seed: int, epoch: int, stream: int = 0) -> int:
     return x & ((1 << 63) - 1)
 
 
+class EpochDistributedSampler(DistributedSampler):
+    """``DistributedSampler`` whose shuffle is a function of ``(seed, epoch)`` via :func:`_epoch_seed`: with one
+    replica it yields exactly ``RandomSampler``'s order for a generator seeded the same way (so 1 process x batch 2b
+    and 2 processes x batch b see the same global batches), and every rank draws the same permutation.
+
+    Rank ``r`` takes positions ``r, r + W, r + 2W, ...`` of the (shuffled) index list, so its ``k``-th batch of ``b``
+    together with the other ranks' ``k``-th batches is exactly the single-process batch ``k`` of ``W * b``.
+
+    Args:
+        pad: repeat the first indices so that every rank gets ``ceil(N / W)`` samples (training: every rank must run
+            the same number of steps); False shards without padding (evaluation: no sample counted twice, ranks may
+            differ by one sample).
+    """
+
+    def __init__(self, dataset: Dataset, *, num_replicas: int, rank: int, shuffle: bool, seed: int = 0,
+                 pad: bool = True):
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed, drop_last=False)
+        self.pad = pad
+        n = len(dataset)
+        if not pad:
+            self.total_size = n
+            self.num_samples = len(range(rank, n, num_replicas))
+
+    def __iter__(self):
+        n = len(self.dataset)
+        if self.shuffle:
+            g = torch.Generator()
+            g.manual_seed(_epoch_seed(self.seed, self.epoch, 0))
+            indices = torch.randperm(n, generator=g).tolist()
+        else:
+            indices = list(range(n))
+        if self.pad and self.total_size > n:
+            indices = (indices * math.ceil(self.total_size / max(n, 1)))[:self.total_size]
+        return iter(indices[self.rank:self.total_size:self.num_replicas])
+
+
 class EpochDataLoader:
     """A ``DataLoader`` with ``set_epoch``: the shuffle order is a function of ``(seed, epoch)`` only, so a resumed run
     sees the same order as an uninterrupted one (the sampler has its own generator, reseeded per epoch).
 
     Iterating without calling ``set_epoch`` advances the epoch by one after each pass, so orders never repeat by
-    accident. Worker seeds (the augmentation RNG in worker processes) are also drawn from ``(seed, epoch)`` when the
-    worker pool is created; with ``persistent_workers`` that happens once, at the first epoch iterated, so on a resume
-    the *order* is reproduced exactly but the augmentation draws are not. With ``num_workers=0`` augmentations use the
-    main process's global RNG (seeded by the scripts).
+    accident. Worker seeds (the augmentation RNG in worker processes) are also drawn from ``(seed, epoch)`` (and the
+    rank) when the worker pool is created; with ``persistent_workers`` that happens once, at the first epoch iterated,
+    so on a resume the *order* is reproduced exactly but the augmentation draws are not. With ``num_workers=0``
+    augmentations use the main process's global RNG (seeded by the scripts).
+
+    With ``world_size > 1`` (DistributedDataParallel) the sampler is an :class:`EpochDistributedSampler`: this rank's
+    shard of the same per-epoch permutation, padded when shuffling (training), unpadded otherwise (evaluation).
 
     Attributes:
-        loader: the wrapped ``DataLoader``; ``dataset``; ``num_samples`` (``len(dataset)``, for exact accuracy).
+        loader: the wrapped ``DataLoader``; ``dataset``; ``num_samples`` (``len(dataset)``, over all ranks);
+        ``shard_samples`` (what this rank iterates).
     """
 
     def __init__(self, dataset: Dataset, batch_size: int, *, shuffle: bool, seed: int = 0, num_workers: int = 0,
-                 pin_memory: bool = False, drop_last: bool = False):
+                 pin_memory: bool = False, drop_last: bool = False, rank: int = 0, world_size: int = 1):
         self.dataset = dataset
         self.num_samples = len(dataset)
         self.seed = int(seed)
         self.shuffle = shuffle
+        self.rank, self.world_size = int(rank), int(world_size)
         self.epoch = 0
         self._sampler_gen = torch.Generator()
         self._worker_gen = torch.Generator()
-        sampler = RandomSampler(dataset, generator=self._sampler_gen) if shuffle else SequentialSampler(dataset)
+        if self.world_size > 1:
+            sampler = EpochDistributedSampler(dataset, num_replicas=self.world_size, rank=self.rank, shuffle=shuffle,
+                                              seed=self.seed, pad=shuffle)
+        elif shuffle:
+            sampler = RandomSampler(dataset, generator=self._sampler_gen)
+        else:
+            sampler = SequentialSampler(dataset)
+        self.sampler = sampler
+        self.shard_samples = len(sampler)
         self.loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
                                  pin_memory=pin_memory, drop_last=drop_last, generator=self._worker_gen,
                                  persistent_workers=num_workers > 0)
@@ -270,7 +322,9 @@ class EpochDataLoader:
 
     def __iter__(self):
         self._sampler_gen.manual_seed(_epoch_seed(self.seed, self.epoch, 0))
-        self._worker_gen.manual_seed(_epoch_seed(self.seed, self.epoch, 1))
+        self._worker_gen.manual_seed(_epoch_seed(self.seed, self.epoch, 1 + self.rank))
+        if isinstance(self.sampler, EpochDistributedSampler):
+            self.sampler.set_epoch(self.epoch)
         self.epoch += 1
         return iter(self.loader)
 
@@ -337,16 +391,23 @@ class GpuCifarLoader:
     by one after each pass. Test mode keeps the order and skips augmentation. No Python loop over images and no
     host-device synchronisation per batch. The random streams differ between CPU and CUDA devices.
 
+    Sharding (DistributedDataParallel, ``world_size > 1``): every rank draws the same permutation and crop/flip draws
+    (on the CPU, so that ranks on different GPU models agree; one small copy per epoch) and takes positions
+    ``rank, rank + W, ...`` of it, padded by wrapping around to ``ceil(N / W)`` per rank in training (equal step counts
+    on all ranks), unpadded in test mode (no image counted twice). The ``k``-th batches of all ranks together are the
+    single-process batch ``k`` of ``W * batch_size``, with the same augmentation of every image.
+
     Args:
         images: ``uint8 [N, 32, 32, 3]`` (HWC, from :func:`load_cifar`); copied to ``device`` once as NCHW.
         labels: ``int64 [N]``.
-        batch_size: images per batch; the last batch may be smaller (``drop_last=False``).
+        batch_size: images per batch (per rank); the last batch may be smaller (``drop_last=False``).
         mean, std: per-channel normalisation for ToTensor-scaled pixels (e.g. ``MEAN_STD["cifar100"]``).
         train: shuffle + augment (else fixed order, no augmentation).
         device: where the data lives and batches are produced.
         seed: base seed of the per-epoch generator.
         pad: crop padding (4 in the reference).
         channels_last: yield ``x`` in ``torch.channels_last`` memory format.
+        rank, world_size: this process's shard (default: the whole set).
 
     Yields:
         ``(x float32 [B, 3, 32, 32] normalised, y int64 [B])``, both on ``device``.
@@ -354,7 +415,7 @@ class GpuCifarLoader:
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int, *,
                  mean: Sequence[float], std: Sequence[float], train: bool = True, device: Device = "cpu",
-                 seed: int = 0, pad: int = 4, channels_last: bool = False):
+                 seed: int = 0, pad: int = 4, channels_last: bool = False, rank: int = 0, world_size: int = 1):
         if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[3] != 3:
             raise ValueError(f"GpuCifarLoader: images must be uint8 [N, H, W, 3], got {images.dtype} "
                              f"{tuple(images.shape)}")
@@ -362,6 +423,8 @@ class GpuCifarLoader:
             raise ValueError(f"GpuCifarLoader: {labels.shape[0]} labels for {images.shape[0]} images")
         if batch_size < 1:
             raise ValueError(f"GpuCifarLoader: batch_size must be >= 1, got {batch_size}")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"GpuCifarLoader: rank {rank} outside 0..{world_size - 1}")
         self.device = torch.device(device)
         self.images = images.to(self.device).permute(0, 3, 1, 2).contiguous()   # [N, 3, H, W] uint8
         self.labels = labels.to(self.device, torch.int64)
@@ -372,8 +435,11 @@ class GpuCifarLoader:
         self.seed = int(seed)
         self.pad = int(pad)
         self.channels_last = channels_last
+        self.rank, self.world_size = int(rank), int(world_size)
         self.epoch = 0
         self.num_samples = self.images.shape[0]
+        n, w = self.num_samples, self.world_size
+        self.shard_samples = (math.ceil(n / w) if train else len(range(self.rank, n, w))) if w > 1 else n
         self.dataset = TensorDataset(self.images, self.labels)   # len(loader.dataset) == num_samples; no copy
 
     def set_epoch(self, epoch: int) -> None:
@@ -381,7 +447,7 @@ class GpuCifarLoader:
         self.epoch = int(epoch)
 
     def __len__(self) -> int:
-        return math.ceil(self.num_samples / self.batch_size)
+        return math.ceil(self.shard_samples / self.batch_size)
 
     def _batch(self, images: torch.Tensor, labels: torch.Tensor, aug) -> Tuple[torch.Tensor, torch.Tensor]:
         if aug is not None:
@@ -391,18 +457,35 @@ class GpuCifarLoader:
             x = x.contiguous(memory_format=torch.channels_last)
         return x, labels
 
+    def _positions(self) -> Optional[torch.Tensor]:
+        """This rank's positions in the epoch's sequence (None: all of it, unsharded)."""
+        if self.world_size == 1:
+            return None
+        total = self.shard_samples * self.world_size if self.train else self.num_samples
+        return torch.arange(self.rank, total, self.world_size) % max(self.num_samples, 1)
+
     def __iter__(self):
         n, bs = self.num_samples, self.batch_size
+        pos = self._positions()
         if not self.train:
-            for s in range(0, n, bs):
-                yield self._batch(self.images[s:s + bs], self.labels[s:s + bs], None)
+            if pos is None:
+                for s in range(0, n, bs):
+                    yield self._batch(self.images[s:s + bs], self.labels[s:s + bs], None)
+            else:
+                pos = pos.to(self.device)
+                for s in range(0, pos.numel(), bs):
+                    idx = pos[s:s + bs]
+                    yield self._batch(self.images[idx], self.labels[idx], None)
             return
-        g = torch.Generator(device=self.device)
+        draw_on = self.device if pos is None else torch.device("cpu")
+        g = torch.Generator(device=draw_on)
         g.manual_seed(_epoch_seed(self.seed, self.epoch))
         self.epoch += 1
-        order = torch.randperm(n, device=self.device, generator=g)
-        dy, dx, flip = _draw_crop_flip(n, self.pad, self.device, g)
-        for s in range(0, n, bs):
+        order = torch.randperm(n, device=draw_on, generator=g)
+        dy, dx, flip = _draw_crop_flip(n, self.pad, draw_on, g)
+        if pos is not None:
+            order, dy, dx, flip = (t[pos].to(self.device) for t in (order, dy, dx, flip))
+        for s in range(0, order.numel(), bs):
             idx = order[s:s + bs]
             yield self._batch(self.images[idx], self.labels[idx], (dy[s:s + bs], dx[s:s + bs], flip[s:s + bs]))
 
@@ -431,16 +514,55 @@ def build_imagefolder(root: Union[str, os.PathLike], split: str, train: bool):
 # Entry point
 # --------------------------------------------------------------------------------------------------------------------
 
+VAL_SPLIT_SEED = 20240229
+"""Seed of the held-out validation split (``--val_split``): fixed, independent of ``--seed``, and recorded in the
+checkpoints so that a resumed run holds out the same images."""
+
+
+def val_split_indices(n: int, n_val: int, seed: int = VAL_SPLIT_SEED) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(train_indices, val_indices)``: a random ``n_val`` of ``range(n)`` (a function of ``seed`` only) and the
+    rest, both sorted int64 tensors. Raises DatasetError if nothing would be left to train on."""
+    if n_val < 0:
+        raise ValueError(f"val_split must be >= 0, got {n_val}")
+    if n_val >= n:
+        raise DatasetError(f"--val_split={n_val} would hold out all {n} training images; use fewer than {n}")
+    g = torch.Generator()
+    g.manual_seed(int(seed))
+    perm = torch.randperm(n, generator=g)
+    return perm[n_val:].sort().values, perm[:n_val].sort().values
+
+
+class RunLoaders(NamedTuple):
+    """What :func:`build_run_loaders` returns: ``val`` is None without a validation split, ``train`` None for eval."""
+
+    train: object
+    val: object
+    test: object
+    num_classes: int
+
+
 def build_loaders(dataset: str, dataset_path: Union[str, os.PathLike], batch_size: int, *, num_workers: int = 4,
                   device: Device = "cpu", seed: int = 0, gpu_pipeline: Optional[bool] = None,
                   channels_last: bool = False, train: bool = True, download: bool = True):
+    """``(train_loader or None, test_loader, num_classes)``: :func:`build_run_loaders` without a validation split and
+    without sharding (see there for the arguments)."""
+    out = build_run_loaders(dataset, dataset_path, batch_size, num_workers=num_workers, device=device, seed=seed,
+                            gpu_pipeline=gpu_pipeline, channels_last=channels_last, train=train, download=download)
+    return out.train, out.test, out.num_classes
+
+
+def build_run_loaders(dataset: str, dataset_path: Union[str, os.PathLike], batch_size: int, *, num_workers: int = 4,
+                      device: Device = "cpu", seed: int = 0, gpu_pipeline: Optional[bool] = None,
+                      channels_last: bool = False, train: bool = True, download: bool = True, val_split: int = 0,
+                      split_seed: int = VAL_SPLIT_SEED, rank: int = 0, world_size: int = 1) -> RunLoaders:
     """Loaders for one dataset, as the training and eval scripts use them.
 
     Args:
         dataset: ``"cifar10"``, ``"cifar100"`` or ``"ilsvrc"``.
         dataset_path: CIFAR: the directory holding ``cifar-10-batches-py/`` / ``cifar-100-python/``; ILSVRC: the
             directory holding ``train/`` and ``val/``. Trailing slash optional.
-        batch_size: train and test batch size (the reference uses ``--batch_size`` for both); ``drop_last=False``.
+        batch_size: train and test batch size *per process* (the reference uses ``--batch_size`` for both);
+            ``drop_last=False``.
         num_workers: DataLoader workers (ignored by the GPU-resident path).
         device: where training runs; selects the pipeline and ``pin_memory``.
         seed: base seed of the per-epoch shuffle (and crop/flip draws on the GPU path).
@@ -449,45 +571,68 @@ def build_loaders(dataset: str, dataset_path: Union[str, os.PathLike], batch_siz
         channels_last: GPU path only: yield channels_last batches.
         train: also build the train loader (False: eval only; train files are not read).
         download: CIFAR: try torchvision's download when no file of a split exists.
+        val_split: hold out this many training images (chosen by :func:`val_split_indices` with ``split_seed``) as a
+            validation set, served like the test set (test transforms, no augmentation, fixed order); the training
+            loader then serves the others. ILSVRC: a subset of ``train/`` with the val transforms.
+        rank, world_size: DistributedDataParallel shard of this process (see :class:`EpochDistributedSampler` and
+            :class:`GpuCifarLoader`): training shards are padded to equal length, val/test shards are not.
 
     Returns:
-        ``(train_loader or None, test_loader, num_classes)``. Both loader kinds yield ``(x, y)``, have ``__len__``
-        (batches), ``set_epoch(epoch)``, ``num_samples`` and ``dataset``. DataLoader batches are on the CPU (pinned
-        when ``device`` is CUDA: move them with ``non_blocking=True``); GPU-path batches are already on ``device``.
+        :class:`RunLoaders` ``(train or None, val or None, test, num_classes)``. Every loader yields ``(x, y)``, has
+        ``__len__`` (batches), ``set_epoch(epoch)``, ``num_samples`` (images in the split, all ranks),
+        ``shard_samples`` (this rank's) and ``dataset``. DataLoader batches are on the CPU (pinned when ``device`` is
+        CUDA: move them with ``non_blocking=True``); GPU-path batches are already on ``device``.
     """
     if dataset not in DATASETS:
         raise ValueError(f"unknown dataset {dataset!r}; expected one of {', '.join(DATASETS)}")
+    if val_split and not train:
+        raise ValueError("val_split needs train=True (the validation images come from the training split)")
     device = torch.device(device)
     on_cuda = device.type == "cuda"
+    shard = {"rank": rank, "world_size": world_size}
     if dataset == "ilsvrc":
         if gpu_pipeline:
             raise ValueError("gpu_pipeline=True is only available for CIFAR; ILSVRC uses a DataLoader")
         test_set = build_imagefolder(dataset_path, "val", train=False)
-        train_loader = None
+        train_loader = val_loader = None
         if train:
             train_set = build_imagefolder(dataset_path, "train", train=True)
             if train_set.classes != test_set.classes:
                 raise DatasetError(f"ILSVRC train/ has {len(train_set.classes)} class folders and val/ has "
                                    f"{len(test_set.classes)} (or different names) under {os.fspath(dataset_path)!r}; "
                                    f"labels would not match: give both the same class folders")
+            if val_split:
+                train_idx, val_idx = val_split_indices(len(train_set), val_split, split_seed)
+                held_out = copy.copy(train_set)   # shares the file list; only the transform differs
+                held_out.transform = imagenet_transforms(train=False)
+                val_loader = EpochDataLoader(Subset(held_out, val_idx.tolist()), batch_size, shuffle=False, seed=seed,
+                                             num_workers=num_workers, pin_memory=on_cuda, **shard)
+                train_set = Subset(train_set, train_idx.tolist())
             train_loader = EpochDataLoader(train_set, batch_size, shuffle=True, seed=seed, num_workers=num_workers,
-                                           pin_memory=on_cuda)
+                                           pin_memory=on_cuda, **shard)
         test_loader = EpochDataLoader(test_set, batch_size, shuffle=False, seed=seed, num_workers=num_workers,
-                                      pin_memory=on_cuda)
-        return train_loader, test_loader, len(test_set.classes)
+                                      pin_memory=on_cuda, **shard)
+        return RunLoaders(train_loader, val_loader, test_loader, len(test_set.classes))
 
     num_classes = _CIFAR_LAYOUT[dataset][4]
     mean, std = MEAN_STD[dataset]
     use_gpu_path = on_cuda if gpu_pipeline is None else bool(gpu_pipeline)
 
-    def make(split_train: bool):
-        images, labels = load_cifar(dataset_path, dataset, split_train, download=download)
+    def make(images: torch.Tensor, labels: torch.Tensor, augment: bool):
         if use_gpu_path:
-            return GpuCifarLoader(images, labels, batch_size, mean=mean, std=std, train=split_train, device=device,
-                                  seed=seed, channels_last=channels_last)
-        ds = CifarDataset(images, labels, cifar_transforms(dataset, split_train))
-        return EpochDataLoader(ds, batch_size, shuffle=split_train, seed=seed, num_workers=num_workers,
-                               pin_memory=on_cuda)
+            return GpuCifarLoader(images, labels, batch_size, mean=mean, std=std, train=augment, device=device,
+                                  seed=seed, channels_last=channels_last, **shard)
+        ds = CifarDataset(images, labels, cifar_transforms(dataset, augment))
+        return EpochDataLoader(ds, batch_size, shuffle=augment, seed=seed, num_workers=num_workers,
+                               pin_memory=on_cuda, **shard)
 
-    train_loader = make(True) if train else None
-    return train_loader, make(False), num_classes
+    train_loader = val_loader = None
+    if train:
+        images, labels = load_cifar(dataset_path, dataset, True, download=download)
+        if val_split:
+            train_idx, val_idx = val_split_indices(images.shape[0], val_split, split_seed)
+            val_loader = make(images[val_idx], labels[val_idx], False)
+            images, labels = images[train_idx], labels[train_idx]
+        train_loader = make(images, labels, True)
+    test_loader = make(*load_cifar(dataset_path, dataset, False, download=download), False)
+    return RunLoaders(train_loader, val_loader, test_loader, num_classes)

@@ -36,9 +36,9 @@ import torch
 import torch.nn as nn
 
 from models.fold import fold as fold_model
-from models.registry import DATASETS, get_model, infer_ranks, list_models, model_rank_args, rank_flags
+from models.registry import DATASETS, get_model, list_models, rank_flags
 from models.summary import count_macs, count_params
-from utils.checkpoint import CheckpointError, extract_state_dict, load_weights, read_checkpoint, unwrap_model
+from utils.checkpoint import load_weights, read_checkpoint, resolve_model, unwrap_model
 
 RTOL = 1e-4  # largest accepted |exported - eager| / max|eager|
 ONNX_HINT = "ONNX export needs the optional packages onnx and onnxscript: pip install onnx onnxscript"
@@ -98,10 +98,6 @@ def build_model(name: str, dataset: Optional[str] = None, *, shared_rank: Option
             where = os.fspath(checkpoint)
             obj = read_checkpoint(where)
     recorded_ds = obj.get("dataset") if obj is not None and isinstance(obj.get("dataset"), str) else None
-    recorded_model = obj.get("model") if obj is not None and isinstance(obj.get("model"), str) else None
-    if recorded_model is not None and recorded_model != name:
-        holds = f"{recorded_ds} {recorded_model}" if recorded_ds else recorded_model
-        raise CheckpointError(f"{where!r} holds a {holds}, not a {name}; build {recorded_model} to load it")
     if dataset is None:
         if recorded_ds is not None:
             dataset = recorded_ds
@@ -109,25 +105,16 @@ def build_model(name: str, dataset: Optional[str] = None, *, shared_rank: Option
             dataset = registered[0]
         else:
             raise ValueError(f"{name} exists for {' and '.join(registered)}: pass dataset= one of them")
-    elif recorded_ds is not None and recorded_ds != dataset:
-        raise CheckpointError(f"{where!r} was trained on {recorded_ds}, not {dataset}: use dataset {recorded_ds}")
-
-    ranks = {k: v for k, v in (("shared_rank", shared_rank), ("unique_rank", unique_rank)) if v is not None}
-    if obj is not None:
-        missing = [k for k in model_rank_args(name, dataset) if k not in ranks]
-        recorded = obj.get("model_kwargs") if isinstance(obj.get("model_kwargs"), dict) else {}
-        found = {k: recorded[k] for k in missing if isinstance(recorded.get(k), int)}
-        if len(found) < len(missing):  # the authors' files record nothing: read the ranks off the shapes
-            try:
-                inferred = infer_ranks(name, dataset, extract_state_dict(obj))
-            except ValueError as e:
-                raise CheckpointError(f"{where!r}: {e}") from None
-            found = {k: found.get(k, inferred[k]) for k in missing}
-        ranks.update(found)
-    model = get_model(name, dataset, num_classes=num_classes, **ranks)
-    if obj is not None:
-        load_weights(model, obj)
-    return model
+    if obj is None:
+        return get_model(name, dataset, shared_rank=shared_rank, unique_rank=unique_rank, num_classes=num_classes)
+    if num_classes is not None:
+        raise ValueError("num_classes builds a new head; a checkpoint fixes the head it was trained with")
+    # One implementation of "which model does this file hold": utils.checkpoint.resolve_model (recorded model and
+    # ranks for this project's files, ranks read off the shapes for the authors').
+    model, _ = resolve_model(obj, where, model=name, dataset=dataset, shared_rank=shared_rank,
+                             unique_rank=unique_rank)
+    load_weights(model, obj)
+    return model.train()
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 
 from .basis import set_fused
-from .registry import DATASETS, INPUT_SIZE, get_model, list_models, model_rank_args, rank_flags
+from .registry import DATASETS, INPUT_SIZE, get_model, model_rank_args, rank_flags
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,5 @@
 """The opt-in fast paths run on CPU: bf16 autocast, channels_last, torch.compile; and the benchmark does not rot."""
 import torch
-import torch.nn as nn
 
 from models import OrthogonalityRegularizer, get_model
 from utils.engine import Precision, train_one_epoch, wrap_model

@@ -158,7 +158,7 @@ def test_hub_load_without_checkpoint_and_clear_errors(tmp_path):
     with pytest.raises(CheckpointError, match="at any ranks"):
         _hub_load("ResNet56_DoubleShared", checkpoint=authors)
     project = _project_file(src, tmp_path / "p.pth")
-    with pytest.raises(CheckpointError, match="holds a cifar10 ResNet32_DoubleShared, not a ResNet56_DoubleShared"):
+    with pytest.raises(CheckpointError, match="holds a ResNet32_DoubleShared, not a ResNet56_DoubleShared; pass --model=ResNet32_DoubleShared"):
         _hub_load("ResNet56_DoubleShared", checkpoint=project)
     with pytest.raises(CheckpointError, match="does not exist"):
         _hub_load("ResNet56_DoubleShared", checkpoint=str(tmp_path / "missing.pth"))

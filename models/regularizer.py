@@ -45,6 +45,9 @@ class OrthogonalityRegularizer:
     """
 
     def __init__(self, model: nn.Module, include_unique: bool) -> None:
+        if getattr(model, "folded", False) is True:
+            raise ValueError("this model was folded for inference (models.fold) and has no shared bases left; "
+                             "build the regulariser for the model being trained")
         groups = model.basis_groups() if hasattr(model, "basis_groups") else []
         self.include_unique = include_unique
         self.groups = [g for g in groups if g.shared]

@@ -68,3 +68,11 @@ def test_zero_at_orthonormal_init_and_gradients_only_to_bases():
 def test_no_regulariser_for_non_shared():
     assert not OrthogonalityRegularizer(get_model("ResNet56_NonShared", "cifar10"), True)
     assert not OrthogonalityRegularizer(get_model("ResNet34", "cifar100"), False)
+
+
+def test_folded_models_are_refused_clearly():
+    from models import fold
+
+    folded = fold(get_model("DenseNet121_SingleShared", "cifar100").eval())
+    with pytest.raises(ValueError, match="folded for inference"):
+        OrthogonalityRegularizer(folded, include_unique=False)

@@ -70,3 +70,16 @@ def test_benchmark_runs(capsys):
     for line in ("straightforward (authors' form)", "plain ResNet32", "fast without one conv over",
                  "fast without batched regulariser", "folded (models.fold)"):
         assert line in out
+
+
+def test_benchmark_data_mode_runs(capsys):
+    from utils import benchmark
+
+    benchmark.main(["--data", "--device", "cpu", "--model", "ResNet32_DoubleShared", "--shared_rank", "2",
+                    "--unique_rank", "1", "--data_images", "256", "--data_test_images", "128", "--batch_size", "64",
+                    "--num_workers", "0", "--data_epochs", "1", "--data_warmup", "0"])
+    out = capsys.readouterr().out
+    for line in ("256 train / 128 test images", "Whole epochs (train + test pass)", "straightforward (authors' form)",
+                 "fast path", "EpochDataLoader", "fast / straightforward:", "x training throughput",
+                 "300 epochs = 300 x (train epoch x 50000/256 + test pass x 10000/128)"):
+        assert line in out, line

@@ -8,16 +8,29 @@ data loading is excluded). Every configuration is timed in interleaved rounds in
 after warm-up; CUDA events on GPU) so that drifting machine load affects all of them alike. Ratios are against the
 straightforward path: two basis convs + cat, the regulariser as the authors' per-step Python loop with masks, fp32,
 eager, contiguous (NCHW) tensors.
+
+``--data`` instead times whole CIFAR epochs through the library's own pipeline (``utils.data.build_loaders``,
+``utils.engine.train_one_epoch`` and ``evaluate``): train pass + the per-epoch test pass, on a random dataset in the
+official file layout (or ``--dataset_path``), for the straightforward path (authors' form, fp32, eager, DataLoader
+with ``--num_workers`` workers) and the fast path (fused, batched regulariser, GPU-resident loader on CUDA, plus
+``--amp/--channels_last/--compile``), and estimates the paper's 300-epoch CIFAR run (50000 train / 10000 test images)::
+
+    python -m utils.benchmark --data --device cuda --batch_size 256 --amp --channels_last --compile
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
+import os
+import pickle
 import statistics
+import tempfile
 import time
 import warnings
 from dataclasses import dataclass, replace
 from typing import Callable
+
+import numpy as np
 
 import torch
 import torch.nn as nn
@@ -39,6 +52,7 @@ class Config:
     channels_last: bool = False
     compile: bool = False
     folded: bool = False
+    gpu_pipeline: bool = True  # --data: the GPU-resident loader when on CUDA (else the DataLoader)
 
 
 def _amp_dtype(device: torch.device) -> torch.dtype:
@@ -164,6 +178,119 @@ def _report(title: str, results: dict, baseline: str) -> None:
         print(f"{label:44} {t * 1e3:9.1f} {images / t:9.0f} {t / base:18.2f}x {peak_s}")
 
 
+# --------------------------------------------------------------------------------------------------------------------
+# --data: whole epochs through the real data pipeline and training loop
+# --------------------------------------------------------------------------------------------------------------------
+
+PAPER_EPOCHS, PAPER_TRAIN, PAPER_TEST = 300, 50000, 10000   # the paper's CIFAR run: 300 epochs over 50k/10k images
+
+
+def write_random_cifar(root: str, dataset: str, n_train: int, n_test: int, seed: int = 0) -> str:
+    """Random uint8 images and labels in the official python-pickle layout under ``root`` (readable by
+    ``utils.data.load_cifar``); returns ``root``. Contents are noise: this is for timing, not for learning."""
+    from utils.data import _CIFAR_LAYOUT
+    subdir, train_files, test_files, label_key, num_classes = _CIFAR_LAYOUT[dataset]
+    base = os.path.join(root, subdir)
+    os.makedirs(base, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for files, n in ((train_files, n_train), (test_files, n_test)):
+        for name, idx in zip(files, np.array_split(np.arange(n), len(files))):
+            obj = {"data": rng.integers(0, 256, (len(idx), 3072), dtype=np.uint8),
+                   label_key: rng.integers(0, num_classes, len(idx)).tolist()}
+            with open(os.path.join(base, name), "wb") as f:
+                pickle.dump(obj, f, protocol=2)
+    return root
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class EpochRunner:
+    """One configuration as the training script runs it: model, loaders, optimizer, regulariser, precision."""
+
+    def __init__(self, cfg: Config, args, device: torch.device, dataset_path: str) -> None:
+        from utils.data import build_loaders
+        from utils.engine import Precision, wrap_model
+
+        torch.manual_seed(0)
+        ranks = {k: getattr(args, k) for k in model_rank_args(args.model, args.dataset) if getattr(args, k) is not None}
+        model = get_model(args.model, args.dataset, **ranks).to(device)
+        set_fused(model, cfg.fused)
+        if cfg.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        include_unique = args.dataset == "cifar10"
+        reg = OrthogonalityRegularizer(model, include_unique)
+        if reg and not cfg.batched_reg:
+            reg = lambda: orthogonality_penalty_reference(model, include_unique)  # noqa: E731
+        self.reg = reg if reg else None
+        self.model, self.device, self.cfg = model, device, cfg
+        self.net = wrap_model(model, device, compile=cfg.compile, data_parallel=False)
+        self.precision = Precision.make(cfg.amp, device)
+        self.opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
+        self.train_loader, self.test_loader, _ = build_loaders(
+            args.dataset, dataset_path, args.batch_size, num_workers=args.num_workers, device=device,
+            gpu_pipeline=None if cfg.gpu_pipeline else False, channels_last=cfg.channels_last, download=False)
+        self.pipeline = type(self.train_loader).__name__
+
+    def epoch(self) -> tuple:
+        """(train seconds, test seconds) of one epoch, device work included."""
+        from utils.engine import evaluate, train_one_epoch
+
+        kw = dict(device=self.device, precision=self.precision, channels_last=self.cfg.channels_last)
+        _sync(self.device)
+        t0 = time.perf_counter()
+        train_one_epoch(self.net, self.model, self.train_loader, self.opt, regularizer=self.reg, lambda_r=10.0,
+                        print_first=False, **kw)
+        _sync(self.device)
+        t1 = time.perf_counter()
+        evaluate(self.net, self.model, self.test_loader, **kw)
+        _sync(self.device)
+        return t1 - t0, time.perf_counter() - t1
+
+
+def measure_epochs(args, device: torch.device) -> None:
+    if args.dataset not in ("cifar10", "cifar100"):
+        raise SystemExit("--data needs --dataset cifar10 or cifar100")
+    n_train = args.data_images or (PAPER_TRAIN if device.type == "cuda" else 2048)
+    n_test = args.data_test_images or max(1, round(n_train * PAPER_TEST / PAPER_TRAIN))
+    with contextlib.ExitStack() as stack:
+        path = args.dataset_path
+        if path is None:
+            path = write_random_cifar(stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-cifar-")),
+                                      args.dataset, n_train, n_test)
+        straight = Config("straightforward (authors' form)", fused=False, batched_reg=False, gpu_pipeline=False)
+        fast = Config("fast path", amp=args.amp, channels_last=args.channels_last, compile=args.compile)
+        runners = {c.label: EpochRunner(c, args, device, path) for c in (straight, fast)}
+        r0 = runners[straight.label]
+        n_train, n_test = r0.train_loader.num_samples, r0.test_loader.num_samples
+        print(f"--data: {n_train} train / {n_test} test images{' from ' + path if args.dataset_path else ''}, "
+              f"{args.data_warmup} warm-up + {args.data_epochs} timed epochs per configuration (interleaved), "
+              f"{args.num_workers} DataLoader workers")
+        for r in runners.values():
+            for _ in range(args.data_warmup):
+                r.epoch()
+        times = {label: [] for label in runners}
+        for _ in range(args.data_epochs):
+            for label, r in runners.items():
+                times[label].append(r.epoch())
+    print("\nWhole epochs (train + test pass)")
+    print(f"{'configuration':34} {'pipeline':15} {'train s':>8} {'test s':>7} {'train img/s':>12} "
+          f"{'epoch img/s':>12} {'300 epochs':>11}")
+    rates = {}
+    for label, ts in times.items():
+        tr = statistics.median(t[0] for t in ts)
+        te = statistics.median(t[1] for t in ts)
+        rates[label] = n_train / tr, n_train / (tr + te)
+        est = PAPER_EPOCHS * (tr * PAPER_TRAIN / n_train + te * PAPER_TEST / n_test)
+        print(f"{label:34} {runners[label].pipeline:15} {tr:8.2f} {te:7.2f} {rates[label][0]:12.0f} "
+              f"{rates[label][1]:12.0f} {est / 60:9.1f} m")
+    print(f"fast / straightforward: {rates[fast.label][0] / rates[straight.label][0]:.2f}x training throughput, "
+          f"{rates[fast.label][1] / rates[straight.label][1]:.2f}x per epoch (train + test)")
+    print(f"300 epochs = {PAPER_EPOCHS} x (train epoch x {PAPER_TRAIN}/{n_train} + test pass x {PAPER_TEST}/{n_test})")
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(prog="python -m utils.benchmark", description=__doc__.split("\n\n")[0])
     p.add_argument("--dataset", default="cifar10", choices=["cifar10", "cifar100", "ilsvrc"])
@@ -182,6 +309,15 @@ def main(argv=None) -> None:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--skip_train", action="store_true")
     p.add_argument("--skip_eval", action="store_true")
+    d = p.add_argument_group("--data: whole epochs through utils.data + utils.engine (train pass + test pass)")
+    d.add_argument("--data", action="store_true", help="time whole epochs instead of fixed-batch steps")
+    d.add_argument("--dataset_path", default=None, help="an existing CIFAR directory (default: write random data)")
+    d.add_argument("--data_images", type=int, default=None, help="training images (default 50000 on CUDA, 2048 on CPU)")
+    d.add_argument("--data_test_images", type=int, default=None, help="test images (default: train / 5)")
+    d.add_argument("--data_epochs", type=int, default=2, help="timed epochs per configuration")
+    d.add_argument("--data_warmup", type=int, default=1, help="untimed warm-up epochs (compilation, cuDNN)")
+    d.add_argument("--num_workers", type=int, default=min(8, os.cpu_count() or 1),
+                   help="DataLoader workers (the straightforward path; the fast path too on CPU)")
     args = p.parse_args(argv)
     device = torch.device(args.device)
     if args.threads:
@@ -192,6 +328,15 @@ def main(argv=None) -> None:
         args.plain_model = args.model.split("_")[0]
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
+    if args.data:
+        print(f"{args.dataset} {args.model} (s={args.shared_rank}, u={args.unique_rank}); device {device}"
+              f"{' ' + torch.cuda.get_device_name(device) if device.type == 'cuda' else ''}, "
+              f"torch {torch.__version__}, "
+              f"{torch.get_num_threads()} CPU threads, batch {args.batch_size}; "
+              f"fast path: fused, batched regulariser"
+              f"{''.join(' + ' + k for k in ('amp', 'channels_last', 'compile') if getattr(args, k))}")
+        measure_epochs(args, device)
+        return
     print(f"{args.dataset} {args.model} (s={args.shared_rank}, u={args.unique_rank}) vs {args.plain_model}; "
           f"device {device}{' ' + torch.cuda.get_device_name(device) if device.type == 'cuda' else ''}, "
           f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads, train batch {args.batch_size}, "

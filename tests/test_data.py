@@ -20,13 +20,7 @@ def _read_pickle(path):
         return pickle.load(f, encoding="latin1")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These tensors are tiny; with intra-op threads on a busy shared CPU each op can wait a scheduler slice."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -39,13 +39,7 @@ CASES = {
 IDS = list(CASES)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Small batches on a shared machine: one thread is as fast and does not fight other jobs.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @functools.lru_cache(maxsize=None)

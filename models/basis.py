@@ -112,19 +112,3 @@ def set_fused(model: nn.Module, fused: bool) -> nn.Module:
             module.fused = fused
     return model
 
-
-@torch.no_grad()
-def fold_position(position: BasisPosition) -> tuple[torch.Tensor, torch.Tensor]:
-    """The dense conv equivalent, in eval mode, to ``coeff(basis_bn([unique || shared](x)))``.
-
-    Returns ``(weight, bias)``: weight ``(out, in, kh, kw)`` = coefficients x BN scale x basis filters, bias = the
-    coefficients applied to the BN shift. Only for ungrouped bases.
-    """
-    parts = [m.weight for m in (position.unique, position.shared) if m is not None]
-    basis = torch.cat(parts) if len(parts) > 1 else parts[0]  # (r, in, kh, kw), unique rows first
-    bn = position.basis_bn
-    scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)  # (r,)
-    shift = bn.bias - bn.running_mean * scale
-    coeff = position.coeff.weight.flatten(1)  # (out, r)
-    weight = torch.einsum("or,rikl->oikl", coeff * scale, basis)
-    return weight, coeff @ shift

@@ -30,8 +30,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .basis import BasisPosition, basis_conv2d, fold_position, make_shared_basis
-from .fold import conv_with_bias, dense_is_cheaper, fold_position_low_rank
+from .basis import BasisPosition, basis_conv2d, make_shared_basis
+from .fold import conv_with_bias, dense_is_cheaper, fold_position, fold_position_low_rank
 from .registry import register_model
 
 
@@ -102,7 +102,7 @@ class SharedBottleneck(nn.Module):
         """The eval-mode equivalent of this layer, its basis BN folded away; the new channels keep a bias.
 
         * ``dense=True``: a plain :class:`Bottleneck` whose 3x3 conv is the whole basis part ``[unique || shared]
-          -> basis_bn2 -> coeff_conv2`` as one dense conv 128 -> growth (:func:`~models.basis.fold_position`).
+          -> basis_bn2 -> coeff_conv2`` as one dense conv 128 -> growth (:func:`~models.fold.fold_position`).
         * ``dense=False``: a :class:`FoldedSharedBottleneck`, the factorisation kept: the block's own copy of the
           ``[unique || shared]`` filters as one 3x3 conv 128 -> r, then ``coeff_conv2`` with the BN folded in.
         * ``dense=None`` (what :func:`~models.fold` uses): whichever costs fewer MACs

@@ -146,3 +146,14 @@ def fold_position_low_rank(position) -> tuple[torch.Tensor, torch.Tensor, torch.
     scale, shift = bn_affine(position.basis_bn)
     coeff = position.coeff.weight
     return _basis_weight(position).clone(), coeff * scale.view(1, -1, 1, 1), coeff.flatten(1) @ shift
+
+
+@torch.no_grad()
+def fold_position(position) -> tuple[torch.Tensor, torch.Tensor]:
+    """The dense conv equal, in eval mode, to ``coeff(basis_bn([unique || shared](x)))``.
+
+    Returns ``(weight, bias)``: weight ``(out, in, kh, kw)`` = scaled coefficients x basis filters, bias as in
+    :func:`fold_position_low_rank` (which this composes into one conv). Ungrouped bases only.
+    """
+    basis, coeff, bias = fold_position_low_rank(position)
+    return torch.einsum("or,rikl->oikl", coeff.flatten(1), basis), bias

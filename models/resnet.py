@@ -29,8 +29,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .basis import BasisPosition, basis_conv2d, fold_position, make_shared_basis
-from .fold import conv_with_bias, dense_is_cheaper, fold_position_low_rank
+from .basis import BasisPosition, basis_conv2d, make_shared_basis
+from .fold import conv_with_bias, dense_is_cheaper, fold_position, fold_position_low_rank
 from .registry import register_model
 
 

@@ -22,24 +22,23 @@ dependencies = ["torch", "torchvision"]
 _REPO = _os.path.dirname(_os.path.realpath(__file__))
 
 
-def _import_project():
-    """Import this repository's ``models`` and ``models.export`` (torch.hub puts the repo first on sys.path while
-    importing this file; a direct ``import hubconf`` from elsewhere needs it added)."""
+def _import_models():
+    """Import this repository's ``models`` package, the only one the entry points need (torch.hub puts the repo first
+    on sys.path while importing this file; a direct ``import hubconf`` from elsewhere needs it added)."""
     if _REPO not in [_os.path.realpath(p) for p in _sys.path if p]:
         _sys.path.insert(0, _REPO)
-    for package in ("models", "utils"):
-        loaded = _sys.modules.get(package)
-        where = getattr(loaded, "__file__", None) or ""
-        if loaded is not None and not _os.path.realpath(where).startswith(_REPO + _os.sep):
-            raise ImportError(f"another module named {package!r} is already imported ({where or loaded!r}); this "
-                              f"repository's hub entry points need its own {package!r} package: load them in a fresh "
-                              f"Python process, or before importing the other {package!r}")
+    loaded = _sys.modules.get("models")
+    where = getattr(loaded, "__file__", None) or ""
+    if loaded is not None and not _os.path.realpath(where).startswith(_REPO + _os.sep):
+        raise ImportError(f"another module named 'models' is already imported ({where or loaded!r}); this "
+                          f"repository's hub entry points need its own 'models' package: load them in a fresh "
+                          f"Python process, or before importing the other 'models'")
     import models
-    from models import export
-    return models, export
+    import models.pretrained
+    return models
 
 
-_models, _export = _import_project()
+_models = _import_models()
 
 
 _VARIANTS = {
@@ -53,12 +52,12 @@ _VARIANTS = {
 
 def _rank_args(name: str) -> list:
     """The rank keywords ``name`` takes on any of its datasets, in registry order."""
-    return list(dict.fromkeys(a for d in _export.datasets_of(name) for a in _models.model_rank_args(name, d)))
+    return list(dict.fromkeys(a for d in _models.registry.datasets_of(name) for a in _models.model_rank_args(name, d)))
 
 
 def _doc(name: str) -> str:
     """One line (what torch.hub.help shows): the model, its datasets and its keyword arguments with defaults."""
-    datasets = _export.datasets_of(name)
+    datasets = _models.registry.datasets_of(name)
     variant = name.split("_", 1)[1] if "_" in name else None
     what = _VARIANTS.get(variant, "shared-basis variant") if variant else "plain baseline"
     args = [f"dataset={datasets[0]!r}" if len(datasets) == 1 else f"dataset={'|'.join(datasets)} (required)"]
@@ -75,7 +74,7 @@ def _doc(name: str) -> str:
 
 def _make_entry(name: str):
     def entry(dataset=None, *, shared_rank=None, unique_rank=None, num_classes=None, checkpoint=None):
-        return _export.build_model(name, dataset, shared_rank=shared_rank, unique_rank=unique_rank,
+        return _models.pretrained.build_model(name, dataset, shared_rank=shared_rank, unique_rank=unique_rank,
                                    num_classes=num_classes, checkpoint=checkpoint)
 
     entry.__name__ = entry.__qualname__ = name

@@ -24,8 +24,6 @@ DEFAULTS = {
     "dataset_path": "./data/", "model": "ResNet56_DoubleShared",
     # 300 epochs; lr x0.1 from epoch 151, x0.01 from epoch 226 (milestone = last epoch of a stage)
     "recipes": {"*": {"epochs": 300, "milestones": [150, 225], "restart": False}},
-    # CIFAR-10 form of the orthogonality regulariser: shared rows against shared and unique filters
-    "reg_include_unique": True,
 }
 
 if __name__ == "__main__":

@@ -25,8 +25,6 @@ DEFAULTS = {
     "dataset_path": "./data/", "model": "ResNet34_SingleShared",
     # stages end after epochs 150 and 225; each new stage restarts from the best weights with a fresh optimizer
     "recipes": {"*": {"epochs": 300, "milestones": [150, 225], "restart": True}},
-    # CIFAR-100 form of the regulariser: shared bases only
-    "reg_include_unique": False,
 }
 
 if __name__ == "__main__":

@@ -30,8 +30,6 @@ DEFAULTS = {
         "MobileNetV2*": {"epochs": 300, "milestones": [150, 225, 285], "restart": False},
         "ResNet*": {"epochs": 150, "milestones": [60, 100, 140], "restart": False},
     },
-    # ILSVRC form of the regulariser: shared bases only
-    "reg_include_unique": False,
 }
 
 if __name__ == "__main__":

@@ -24,14 +24,15 @@ from __future__ import annotations
 
 import copy
 from collections import OrderedDict
+from functools import partial
 from typing import Optional, Sequence
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .basis import BasisPosition, basis_conv2d, make_shared_basis
-from .fold import conv_with_bias, dense_is_cheaper, fold_position, fold_position_low_rank
+from .basis import BasisCfg, BasisPosition, basis_conv2d, make_shared_basis, share_bases
+from .fold import fold_factorised
 from .registry import register_model
 
 
@@ -86,7 +87,7 @@ class SharedBottleneck(nn.Module):
         inner = 4 * growth_rate
         rank = unique_rank + shared_basis.out_channels
         self.fused = True
-        self.shared_basis = shared_basis  # alias registration; first in the checkpoint's key order
+        share_bases(self, [shared_basis])  # first in the checkpoint's key order
         self.bn0 = nn.BatchNorm2d(in_channels)
         self.conv1 = nn.Conv2d(in_channels, inner, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(inner)
@@ -115,19 +116,17 @@ class SharedBottleneck(nn.Module):
         biases into those BNs' running means and drops them: exact, and with the dense form it leaves exactly the
         plain DenseNet. Without ``after_fold`` the returned block is exact on its own.
         """
-        position = self.basis_positions()[0]
-        if not (dense_is_cheaper(position) if dense is None else dense):
-            basis, coeff, bias = fold_position_low_rank(position)
+        conv, _ = fold_factorised(self.basis_positions()[0], dense, keep_bias=True)
+        if isinstance(conv, nn.Sequential):  # factorised: basis conv + coefficient conv with the bias
             return FoldedSharedBottleneck(copy.deepcopy(self.bn0), copy.deepcopy(self.conv1), copy.deepcopy(self.bn1),
-                                          conv_with_bias(self.shared_basis, basis, None),
-                                          conv_with_bias(self.coeff_conv2, coeff, bias)).eval()
-        weight, bias = fold_position(position)
-        block = Bottleneck(self.bn0.num_features, self.coeff_conv2.out_channels).to(weight.device, weight.dtype)
+                                          conv[0], conv[1]).eval()
+        block = Bottleneck(self.bn0.num_features, self.coeff_conv2.out_channels).to(conv.weight.device,
+                                                                                    conv.weight.dtype)
         f = block.residual_function
         f[0].load_state_dict(self.bn0.state_dict())
         f[2].weight.copy_(self.conv1.weight)
         f[3].load_state_dict(self.bn1.state_dict())
-        f[5] = conv_with_bias(f[5], weight, bias)
+        f[5] = conv
         return block.eval()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -172,15 +171,16 @@ class DenseNet(nn.Module):
         num_classes: classifier outputs.
         growth_rate: channels each bottleneck adds; the stem makes ``2 * growth_rate``.
         reduction: transition compression (output channels are ``floor(reduction * C)``).
-        shared_rank: filters per shared basis; None builds the plain DenseNet.
-        unique_rank: filters of each bottleneck's own basis (shared model only).
+        basis: ``BasisCfg(1, shared_rank, unique_rank)``, ranks not scaled per block; None builds the plain DenseNet.
     """
 
     def __init__(self, layers: Sequence[int], num_classes: int, *, growth_rate: int = 32, reduction: float = 0.5,
-                 shared_rank: Optional[int] = None, unique_rank: int = 0) -> None:
+                 basis: Optional[BasisCfg] = None) -> None:
         super().__init__()
+        if basis is not None:
+            basis.require("DenseNet")
         self.growth_rate = growth_rate
-        self.shared = shared_rank is not None
+        self.basis_cfg = basis
         channels = 2 * growth_rate
         self.conv1 = nn.Conv2d(3, channels, 3, padding=1, bias=False)
         self.features = nn.Sequential()  # registered before the bases: its keys come first in the state_dict
@@ -188,14 +188,14 @@ class DenseNet(nn.Module):
             # One basis per dense block, all over the 4 * growth bottleneck width. Constructed here, before the
             # blocks, as in the authors' code (this fixes the RNG order of the default init).
             for g in range(1, len(layers) + 1):
-                setattr(self, f"shared_basis_{g}", make_shared_basis(4 * growth_rate, shared_rank))
+                setattr(self, f"shared_basis_{g}", make_shared_basis(4 * growth_rate, basis.shared_rank))
         for i, n in enumerate(layers):
             block = nn.Sequential()
             # Checkpoint quirk: the last dense block gets shared_basis_3, leaving shared_basis_4 unused in forward.
-            basis = getattr(self, f"shared_basis_{_basis_of_block(i, len(layers))}") if self.shared else None
+            shared = getattr(self, f"shared_basis_{_basis_of_block(i, len(layers))}") if self.shared else None
             for j in range(n):
-                layer = (Bottleneck(channels, growth_rate) if basis is None
-                         else SharedBottleneck(channels, growth_rate, unique_rank, basis))
+                layer = (Bottleneck(channels, growth_rate) if shared is None
+                         else SharedBottleneck(channels, growth_rate, basis.unique_rank, shared))
                 block.add_module(f"bottle_neck_layer_{j}", layer)
                 channels += growth_rate
             self.features.add_module(self._block_name(i, len(layers)), block)
@@ -209,28 +209,16 @@ class DenseNet(nn.Module):
         self.linear = nn.Linear(channels, num_classes)
         self.num_blocks = len(layers)
 
+    @property
+    def shared(self) -> bool:
+        """Whether the layers use shared bases (cleared by :meth:`after_fold` once they are all plain)."""
+        return self.basis_cfg is not None
+
     def _block_name(self, i: int, num_blocks: int) -> str:
         # Checkpoint keys: the authors named the last dense block differently in their two classes.
         if i == num_blocks - 1 and not self.shared:
             return f"dense_block{i}"
         return f"dense_block_layer_{i}"
-
-    def dense_blocks(self) -> list[nn.Sequential]:
-        return [getattr(self.features, self._block_name(i, self.num_blocks)) for i in range(self.num_blocks)]
-
-    def basis_groups(self) -> list["BasisGroup"]:
-        """One group per shared basis (including the never-called ``shared_basis_4``); ``unique`` holds the unique
-        basis weights of the bottlenecks that use that basis (so group 4 has none: block 4 uses basis 3)."""
-        from .regularizer import BasisGroup
-        if not self.shared:
-            return []
-        groups = []
-        for g in range(1, self.num_blocks + 1):
-            basis = getattr(self, f"shared_basis_{g}")
-            unique = [layer.basis_conv2.weight for block in self.dense_blocks() for layer in block
-                      if layer.shared_basis is basis and layer.basis_conv2 is not None]
-            groups.append(BasisGroup(shared=[basis.weight], unique=unique))
-        return groups
 
     @torch.no_grad()
     def after_fold(self) -> None:
@@ -264,7 +252,7 @@ class DenseNet(nn.Module):
                     pending = torch.cat((pending, bias))
         if all(isinstance(m, Bottleneck) for m in layers):
             names = {self._block_name(i, self.num_blocks): None for i in range(self.num_blocks)}
-            self.shared = False
+            self.basis_cfg = None
             for i, old in enumerate(names):
                 names[old] = self._block_name(i, self.num_blocks)
             self.features = nn.Sequential(OrderedDict((names.get(n, n), m) for n, m in self.features.named_children()))
@@ -278,13 +266,6 @@ class DenseNet(nn.Module):
 _DENSENET121 = (6, 12, 24, 16)
 
 
-@register_model("cifar100", "DenseNet121")
-def _densenet121(num_classes: int) -> DenseNet:
-    return DenseNet(_DENSENET121, num_classes, growth_rate=32)
-
-
-@register_model("cifar100", "DenseNet121_SingleShared", rank_args=("shared_rank", "unique_rank"),
-                shared_rank=16, unique_rank=1)
-def _densenet121_single_shared(num_classes: int, shared_rank: int, unique_rank: int) -> DenseNet:
-    # The paper's row "DenseNet121-S64U4" is this model at shared_rank=16, unique_rank=1 (SPEC section 9).
-    return DenseNet(_DENSENET121, num_classes, growth_rate=32, shared_rank=shared_rank, unique_rank=unique_rank)
+register_model("cifar100", "DenseNet121")(partial(DenseNet, _DENSENET121, growth_rate=32))
+# The paper's row "DenseNet121-S64U4" is this model at shared_rank=16, unique_rank=1 (SPEC section 9).
+register_model("cifar100", "DenseNet121_SingleShared", channels=4 * 32)(partial(DenseNet, _DENSENET121, growth_rate=32))

@@ -157,3 +157,20 @@ def fold_position(position) -> tuple[torch.Tensor, torch.Tensor]:
     """
     basis, coeff, bias = fold_position_low_rank(position)
     return torch.einsum("or,rikl->oikl", coeff.flatten(1), basis), bias
+
+
+@torch.no_grad()
+def fold_factorised(position, dense: Optional[bool] = None, keep_bias: bool = False) -> tuple[nn.Module, torch.Tensor]:
+    """The eval-mode replacement of a factorised conv, its basis BN folded away: one dense conv where that is no more
+    work (``dense=None``: :func:`dense_is_cheaper`), else basis conv + 1x1 coefficient conv in an ``nn.Sequential``.
+
+    Returns ``(module, bias)``: the output bias per channel, on the module's last conv when ``keep_bias`` (for
+    families that move it downstream later), else left to the caller to absorb into the BatchNorm that follows.
+    """
+    template = position.unique if position.unique is not None else position.shared  # 3x3 geometry of the basis
+    if dense_is_cheaper(position) if dense is None else dense:
+        weight, bias = fold_position(position)
+        return conv_with_bias(template, weight, bias if keep_bias else None), bias
+    basis, coeff, bias = fold_position_low_rank(position)
+    return nn.Sequential(conv_with_bias(template, basis, None),
+                         conv_with_bias(position.coeff, coeff, bias if keep_bias else None)), bias

@@ -35,6 +35,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .basis import BasisCfg, share_bases
 from .fold import fold_conv_bn
 from .registry import register_model
 
@@ -92,7 +93,7 @@ class InvertedResidual(nn.Module):
             if shared_expand.in_channels != in_channels or shared_expand.out_channels != planes:
                 raise ValueError(f"shared expansion conv is {shared_expand.in_channels}->{shared_expand.out_channels}"
                                  f", the block needs {in_channels}->{planes}")
-            self.shared_basis1 = shared_expand  # alias registration; checkpoint key `shared_basis1`
+            share_bases(self, [shared_expand], "shared_basis1")  # checkpoint key `shared_basis1`
         else:
             self.conv1 = nn.Conv2d(in_channels, planes, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(planes)
@@ -156,26 +157,29 @@ class MobileNetV2(nn.Module):
     Args:
         cfg: :data:`CIFAR` or :data:`ILSVRC`.
         num_classes: classifier outputs.
-        shared: give stages 3-6 one shared expansion conv each (``MobileNetV2_Shared``).
+        basis: ``BasisCfg()`` gives stages 3-6 one shared expansion conv each (``MobileNetV2_Shared``; their size is
+            the architecture's, so the config has no ranks); None builds the plain model.
     """
 
-    def __init__(self, cfg: MobileNetV2Cfg, num_classes: int, *, shared: bool = False) -> None:
+    def __init__(self, cfg: MobileNetV2Cfg, num_classes: int, *, basis: Optional[BasisCfg] = None) -> None:
         super().__init__()
+        if basis is not None:
+            basis.require("MobileNetV2", fixed_size=True)
         self.arch = cfg
-        self.shared = shared
+        self.basis_cfg = basis
         self.pre = nn.Sequential(
             nn.Conv2d(3, 32, cfg.stem_kernel, stride=cfg.stem_stride, padding=cfg.stem_padding),
             nn.BatchNorm2d(32), nn.ReLU6(inplace=True))
         in_channels = 32
         for i, (t, c, n, s) in enumerate(STAGES, 1):
             stride = cfg.stage6_stride if s is None else s
-            basis = None
-            if shared and i in SHARED_STAGES:
-                basis = nn.Conv2d(c, t * c, 1, bias=False)
-                setattr(self, f"shared_basis_{SHARED_STAGES.index(i) + 1}", basis)
+            shared = None
+            if basis is not None and i in SHARED_STAGES:
+                shared = nn.Conv2d(c, t * c, 1, bias=False)
+                setattr(self, f"shared_basis_{SHARED_STAGES.index(i) + 1}", shared)
             blocks = [InvertedResidual(in_channels, c, t, stride, cfg.projection_shortcuts)]
             for _ in range(1, n):
-                blocks.append(InvertedResidual(c, c, t, 1, cfg.projection_shortcuts, shared_expand=basis))
+                blocks.append(InvertedResidual(c, c, t, 1, cfg.projection_shortcuts, shared_expand=shared))
             in_channels = c
             # Stages of one block are the block itself in the checkpoints (`stage1.conv1`), the others Sequentials.
             setattr(self, f"stage{i}", blocks[0] if n == 1 else nn.Sequential(*blocks))
@@ -185,14 +189,6 @@ class MobileNetV2(nn.Module):
             self.conv2 = nn.Conv2d(1280, num_classes, 1)
         else:
             self.classifier = nn.Sequential(nn.Dropout(0.2), nn.Linear(1280, num_classes))
-
-    def shared_bases(self) -> list[nn.Conv2d]:
-        return [getattr(self, f"shared_basis_{g}") for g in range(1, len(SHARED_STAGES) + 1)] if self.shared else []
-
-    def basis_groups(self) -> list["BasisGroup"]:
-        """One group per shared expansion conv (no unique part)."""
-        from .regularizer import BasisGroup
-        return [BasisGroup(shared=[b.weight]) for b in self.shared_bases()]
 
     @torch.no_grad()
     def after_fold(self) -> None:
@@ -215,4 +211,4 @@ class MobileNetV2(nn.Module):
 
 for _dataset, _arch in (("cifar100", CIFAR), ("ilsvrc", ILSVRC)):
     register_model(_dataset, "MobileNetV2")(partial(MobileNetV2, _arch))
-    register_model(_dataset, "MobileNetV2_Shared")(partial(MobileNetV2, _arch, shared=True))
+    register_model(_dataset, "MobileNetV2_Shared")(partial(MobileNetV2, _arch))

@@ -1,20 +1,36 @@
-"""Model registry: the paper's ``--model`` names, per dataset.
+"""Model registry: the paper's ``--model`` names, per dataset, and every decision about ranks.
 
 Names are the reference scripts' names (users type them from the paper's README), so one name can mean different
 networks on different datasets (``ResNet34`` on CIFAR-100 vs ILSVRC); the registry is keyed by ``(dataset, name)``.
+A name's suffix is its variant (:data:`VARIANTS`), which fixes the rank keywords it takes; this module is the one
+place that decides which ranks a model takes, their defaults, their bounds and multiples, and the datasets.
 """
 from __future__ import annotations
 
 import fnmatch
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Callable, Optional
 
 import torch.nn as nn
+
+from .basis import BasisCfg
 
 DATASETS = ("cifar10", "cifar100", "ilsvrc")
 NUM_CLASSES = {"cifar10": 10, "cifar100": 100, "ilsvrc": 1000}
 INPUT_SIZE = {"cifar10": (3, 32, 32), "cifar100": (3, 32, 32), "ilsvrc": (3, 224, 224)}
 RANK_ARGS = ("shared_rank", "unique_rank")
+DEFAULT_RANKS = {"shared_rank": 16, "unique_rank": 1}  # the authors' scripts' defaults
+# The paper's variants by name suffix: (shared bases per group, rank keywords taken). Plain names have no suffix.
+VARIANTS = {
+    "DoubleShared": (2, ("shared_rank", "unique_rank")),
+    "SingleShared": (1, ("shared_rank", "unique_rank")),
+    "SharedOnly": (2, ("shared_rank",)),
+    "NonShared": (0, ("unique_rank",)),
+    "Shared": (1, ()),  # MobileNetV2_Shared: shared 1x1 expansion convs whose size the architecture fixes
+}
+# The ranks the paper trained a model with where the scripts' defaults (16/1) cannot build it (used in errors).
+PAPER_RANKS = {"ResNext50_SingleShared": "--shared_rank=64 --unique_rank=4"}
+KERNEL_AREA = 9  # a 3x3 basis over C channels is full rank at 9C filters: the bound on ranks (more builds nothing new)
 
 
 @dataclass(frozen=True)
@@ -35,24 +51,47 @@ class ModelCfg:
 
 @dataclass(frozen=True)
 class _Entry:
-    builder: Callable[..., nn.Module]
+    builder: Callable[..., nn.Module]  # builder(num_classes=..., basis=Optional[BasisCfg])
+    bases_per_group: Optional[int]  # None: a plain model
     rank_args: tuple  # the rank keywords this model takes, e.g. ("shared_rank", "unique_rank")
     rank_multiple: int = 1  # grouped bases need ranks that are multiples of this
+    max_rank: int = 0
     defaults: dict = field(default_factory=dict)
 
 
 _REGISTRY: dict[tuple[str, str], _Entry] = {}
 
 
-def register_model(dataset: str, name: str, *, rank_args: tuple = (), rank_multiple: int = 1, **defaults):
-    """Decorator: register ``builder(**ranks)`` as ``name`` for ``dataset``."""
-    if dataset not in DATASETS:
-        raise ValueError(f"unknown dataset {dataset!r}")
+def _variant(name: str) -> tuple:
+    suffix = name.split("_", 1)[1] if "_" in name else None
+    if suffix is not None and suffix not in VARIANTS:
+        raise ValueError(f"model {name!r}: unknown variant {suffix!r}; variants: {', '.join(VARIANTS)}")
+    return VARIANTS[suffix] if suffix else (None, ())
+
+
+def register_model(dataset: str, name: str, *, channels: int = 0, rank_multiple: int = 1,
+                   bases_per_group: Optional[int] = None, **defaults):
+    """Decorator: register ``builder(num_classes=..., basis=...)`` as ``name`` for ``dataset``.
+
+    Args:
+        channels: input channels of the group-1 bases; ranks above ``KERNEL_AREA * channels`` are refused.
+        rank_multiple: ranks must be multiples of this (grouped bases).
+        bases_per_group: overrides the variant's count (CIFAR-100's SharedOnly uses one basis per group).
+        defaults: rank defaults other than :data:`DEFAULT_RANKS`.
+    """
+    _check_dataset(dataset)
+    bases, rank_args = _variant(name)
+    if set(defaults) - set(rank_args):
+        raise ValueError(f"{name} does not take {', '.join(sorted(set(defaults) - set(rank_args)))}")
+    if rank_args and channels <= 0:
+        raise ValueError(f"{name} takes ranks: register it with the channels its group-1 bases see")
+    entry = _Entry(None, bases if bases_per_group is None else bases_per_group, rank_args, rank_multiple,
+                   KERNEL_AREA * channels, {k: defaults.get(k, DEFAULT_RANKS[k]) for k in rank_args})
 
     def wrap(builder):
         if (dataset, name) in _REGISTRY:
             raise ValueError(f"model {name!r} is already registered for {dataset}")
-        _REGISTRY[(dataset, name)] = _Entry(builder, tuple(rank_args), rank_multiple, dict(defaults))
+        _REGISTRY[(dataset, name)] = replace(entry, builder=builder)
         return builder
 
     return wrap
@@ -64,6 +103,11 @@ def list_models(dataset: Optional[str] = None, pattern: str = "*") -> list[str]:
         return sorted(f"{d}/{n}" for d, n in _REGISTRY if fnmatch.fnmatch(n, pattern))
     _check_dataset(dataset)
     return sorted(n for d, n in _REGISTRY if d == dataset and fnmatch.fnmatch(n, pattern))
+
+
+def datasets_of(name: str) -> list[str]:
+    """The datasets ``name`` is registered for, in :data:`DATASETS` order."""
+    return [d for d in DATASETS if (d, name) in _REGISTRY]
 
 
 def _check_dataset(dataset: str) -> None:
@@ -86,11 +130,24 @@ def model_rank_args(name: str, dataset: str) -> tuple:
 
 
 def model_defaults(name: str, dataset: str) -> dict:
+    """The default of each rank keyword ``name`` takes on ``dataset``."""
     return dict(_entry(name, dataset).defaults)
 
 
+def _check_ranks(name: str, entry: _Entry, ranks: dict) -> None:
+    for k, v in ranks.items():
+        if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+            raise ValueError(f"{k} must be a positive integer, got {v!r}")
+        if v > entry.max_rank:  # before anything is allocated
+            raise ValueError(f"{k}={v} is too large for {name} (at most {entry.max_rank}: a 3x3 basis over the "
+                             f"{entry.max_rank // KERNEL_AREA} channels of group 1 is full rank there)")
+        if v % entry.rank_multiple:
+            raise ValueError(f"{name} uses grouped bases of {entry.rank_multiple} filters per group, so {k} must be "
+                             f"a multiple of {entry.rank_multiple} (got {v})")
+
+
 def get_model(name: str, dataset: str, *, shared_rank: Optional[int] = None, unique_rank: Optional[int] = None,
-              num_classes: Optional[int] = None) -> nn.Module:
+              num_classes: Optional[int] = None, ignore_unused_ranks: bool = False) -> nn.Module:
     """Build a registered model.
 
     Args:
@@ -98,78 +155,32 @@ def get_model(name: str, dataset: str, *, shared_rank: Optional[int] = None, uni
         dataset: ``"cifar10"``, ``"cifar100"`` or ``"ilsvrc"``.
         shared_rank, unique_rank: ranks, only for models that take them (None = the model's default).
         num_classes: override the dataset's class count (the checkpoints use the dataset's).
+        ignore_unused_ranks: drop ranks the model does not take instead of refusing them (the authors' scripts
+            ignore such flags, so the training and evaluation scripts build with this).
 
     Raises:
-        ValueError: unknown name or dataset, a rank the model does not take, or ranks that cannot build.
+        ValueError: unknown name or dataset, a rank the model does not take, or ranks that cannot build (with the
+            ranks the paper used, where the defaults cannot build).
     """
     entry = _entry(name, dataset)
-    given = {"shared_rank": shared_rank, "unique_rank": unique_rank}
-    extra = [k for k, v in given.items() if v is not None and k not in entry.rank_args]
-    if extra:
+    given = {k: v for k, v in zip(RANK_ARGS, (shared_rank, unique_rank)) if v is not None}
+    extra = [k for k in given if k not in entry.rank_args]
+    if extra and not ignore_unused_ranks:
         takes = ", ".join(entry.rank_args) if entry.rank_args else "no rank arguments"
         raise ValueError(f"{name} ({dataset}) does not take {', '.join(extra)}; it takes {takes}")
-    ranks = {k: given[k] if given[k] is not None else entry.defaults[k] for k in entry.rank_args}
-    for k, v in ranks.items():
-        if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
-            raise ValueError(f"{k} must be a positive integer, got {v!r}")
-        if v % entry.rank_multiple:
-            raise ValueError(f"{name} uses grouped bases of {entry.rank_multiple} filters per group, so {k} must be "
-                             f"a multiple of {entry.rank_multiple} (got {v})")
+    ranks = {k: given.get(k, entry.defaults[k]) for k in entry.rank_args}
     classes = NUM_CLASSES[dataset] if num_classes is None else num_classes
-    model = entry.builder(num_classes=classes, **ranks)
+    try:
+        _check_ranks(name, entry, ranks)
+        basis = None if entry.bases_per_group is None else BasisCfg(entry.bases_per_group, **ranks)
+        model = entry.builder(num_classes=classes, basis=basis)
+    except ValueError as e:
+        if name not in PAPER_RANKS:
+            raise
+        raise ValueError(f"{e} (the paper's {name} was trained with {PAPER_RANKS[name]})") from None
     model.cfg = ModelCfg(dataset=dataset, name=name, num_classes=classes, input_size=INPUT_SIZE[dataset],
                          **{k: ranks.get(k) for k in RANK_ARGS})
     return model
-
-
-def infer_ranks(name: str, dataset: str, state_dict: dict) -> dict:
-    """Read the rank arguments of ``name`` off a checkpoint's tensor shapes.
-
-    Model-agnostic: every rank-dependent dimension is an affine function of the ranks, so building the model at two
-    rank values per argument shows which tensor dimension moves with it and by how much; the checkpoint's value of
-    that dimension then gives the rank. The result is verified by comparing every shape.
-
-    Raises:
-        ValueError: the checkpoint does not fit ``name`` at any ranks (with the first mismatching key).
-    """
-    entry = _entry(name, dataset)
-    base = {k: entry.defaults[k] for k in entry.rank_args}
-    ref = _shapes(get_model(name, dataset, **base))
-    ranks = dict(base)
-    for arg in entry.rank_args:
-        step = base[arg]  # probe at twice the default: valid for grouped bases too (powers of two of the group)
-        moved = _shapes(get_model(name, dataset, **{**base, arg: base[arg] + step}))
-        for key, shape in ref.items():
-            dims = [i for i, (a, b) in enumerate(zip(shape, moved[key])) if a != b]
-            if dims and key in state_dict and len(state_dict[key].shape) == len(shape):
-                i = dims[0]
-                slope, offset = moved[key][i] - shape[i], shape[i]
-                value, rest = divmod((state_dict[key].shape[i] - offset) * step, slope)
-                if rest == 0 and base[arg] + value > 0:
-                    ranks[arg] = base[arg] + value
-                break
-    expected = _shapes(get_model(name, dataset, **ranks))
-    problem = _shape_mismatch(expected, state_dict)
-    if problem:
-        raise ValueError(f"checkpoint does not match {name} ({dataset}) at any ranks: {problem}")
-    return ranks
-
-
-def _shapes(model: nn.Module) -> dict:
-    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
-
-
-def _shape_mismatch(expected: dict, state_dict: dict) -> str:
-    missing = [k for k in expected if k not in state_dict]
-    if missing:
-        return f"{len(missing)} missing keys, e.g. {missing[0]!r}"
-    unexpected = [k for k in state_dict if k not in expected]
-    if unexpected:
-        return f"{len(unexpected)} unexpected keys, e.g. {unexpected[0]!r}"
-    for k, shape in expected.items():
-        if tuple(state_dict[k].shape) != shape:
-            return f"{k!r} has shape {tuple(state_dict[k].shape)}, the model expects {shape}"
-    return ""
 
 
 def rank_flags(ranks: dict) -> str:

@@ -7,29 +7,40 @@ D_g = (B_g B_g^T - I)^2 element-wise. The penalty is one global average over the
 
 Two forms, as in the authors' training scripts:
 
-* ``include_unique=True`` (CIFAR-10): rows are the shared bases then every unique conv of the group's shared blocks;
-  selected are all entries of the shared rows (shared-shared and shared->unique) plus each unique conv's own diagonal
-  block. Unique filters of different layers are never compared.
-* ``include_unique=False`` (CIFAR-100, ILSVRC): rows are the shared bases only; the whole matrix is selected.
+* ``include_unique=True`` (the authors' CIFAR-10 script): rows are the shared bases then every unique conv of the
+  group's shared blocks; selected are all entries of the shared rows (shared-shared and shared->unique) plus each
+  unique conv's own diagonal block. Unique filters of different layers are never compared.
+* ``include_unique=False`` (their CIFAR-100 and ILSVRC scripts): rows are the shared bases only; the whole matrix is
+  selected.
 
-Models describe their groups once through ``model.basis_groups()``; :class:`OrthogonalityRegularizer` keeps the
+Which form a dataset's recipe uses is stated once, in :func:`includes_unique`. The groups come from
+:func:`models.basis.basis_groups` (one function for every family); :class:`OrthogonalityRegularizer` keeps the
 weight references and computes each group's terms with one matmul (plus one batched matmul for all unique blocks)
 per step, with no Python loop over blocks and no host-device synchronisation.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from typing import Optional
 
 import torch
 import torch.nn as nn
 
+from .basis import basis_groups
 
-@dataclass
-class BasisGroup:
-    """The basis weights of one group: shared bases (in row order) and unique basis weights (block order)."""
 
-    shared: list = field(default_factory=list)
-    unique: list = field(default_factory=list)
+def includes_unique(dataset: str) -> bool:
+    """Whether the authors' training script for ``dataset`` regularises the unique filters too: CIFAR-10 only."""
+    return dataset == "cifar10"
+
+
+def _form(model: nn.Module, include_unique: Optional[bool]) -> bool:
+    if include_unique is not None:
+        return include_unique
+    cfg = getattr(model, "cfg", None)
+    if cfg is None:
+        raise ValueError("include_unique=None means the form of the model's dataset, but this model has no cfg "
+                         "(build it with models.get_model, or pass include_unique=True/False)")
+    return includes_unique(cfg.dataset)
 
 
 def _rows(weights) -> torch.Tensor:
@@ -40,17 +51,17 @@ class OrthogonalityRegularizer:
     """Computes R for a model. Build once (after the model is moved to its device), call every step.
 
     Args:
-        model: a model with ``basis_groups()`` (unwrapped: not DataParallel).
-        include_unique: use the CIFAR-10 form (see module docstring).
+        model: the model being trained (unwrapped: not DataParallel).
+        include_unique: use the CIFAR-10 form (see module docstring); None: the form of the authors' script for
+            ``model.cfg.dataset`` (:func:`includes_unique`).
     """
 
-    def __init__(self, model: nn.Module, include_unique: bool) -> None:
+    def __init__(self, model: nn.Module, include_unique: Optional[bool] = None) -> None:
         if getattr(model, "folded", False) is True:
             raise ValueError("this model was folded for inference (models.fold) and has no shared bases left; "
                              "build the regulariser for the model being trained")
-        groups = model.basis_groups() if hasattr(model, "basis_groups") else []
-        self.include_unique = include_unique
-        self.groups = [g for g in groups if g.shared]
+        self.groups = basis_groups(model)
+        self.include_unique = include_unique = _form(model, include_unique) if self.groups else bool(include_unique)
         count = 0
         for g in self.groups:
             n_shared = sum(w.shape[0] for w in g.shared)
@@ -86,21 +97,20 @@ class OrthogonalityRegularizer:
         return total / self.count
 
 
-def orthogonality_penalty(model: nn.Module, include_unique: bool) -> torch.Tensor:
+def orthogonality_penalty(model: nn.Module, include_unique: Optional[bool] = None) -> torch.Tensor:
     """R for ``model`` in one call (builds the regulariser each time; keep an :class:`OrthogonalityRegularizer` in
     training loops)."""
     return OrthogonalityRegularizer(model, include_unique)()
 
 
-def orthogonality_penalty_reference(model: nn.Module, include_unique: bool) -> torch.Tensor:
+def orthogonality_penalty_reference(model: nn.Module, include_unique: Optional[bool] = None) -> torch.Tensor:
     """The authors' straightforward form: full D_g per group, then a selection mask built on the fly.
 
     Kept as the slow reference for tests and for the benchmark's straightforward path.
     """
+    include_unique = _form(model, include_unique)
     total, count = 0.0, 0
-    for g in model.basis_groups():
-        if not g.shared:
-            continue
+    for g in basis_groups(model):
         weights = list(g.shared) + (list(g.unique) if include_unique else [])
         b = _rows(weights)
         n_shared = sum(w.shape[0] for w in g.shared)

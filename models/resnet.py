@@ -2,7 +2,7 @@
 
 One :class:`ResNet` class covers the three families; they differ only in data: stem (3x3 conv, or 7x7 conv + max-pool),
 stage widths, shortcut type (parameter-free "option A" on CIFAR-10, 1x1 conv + BN elsewhere) and head size. The
-variants of the paper are a :class:`BasisCfg`:
+variants of the paper are a :class:`~models.basis.BasisCfg` (as in every family):
 
 =================  ==========================  ==========================================
 variant            bases per group             factorised conv of a shared block
@@ -21,7 +21,6 @@ construction order also matches theirs, so ``torch.manual_seed(0)`` builds the s
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from functools import partial
 from typing import Optional, Sequence
 
@@ -29,24 +28,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .basis import BasisPosition, basis_conv2d, make_shared_basis
-from .fold import conv_with_bias, dense_is_cheaper, fold_position, fold_position_low_rank
+from .basis import (BasisCfg, BasisPosition, basis_conv2d, basis_groups, init_orthogonal_, make_shared_basis,
+                    register_bases, share_bases, shared_bases_of)
+from .fold import fold_factorised
 from .registry import register_model
-
-
-@dataclass(frozen=True)
-class BasisCfg:
-    """How the 3x3 convs of shared blocks are factorised.
-
-    Args:
-        bases_per_group: shared bases per group: 2 (one per conv position), 1 (both positions) or 0 (NonShared).
-        shared_rank: filters per shared basis in group 1 (scaled by the group's width multiplier).
-        unique_rank: filters in each conv's own basis in group 1 (0 = SharedOnly).
-    """
-
-    bases_per_group: int
-    shared_rank: int = 0
-    unique_rank: int = 0
 
 
 class DownsampleA(nn.Module):
@@ -97,13 +82,7 @@ class SharedBasicBlock(nn.Module):
     def __init__(self, planes: int, unique_rank: int, shared_bases: Sequence[nn.Conv2d] = ()) -> None:
         super().__init__()
         self.fused = True
-        # Alias registrations of the group's bases: checkpoint keys `shared_basis` or `shared_basis_1/_2`.
-        if len(shared_bases) == 1:
-            self.shared_basis = shared_bases[0]
-        else:
-            for j, basis in enumerate(shared_bases, 1):
-                setattr(self, f"shared_basis_{j}", basis)
-        self._n_bases = len(shared_bases)
+        share_bases(self, shared_bases)  # checkpoint keys `shared_basis` or `shared_basis_1/_2`, first in order
         for i in (1, 2):
             shared = shared_bases[(i - 1) % len(shared_bases)] if shared_bases else None
             rank = unique_rank + (shared.out_channels if shared is not None else 0)
@@ -114,9 +93,8 @@ class SharedBasicBlock(nn.Module):
             setattr(self, f"bn{i}", nn.BatchNorm2d(planes))
 
     def _shared(self, i: int) -> Optional[nn.Conv2d]:
-        if self._n_bases == 0:
-            return None
-        return self.shared_basis if self._n_bases == 1 else getattr(self, f"shared_basis_{i}")
+        bases = shared_bases_of(self)
+        return bases[(i - 1) % len(bases)] if bases else None
 
     def basis_positions(self) -> list[BasisPosition]:
         return [BasisPosition(getattr(self, f"basis_conv{i}", None), self._shared(i), getattr(self, f"basis_bn{i}"),
@@ -130,14 +108,8 @@ class SharedBasicBlock(nn.Module):
         planes = self.bn1.num_features
         block = BasicBlock(planes, planes).to(self.bn1.weight.device, self.bn1.weight.dtype)
         for i, position in enumerate(self.basis_positions(), 1):
-            if dense_is_cheaper(position):
-                weight, bias = fold_position(position)
-                getattr(block, f"conv{i}").weight.copy_(weight)
-            else:
-                basis, coeff, bias = fold_position_low_rank(position)
-                template = nn.Conv2d(1, 1, 3, padding=1, bias=False)
-                setattr(block, f"conv{i}", nn.Sequential(conv_with_bias(template, basis, None),
-                                                         conv_with_bias(position.coeff, coeff, None)))
+            conv, bias = fold_factorised(position)
+            setattr(block, f"conv{i}", conv)
             bn = getattr(block, f"bn{i}")
             bn.load_state_dict(getattr(self, f"bn{i}").state_dict())
             bn.running_mean.sub_(bias)
@@ -180,10 +152,8 @@ class ResNet(nn.Module):
             k = planes // widths[0]
             bases = []
             if basis is not None:
-                for j in range(basis.bases_per_group):
-                    bases.append(make_shared_basis(planes, basis.shared_rank * k))
-                    name = f"shared_basis_{g}" if basis.bases_per_group == 1 else f"shared_basis_{g}_{j + 1}"
-                    setattr(self, name, bases[-1])
+                bases = [make_shared_basis(planes, basis.shared_rank * k) for _ in range(basis.bases_per_group)]
+                register_bases(self, bases, f"shared_basis_{g}")  # `shared_basis_{g}` or `shared_basis_{g}_{j}`
             stride = 1 if g == 1 else 2
             group = [BasicBlock(in_planes, planes, stride, shortcut)]
             for _ in range(1, blocks):
@@ -207,28 +177,8 @@ class ResNet(nn.Module):
                 nn.init.zeros_(m.bias)
         # Shared bases start orthonormal; a group's pair is drawn as one orthogonal matrix and split, so the two
         # bases are also orthogonal to each other.
-        for bases in self.shared_bases():
-            init_orthogonal_(bases)
-
-    def shared_bases(self) -> list[list[nn.Conv2d]]:
-        """The shared bases of each group, in order (empty list for plain and NonShared models)."""
-        if self.basis_cfg is None or self.basis_cfg.bases_per_group == 0:
-            return []
-        n = self.basis_cfg.bases_per_group
-        return [[getattr(self, f"shared_basis_{g}" if n == 1 else f"shared_basis_{g}_{j}") for j in range(1, n + 1)]
-                for g in range(1, self.num_groups + 1)]
-
-    def basis_groups(self) -> list["BasisGroup"]:
-        """Per group: the shared basis weights and the unique basis weights (block order), for the regulariser."""
-        from .regularizer import BasisGroup
-        groups = []
-        for g in range(1, self.num_groups + 1):
-            layer = getattr(self, f"layer{g}")
-            unique = [pos.unique.weight for block in layer if isinstance(block, SharedBasicBlock)
-                      for pos in block.basis_positions() if pos.unique is not None]
-            shared = [b.weight for b in self.shared_bases()[g - 1]] if self.shared_bases() else []
-            groups.append(BasisGroup(shared=shared, unique=unique))
-        return groups
+        for group in basis_groups(self):
+            init_orthogonal_(group.shared)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.maxpool(F.relu(self.bn1(self.conv1(x)), inplace=True))
@@ -238,62 +188,34 @@ class ResNet(nn.Module):
         return self.fc(x)
 
 
-@torch.no_grad()
-def init_orthogonal_(bases: Sequence[nn.Conv2d]) -> None:
-    """Draw one orthogonal matrix with the rows of all ``bases`` and split it between them."""
-    rows = [b.weight.shape[0] for b in bases]
-    joint = torch.empty(sum(rows), *bases[0].weight.shape[1:])
-    nn.init.orthogonal_(joint)
-    for b, part in zip(bases, joint.split(rows)):
-        b.weight.copy_(part)
-
-
 # ----------------------------------------------------------------------------------------------------------------
-# Registered models: the reference scripts' names and default ranks.
+# Registered models: the reference scripts' names; ranks, defaults and variants are the registry's.
 
-_CIFAR10 = dict(widths=(16, 32, 64), stem="cifar", shortcut="A")
-_CIFAR100 = dict(widths=(64, 128, 256, 512), stem="cifar", shortcut="B")
-_ILSVRC = dict(widths=(64, 128, 256, 512), stem="imagenet", shortcut="B")
+_FAMILIES = {"cifar10": dict(widths=(16, 32, 64), stem="cifar", shortcut="A"),
+             "cifar100": dict(widths=(64, 128, 256, 512), stem="cifar", shortcut="B"),
+             "ilsvrc": dict(widths=(64, 128, 256, 512), stem="imagenet", shortcut="B")}
 _DEPTHS = {"ResNet20": (3, 3, 3), "ResNet32": (5, 5, 5), "ResNet44": (7, 7, 7), "ResNet56": (9, 9, 9),
            "ResNet110": (18, 18, 18), "ResNet1202": (200, 200, 200), "ResNet18": (2, 2, 2, 2),
            "ResNet34": (3, 4, 6, 3)}
 
 
-def _build(depth: str, family: dict, variant: Optional[str], num_classes: int, shared_rank: int = 0,
-           unique_rank: int = 0, shared_only_bases: int = 2) -> ResNet:
-    bases = {None: None, "DoubleShared": 2, "SingleShared": 1, "SharedOnly": shared_only_bases, "NonShared": 0}[variant]
-    if variant == "SharedOnly":
-        unique_rank = 0
-    if variant == "NonShared":
-        shared_rank = 0
-    basis = None if variant is None else BasisCfg(bases, shared_rank, unique_rank)
-    return ResNet(_DEPTHS[depth], num_classes=num_classes, basis=basis, **family)
-
-
-_VARIANT_RANKS = {"DoubleShared": ("shared_rank", "unique_rank"), "SingleShared": ("shared_rank", "unique_rank"),
-                  "SharedOnly": ("shared_rank",), "NonShared": ("unique_rank",)}
-
-
-def _register(dataset: str, family: dict, depth: str, variant: Optional[str] = None, default_shared: int = 16,
-              **extra) -> None:
-    name = depth if variant is None else f"{depth}_{variant}"
-    rank_args = _VARIANT_RANKS.get(variant, ())
-    defaults = {k: v for k, v in (("shared_rank", default_shared), ("unique_rank", 1)) if k in rank_args}
-    register_model(dataset, name, rank_args=rank_args, **defaults)(
-        partial(_build, depth, family, variant, **extra))
+def _register(dataset: str, depth: str, variant: Optional[str] = None, **options) -> None:
+    family = _FAMILIES[dataset]
+    register_model(dataset, depth if variant is None else f"{depth}_{variant}", channels=family["widths"][0],
+                   **options)(partial(ResNet, _DEPTHS[depth], **family))
 
 
 for _depth in ("ResNet20", "ResNet32", "ResNet44", "ResNet56", "ResNet110", "ResNet1202"):
-    _register("cifar10", _CIFAR10, _depth)
+    _register("cifar10", _depth)
 for _depth in ("ResNet32", "ResNet56"):
     for _variant in ("DoubleShared", "SingleShared", "SharedOnly", "NonShared"):
-        _register("cifar10", _CIFAR10, _depth, _variant)
+        _register("cifar10", _depth, _variant)
 
 for _depth in ("ResNet18", "ResNet34"):
-    _register("cifar100", _CIFAR100, _depth)
-    _register("ilsvrc", _ILSVRC, _depth)
+    _register("cifar100", _depth)
+    _register("ilsvrc", _depth)
 for _variant in ("SingleShared", "SharedOnly", "NonShared"):
     # CIFAR-100's SharedOnly uses one basis per group for both positions (CIFAR-10's uses two).
-    _register("cifar100", _CIFAR100, "ResNet34", _variant, shared_only_bases=1)
+    _register("cifar100", "ResNet34", _variant, **({"bases_per_group": 1} if _variant == "SharedOnly" else {}))
 for _variant in ("SingleShared", "DoubleShared"):
-    _register("ilsvrc", _ILSVRC, "ResNet34", _variant, default_shared=32)
+    _register("ilsvrc", "ResNet34", _variant, shared_rank=32)

@@ -24,13 +24,14 @@ initial weights: PyTorch defaults, then each shared basis orthogonal on its own 
 """
 from __future__ import annotations
 
+from functools import partial
 from typing import Optional, Sequence
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .basis import basis_conv2d, make_shared_basis
+from .basis import BasisCfg, basis_conv2d, basis_groups, init_orthogonal_, make_shared_basis, share_bases
 from .fold import bn_affine, conv_with_bias, fold_conv_bn
 from .registry import register_model
 
@@ -76,7 +77,7 @@ class SharedBottleneck(nn.Module):
         super().__init__()
         channels = planes * EXPANSION
         rank = unique_rank + shared_basis.out_channels
-        self.shared_basis = shared_basis  # alias registration; first in the checkpoint's key order
+        share_bases(self, [shared_basis])  # first in the checkpoint's key order
         self.conv1 = nn.Conv2d(channels, width, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(width)
         self.basis_conv2 = nn.Conv2d(width, unique_rank, 3, padding=1, groups=unique_rank // FILTERS_PER_GROUP,
@@ -84,6 +85,12 @@ class SharedBottleneck(nn.Module):
         self.bn2 = nn.BatchNorm2d(rank)
         self.conv3 = nn.Conv2d(rank, channels, 1, bias=False)
         self.bn3 = nn.BatchNorm2d(channels)
+
+    def unique_bases(self) -> list[nn.Conv2d]:
+        """The block's own basis conv, for :func:`~models.basis.basis_groups` (there is no linear basis position).
+        Its filters span another input space (``width / groups`` channels) than the shared ones, so only the
+        shared-only regulariser form (the authors' CIFAR-100 form) applies to ResNeXt."""
+        return [self.basis_conv2]
 
     @torch.no_grad()
     def folded(self) -> "FoldedSharedBottleneck":
@@ -140,19 +147,19 @@ class ResNeXt(nn.Module):
         num_classes: classifier outputs.
         cardinality: groups of the plain 3x3 convs (32).
         base_width: channels per group at layer 1 (4): inner width is ``planes * base_width / 64 * cardinality``.
-        shared_rank: filters of layer 1's shared basis (``s``; layer g has ``s * 2^(g-1)`` in ``s / 4`` groups);
-            None builds the plain ResNeXt.
-        unique_rank: filters of layer 1's unique bases (``u``; layer g has ``u * 2^(g-1)`` in ``u * 2^(g-1) / 4``
-            groups).
+        basis: ``BasisCfg(1, s, u)``, None for the plain ResNeXt. Layer g's shared basis has ``s * 2^(g-1)`` filters
+            in ``s / 4`` groups, its unique bases ``u * 2^(g-1)`` filters in ``u * 2^(g-1) / 4`` groups.
 
     Raises:
         ValueError: ranks that cannot form groups of 4 filters dividing the input width.
     """
 
     def __init__(self, layers: Sequence[int], num_classes: int, *, cardinality: int = 32, base_width: int = 4,
-                 shared_rank: Optional[int] = None, unique_rank: int = 0) -> None:
+                 basis: Optional[BasisCfg] = None) -> None:
         super().__init__()
-        self.shared = shared_rank is not None
+        if basis is not None:
+            basis.require("ResNeXt")
+        self.basis_cfg = basis
         self.num_layers = len(layers)
         self.conv1 = nn.Conv2d(3, 64, 3, padding=1, bias=False)
         self.bn1 = nn.BatchNorm2d(64)
@@ -161,36 +168,23 @@ class ResNeXt(nn.Module):
             planes = 64 * 2 ** (g - 1)
             k = planes // 64
             width = int(planes * base_width / 64) * cardinality
-            basis = None
-            if self.shared:
-                _check_groups("shared_rank", shared_rank, shared_rank // FILTERS_PER_GROUP, width, g)
-                _check_groups("unique_rank", unique_rank * k, unique_rank * k // FILTERS_PER_GROUP, width, g)
+            shared = None
+            if basis is not None:
+                s, u = basis.shared_rank, basis.unique_rank * k
+                _check_groups("shared_rank", s, s // FILTERS_PER_GROUP, width, g)
+                _check_groups("unique_rank", u, u // FILTERS_PER_GROUP, width, g)
                 # The shared basis has s*k filters but s/4 groups in every layer (4k filters per group).
-                basis = make_shared_basis(width, shared_rank * k, groups=shared_rank // FILTERS_PER_GROUP)
-                setattr(self, f"shared_basis_{g}", basis)
+                shared = make_shared_basis(width, s * k, groups=s // FILTERS_PER_GROUP)
+                setattr(self, f"shared_basis_{g}", shared)
             group = [Bottleneck(in_channels, planes, width, cardinality, stride=1 if g == 1 else 2)]
             in_channels = planes * EXPANSION
             for _ in range(1, blocks):
-                group.append(Bottleneck(in_channels, planes, width, cardinality) if basis is None
-                             else SharedBottleneck(planes, width, unique_rank * k, basis))
+                group.append(Bottleneck(in_channels, planes, width, cardinality) if shared is None
+                             else SharedBottleneck(planes, width, u, shared))
             setattr(self, f"layer{g}", nn.Sequential(*group))
         self.linear = nn.Linear(in_channels, num_classes)
-        if self.shared:
-            with torch.no_grad():
-                for g in range(1, self.num_layers + 1):  # each basis separately, in layer order
-                    nn.init.orthogonal_(getattr(self, f"shared_basis_{g}").weight)
-
-    def basis_groups(self) -> list["BasisGroup"]:
-        """Per layer: the shared basis and the unique bases of its shared blocks. The unique filters span a different
-        input space (``width / groups`` channels) than the shared ones, so only the shared-only regulariser form
-        (the one the authors use for CIFAR-100) applies to ResNeXt."""
-        from .regularizer import BasisGroup
-        if not self.shared:
-            return []
-        return [BasisGroup(shared=[getattr(self, f"shared_basis_{g}").weight],
-                           unique=[b.basis_conv2.weight for b in getattr(self, f"layer{g}")
-                                   if isinstance(b, SharedBottleneck)])
-                for g in range(1, self.num_layers + 1)]
+        for group in basis_groups(self):  # each basis orthogonal on its own, in layer order
+            init_orthogonal_(group.shared)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = F.relu(self.bn1(self.conv1(x)), inplace=True)
@@ -203,12 +197,6 @@ class ResNeXt(nn.Module):
 _RESNEXT50 = (3, 4, 6, 3)
 
 
-@register_model("cifar100", "ResNext50")
-def _resnext50(num_classes: int) -> ResNeXt:
-    return ResNeXt(_RESNEXT50, num_classes)
-
-
-@register_model("cifar100", "ResNext50_SingleShared", rank_args=("shared_rank", "unique_rank"),
-                rank_multiple=FILTERS_PER_GROUP, shared_rank=64, unique_rank=4)
-def _resnext50_single_shared(num_classes: int, shared_rank: int, unique_rank: int) -> ResNeXt:
-    return ResNeXt(_RESNEXT50, num_classes, shared_rank=shared_rank, unique_rank=unique_rank)
+register_model("cifar100", "ResNext50")(partial(ResNeXt, _RESNEXT50))
+register_model("cifar100", "ResNext50_SingleShared", channels=128, rank_multiple=FILTERS_PER_GROUP, shared_rank=64,
+               unique_rank=4)(partial(ResNeXt, _RESNEXT50))

@@ -5,7 +5,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from models import SharedBasisConv2d, basis_conv2d, get_model, set_fused
-from models.basis import make_shared_basis
+from models.basis import basis_groups, make_shared_basis
 from models.resnet import SharedBasicBlock
 
 
@@ -73,15 +73,17 @@ def test_basis_conv_equals_dense_conv_built_from_parts():
                                                 ("ResNet34_DoubleShared", "ilsvrc", 2)])
 def test_each_block_uses_the_groups_bases(name, dataset, bases):
     model = get_model(name, dataset, shared_rank=4)
-    for g, group_bases in enumerate(model.shared_bases(), 1):
-        assert len(group_bases) == bases
+    groups = basis_groups(model)
+    assert len(groups) == model.num_groups
+    for g, group in enumerate(groups, 1):
+        keys = [f"shared_basis_{g}"] if bases == 1 else [f"shared_basis_{g}_{j}" for j in range(1, bases + 1)]
+        assert [w is getattr(model, key).weight for w, key in zip(group.shared, keys)] == [True] * bases
         blocks = list(getattr(model, f"layer{g}"))
         assert not isinstance(blocks[0], SharedBasicBlock)  # first block of every group is plain
+        expected = group.shared if bases == 2 else group.shared * 2
         for block in blocks[1:]:
-            positions = block.basis_positions()
-            expected = group_bases if bases == 2 else group_bases * 2
-            assert [p.shared for p in positions] == expected  # the same module objects
-            assert all(p.shared.weight is expected[i].weight for i, p in enumerate(positions))
+            assert [p.shared.weight for p in block.basis_positions()] == expected  # the same tensors
+            assert all(p.shared.weight is expected[i] for i, p in enumerate(block.basis_positions()))
 
 
 def test_non_shared_blocks_own_distinct_weights():
@@ -91,7 +93,7 @@ def test_non_shared_blocks_own_distinct_weights():
     assert all(p.shared is None for m in model.modules() if isinstance(m, SharedBasicBlock)
                for p in m.basis_positions())
     assert len({id(w) for w in weights}) == len(weights) == 2 * 3 * 4
-    assert not model.basis_groups()[0].shared
+    assert basis_groups(model) == []  # unique filters only: nothing to regularise
 
 
 def test_shared_basis_gets_gradient_from_every_block():
@@ -127,8 +129,8 @@ def test_sharing_survives_load_state_dict_and_to():
                                           ("ResNet34_DoubleShared", "ilsvrc")])
 def test_initial_shared_bases_are_orthonormal(name, dataset):
     model = get_model(name, dataset)
-    for bases in model.shared_bases():
-        rows = torch.cat([b.weight.flatten(1) for b in bases])  # a pair is orthonormal jointly
+    for group in basis_groups(model):
+        rows = torch.cat([w.flatten(1) for w in group.shared])  # a pair is orthonormal jointly
         torch.testing.assert_close(rows @ rows.t(), torch.eye(rows.shape[0]), atol=1e-5, rtol=0)
 
 

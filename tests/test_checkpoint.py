@@ -1,4 +1,5 @@
-"""utils/checkpoint.py: atomic writes, round trips, weights_only loading, prefix stripping, RNG state (CPU, seconds)."""
+"""utils/checkpoint.py (atomic writes, round trips, RNG state) and models/pretrained.py (weights_only loading, prefix
+stripping, the right model from a file), on CPU, in seconds."""
 import os
 import random
 
@@ -8,6 +9,8 @@ import torch
 import torch.nn as nn
 
 from models import get_model
+from models import pretrained as P
+from models.atomic import _umask
 from utils import checkpoint as C
 
 
@@ -38,7 +41,7 @@ def test_atomic_write_replaces_whole_file(tmp_path):
     C.atomic_write_bytes(b"new contents", path)
     assert open(path, "rb").read() == b"new contents"
     assert _files(tmp_path) == ["a.pth"]  # no temporary files left behind
-    assert os.stat(path).st_mode & 0o777 == 0o666 & ~C._umask()  # as open() would create it, not mkstemp's 0600
+    assert os.stat(path).st_mode & 0o777 == 0o666 & ~_umask()  # as open() would create it, not mkstemp's 0600
 
 
 @pytest.mark.parametrize("where", ["write", "fsync", "replace", "interrupt"])
@@ -69,22 +72,22 @@ def test_failed_save_keeps_old_file(tmp_path, monkeypatch, where):
             def __exit__(self, *exc):
                 self.f.close()
 
-        monkeypatch.setattr(C.os, "fdopen", lambda fd, mode: _Full(real_fdopen(fd, mode)))
+        monkeypatch.setattr(os, "fdopen", lambda fd, mode: _Full(real_fdopen(fd, mode)))
         error = OSError
     elif where == "fsync":
         def fail(fd):
             raise OSError(5, "Input/output error")
-        monkeypatch.setattr(C.os, "fsync", fail)
+        monkeypatch.setattr(os, "fsync", fail)
         error = OSError
     elif where == "replace":
         def fail(src, dst):
             raise OSError(18, "Invalid cross-device link")
-        monkeypatch.setattr(C.os, "replace", fail)
+        monkeypatch.setattr(os, "replace", fail)
         error = OSError
     else:
         def interrupt(fd):
             raise KeyboardInterrupt
-        monkeypatch.setattr(C.os, "fsync", interrupt)
+        monkeypatch.setattr(os, "fsync", interrupt)
         error = KeyboardInterrupt
 
     with pytest.raises(error):
@@ -92,7 +95,7 @@ def test_failed_save_keeps_old_file(tmp_path, monkeypatch, where):
     monkeypatch.undo()
     assert open(path, "rb").read() == before
     assert _files(tmp_path) == ["run.pth"]
-    assert C.read_checkpoint(path)["epoch"] == 1
+    assert P.read_checkpoint(path)["epoch"] == 1
 
 
 def test_serialisation_failure_writes_nothing(tmp_path):
@@ -136,7 +139,7 @@ def test_round_trip_and_weights_only(tmp_path):
     assert set(obj["net_state_dict"]) == set(model.state_dict())
 
     fresh = get_model("ResNet32_DoubleShared", "cifar10", shared_rank=1, unique_rank=1)
-    C.load_weights(fresh, path)
+    P.load_weights(fresh, path)
     model.eval(), fresh.eval()
     x = torch.randn(2, 3, 32, 32)
     torch.testing.assert_close(fresh(x), model(x), rtol=0, atol=0)
@@ -153,10 +156,10 @@ def test_authors_four_key_file_loads(tmp_path):
     path = str(tmp_path / "ref.pth")
     torch.save({"net_state_dict": model.state_dict(), "optimizer_state_dict": {}, "acc": torch.tensor(93.07),
                 "epoch": 300}, path)
-    obj = C.read_checkpoint(path)
-    assert C.checkpoint_acc(obj) == pytest.approx(93.07)
-    C.check_identity(obj, path, dataset="cifar100", model="Anything")  # records nothing: accepted
-    C.load_weights(get_model("ResNet32_DoubleShared", "cifar10", shared_rank=1, unique_rank=1), obj)
+    obj = P.read_checkpoint(path)
+    assert P.checkpoint_acc(obj) == pytest.approx(93.07)
+    P.check_identity(obj, path, dataset="cifar100", model="Anything")  # records nothing: accepted
+    P.load_weights(get_model("ResNet32_DoubleShared", "cifar10", shared_rank=1, unique_rank=1), obj)
 
 
 @pytest.mark.parametrize("prefix", ["module.", "_orig_mod.", "module._orig_mod."])
@@ -166,7 +169,7 @@ def test_prefix_stripping(tmp_path, prefix):
     torch.save({"net_state_dict": {prefix + k: v for k, v in model.state_dict().items()}, "acc": torch.tensor(1.0),
                 "epoch": 1}, path)
     fresh = get_model("ResNet32_DoubleShared", "cifar10", shared_rank=1, unique_rank=1)
-    C.load_weights(fresh, path)
+    P.load_weights(fresh, path)
     for k, v in model.state_dict().items():
         assert torch.equal(fresh.state_dict()[k], v)
 
@@ -181,12 +184,12 @@ def test_unwrap_before_saving():
 
 def test_identity_check(tmp_path):
     obj = C.make_checkpoint(_tiny(), None, epoch=1, acc=0.0)
-    C.check_identity(obj, "f", dataset="cifar10", model="ResNet32_DoubleShared")
-    C.check_identity(obj, "f", dataset="cifar10", model=None)
-    with pytest.raises(C.CheckpointError, match="trained on cifar10"):
-        C.check_identity(obj, "f", dataset="cifar100")
-    with pytest.raises(C.CheckpointError, match="--model=ResNet32_DoubleShared"):
-        C.check_identity(obj, "f", dataset="cifar10", model="ResNet20")
+    P.check_identity(obj, "f", dataset="cifar10", model="ResNet32_DoubleShared")
+    P.check_identity(obj, "f", dataset="cifar10", model=None)
+    with pytest.raises(P.CheckpointError, match="trained on cifar10"):
+        P.check_identity(obj, "f", dataset="cifar100")
+    with pytest.raises(P.CheckpointError, match="--model=ResNet32_DoubleShared"):
+        P.check_identity(obj, "f", dataset="cifar10", model="ResNet20")
 
 
 @pytest.mark.parametrize("content", [b"", b"not a checkpoint", "truncate"])
@@ -197,10 +200,10 @@ def test_unreadable_files(tmp_path, content):
         data = open(path, "rb").read()
         content = data[: len(data) // 2]
     open(path, "wb").write(content)
-    with pytest.raises(C.CheckpointError, match="not a readable PyTorch checkpoint"):
-        C.read_checkpoint(path)
-    with pytest.raises(C.CheckpointError, match="does not exist"):
-        C.read_checkpoint(str(tmp_path / "missing.pth"))
+    with pytest.raises(P.CheckpointError, match="not a readable PyTorch checkpoint"):
+        P.read_checkpoint(path)
+    with pytest.raises(P.CheckpointError, match="does not exist"):
+        P.read_checkpoint(str(tmp_path / "missing.pth"))
 
 
 def test_rng_state_round_trip(tmp_path):
@@ -225,9 +228,9 @@ FAMILIES = [
     ("cifar10", "ResNet56_DoubleShared", {"shared_rank": 3, "unique_rank": 2}),
     ("cifar100", "ResNet34_SharedOnly", {"shared_rank": 2}),
     ("cifar100", "ResNet34_NonShared", {"unique_rank": 3}),
-    ("ilsvrc", "ResNet34_DoubleShared", {"shared_rank": 2, "unique_rank": 1}),
+    pytest.param("ilsvrc", "ResNet34_DoubleShared", {"shared_rank": 2, "unique_rank": 1}, marks=pytest.mark.slow),
     ("cifar100", "DenseNet121_SingleShared", {"shared_rank": 2, "unique_rank": 1}),
-    ("cifar100", "ResNext50_SingleShared", {"shared_rank": 64, "unique_rank": 4}),
+    pytest.param("cifar100", "ResNext50_SingleShared", {"shared_rank": 64, "unique_rank": 4}, marks=pytest.mark.slow),
     ("cifar100", "MobileNetV2_Shared", {}),
 ]
 
@@ -247,7 +250,7 @@ def _same_weights(a, b):
     return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
 
 
-@pytest.mark.parametrize("dataset, name, ranks", FAMILIES, ids=[f"{d}/{n}" for d, n, _ in FAMILIES])
+@pytest.mark.parametrize("dataset, name, ranks", FAMILIES, ids=lambda v: v if isinstance(v, str) else "")
 def test_load_model_our_and_authors_files(tmp_path, dataset, name, ranks, one_thread):
     torch.manual_seed(0)
     model = get_model(name, dataset, **ranks)
@@ -257,17 +260,17 @@ def test_load_model_our_and_authors_files(tmp_path, dataset, name, ranks, one_th
     torch.save({"net_state_dict": {prefix + k: v for k, v in model.state_dict().items()}, "optimizer_state_dict": {},
                 "acc": torch.tensor(42.0), "epoch": 7}, authors)
 
-    net, ckpt = C.load_model(ours)  # nothing but the path
+    net, ckpt = P.load_model(ours)  # nothing but the path
     assert net.cfg.name == name and net.cfg.dataset == dataset and net.cfg.build_kwargs() == ranks
     assert not net.training and ckpt["epoch"] == 7 and _same_weights(net, model)
 
-    net, ckpt = C.load_model(authors, model=name, dataset=dataset)  # ranks read off the shapes
-    assert net.cfg.build_kwargs() == ranks and _same_weights(net, model) and C.checkpoint_acc(ckpt) == 42.0
+    net, ckpt = P.load_model(authors, model=name, dataset=dataset)  # ranks read off the shapes
+    assert net.cfg.build_kwargs() == ranks and _same_weights(net, model) and P.checkpoint_acc(ckpt) == 42.0
 
-    net, _ = C.load_model(authors, model=name, dataset=dataset, **ranks)  # the README's flags, all given
+    net, _ = P.load_model(authors, model=name, dataset=dataset, **ranks)  # the README's flags, all given
     assert _same_weights(net, model)
-    with pytest.raises(C.CheckpointError, match="records no model"):
-        C.load_model(authors, dataset=dataset)
+    with pytest.raises(P.CheckpointError, match="records no model"):
+        P.load_model(authors, dataset=dataset)
 
 
 def test_load_model_mismatches_name_the_right_flags(tmp_path, one_thread):
@@ -278,22 +281,22 @@ def test_load_model_mismatches_name_the_right_flags(tmp_path, one_thread):
     torch.save({"net_state_dict": model.state_dict(), "acc": torch.tensor(1.0), "epoch": 1}, authors)
     fits = "pass --shared_rank=2 --unique_rank=1"
     for path, kw in ((ours, {}), (authors, {"model": "ResNet32_DoubleShared", "dataset": "cifar10"})):
-        with pytest.raises(C.CheckpointError, match=fits) as e:
-            C.load_model(path, **kw, shared_rank=4)
+        with pytest.raises(P.CheckpointError, match=fits) as e:
+            P.load_model(path, **kw, shared_rank=4)
         assert "not --shared_rank=4" in str(e.value)
-        with pytest.raises(C.CheckpointError, match=fits):
-            C.load_model(path, **kw, shared_rank=2, unique_rank=3)
-    with pytest.raises(C.CheckpointError, match="pass --model=ResNet32_DoubleShared --shared_rank=2 --unique_rank=1"):
-        C.load_model(ours, model="ResNet56_DoubleShared")
-    with pytest.raises(C.CheckpointError, match="trained on cifar10"):
-        C.load_model(ours, dataset="cifar100")
-    with pytest.raises(C.CheckpointError, match="the file fits --model=ResNet32_DoubleShared --shared_rank=2 "
+        with pytest.raises(P.CheckpointError, match=fits):
+            P.load_model(path, **kw, shared_rank=2, unique_rank=3)
+    with pytest.raises(P.CheckpointError, match="pass --model=ResNet32_DoubleShared --shared_rank=2 --unique_rank=1"):
+        P.load_model(ours, model="ResNet56_DoubleShared")
+    with pytest.raises(P.CheckpointError, match="trained on cifar10"):
+        P.load_model(ours, dataset="cifar100")
+    with pytest.raises(P.CheckpointError, match="the file fits --model=ResNet32_DoubleShared --shared_rank=2 "
                                                 "--unique_rank=1"):
-        C.load_model(authors, model="ResNet20", dataset="cifar10")
-    with pytest.raises(C.CheckpointError, match="records no dataset"):
-        C.load_model(authors, model="ResNet32_DoubleShared")
+        P.load_model(authors, model="ResNet20", dataset="cifar10")
+    with pytest.raises(P.CheckpointError, match="records no dataset"):
+        P.load_model(authors, model="ResNet32_DoubleShared")
     # a rank the model does not take is ignored, as the scripts ignore it
-    net, _ = C.load_model(ours, unique_rank=1, shared_rank=2)
+    net, _ = P.load_model(ours, unique_rank=1, shared_rank=2)
     assert net.cfg.build_kwargs() == {"shared_rank": 2, "unique_rank": 1}
 
 
@@ -306,5 +309,5 @@ def test_read_checkpoint_directory_and_empty_file(tmp_path, what):
     else:
         path.write_bytes(b"")
         needle = "the file is empty"
-    with pytest.raises(C.CheckpointError, match=needle):
-        C.read_checkpoint(str(path))
+    with pytest.raises(P.CheckpointError, match=needle):
+        P.read_checkpoint(str(path))

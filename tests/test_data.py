@@ -8,6 +8,7 @@ import torch
 import torchvision.transforms.functional as TF
 
 from utils import data as D
+from utils import gpu_loader as G
 
 try:  # importable both as a package module and from the tests/ directory (pytest's rootdir-less import mode)
     from tests.fakedata import write_fake_cifar, write_fake_imagefolder
@@ -102,8 +103,8 @@ def test_partial_cifar10_names_missing_file(tmp_path):
     (b"this is not a pickle", "not a readable"),
     (pickle.dumps({"data": np.zeros((2, 3072), np.uint8), "fine_labels": [0, 1]}), "lacks key"),
     (pickle.dumps({"data": np.zeros((2, 3, 32, 32), np.uint8), "labels": [0, 1]}), "expected uint8 [N, 3072]"),
-    (pickle.dumps({"data": np.zeros((2, 3072), np.uint8), "labels": [0]}), "expected 2 integer labels"),
-    (pickle.dumps({"data": np.zeros((2, 3072), np.uint8), "labels": [0, 10]}), "expected 0..9"),
+    (pickle.dumps({"data": np.zeros((2, 3072), np.uint8), "labels": [0]}), "is not 2 labels in 0..9"),
+    (pickle.dumps({"data": np.zeros((2, 3072), np.uint8), "labels": [0, 10]}), "is not 2 labels in 0..9"),
     (pickle.dumps([1, 2, 3]), "holds a list"),
     (pickle.dumps({"data": os.getcwd, "labels": []}), "refusing to load global"),
 ])
@@ -164,7 +165,7 @@ def test_random_crop_flip_matches_torchvision_ops():
     n = 2000
     img = _coded_images(n)
     g = torch.Generator().manual_seed(0)
-    out = D.random_crop_flip(img, pad=4, generator=g)
+    out = G.random_crop_flip(img, pad=4, generator=g)
     assert out.dtype == torch.uint8 and out.shape == img.shape
     dy, dx, flip = _recover(out)
     for d in (dy, dx):   # every offset in [-4, 4] occurs, roughly uniformly, on both axes
@@ -179,13 +180,13 @@ def test_random_crop_flip_matches_torchvision_ops():
         ref = TF.hflip(ref) if flip[i] else ref
         assert torch.equal(out[i], ref)
     # float input: same geometry for the same draws, zeros in the padded region
-    outf = D.random_crop_flip(img.float(), pad=4, generator=torch.Generator().manual_seed(0))
+    outf = G.random_crop_flip(img.float(), pad=4, generator=torch.Generator().manual_seed(0))
     assert outf.dtype == torch.float32 and torch.equal(outf, out.float())
 
 
 def test_random_crop_flip_keeps_labels_with_images():
     img = _coded_images(300)
-    out = D.random_crop_flip(img, generator=torch.Generator().manual_seed(3))
+    out = G.random_crop_flip(img, generator=torch.Generator().manual_seed(3))
     code = out[:, 2].flatten(1).max(1).values     # max over the valid region = the image's code
     assert torch.equal(code, img[:, 2, 0, 0])
     # the code channel is constant over the valid region and zero elsewhere
@@ -223,8 +224,8 @@ def test_gpu_loader_epoch_coverage_and_reproducibility():
     n, bs = 613, 128
     images, labels = _index_images(n)
     mean, std = D.MEAN_STD["cifar100"]
-    loader = D.GpuCifarLoader(images, labels, bs, mean=mean, std=std, train=True, device="cpu", seed=5)
-    assert len(loader) == 5 and loader.num_samples == n and len(loader.dataset) == n
+    loader = G.GpuCifarLoader(images, labels, bs, mean=mean, std=std, train=True, device="cpu", seed=5)
+    assert len(loader) == 5 and loader.shard_samples == n and len(loader.dataset) == n
     sizes = [x.shape[0] for x, _ in loader]
     assert sizes == [128] * 4 + [101]                     # drop_last=False
     loader.set_epoch(3)
@@ -235,12 +236,12 @@ def test_gpu_loader_epoch_coverage_and_reproducibility():
     loader.set_epoch(3)
     x3b, y3b, _ = _epoch(loader, mean, std)
     assert torch.equal(x3, x3b) and torch.equal(y3, y3b)  # same seed + epoch -> same batches
-    again = D.GpuCifarLoader(images, labels, bs, mean=mean, std=std, train=True, device="cpu", seed=5)
+    again = G.GpuCifarLoader(images, labels, bs, mean=mean, std=std, train=True, device="cpu", seed=5)
     again.set_epoch(3)
     assert torch.equal(_epoch(again, mean, std)[0], x3)   # resumable: a fresh loader at epoch 3
     x4, y4, _ = _epoch(loader, mean, std)                  # no set_epoch: advances to epoch 4
     assert not torch.equal(y3, y4) and not torch.equal(x3, x4)
-    other = D.GpuCifarLoader(images, labels, bs, mean=mean, std=std, train=True, device="cpu", seed=6)
+    other = G.GpuCifarLoader(images, labels, bs, mean=mean, std=std, train=True, device="cpu", seed=6)
     other.set_epoch(3)
     assert not torch.equal(_epoch(other, mean, std)[1], y3)
     # augmentation happens: some pixels are zero padding (pixel value 0 in every channel)
@@ -251,7 +252,7 @@ def test_gpu_loader_epoch_coverage_and_reproducibility():
 def test_gpu_loader_test_mode_matches_torchvision_exactly(cifar_root, dataset):
     images, labels = D.load_cifar(cifar_root, dataset, train=False, download=False)
     mean, std = D.MEAN_STD[dataset]
-    gpu = D.GpuCifarLoader(images, labels, 16, mean=mean, std=std, train=False, device="cpu")
+    gpu = G.GpuCifarLoader(images, labels, 16, mean=mean, std=std, train=False, device="cpu")
     cpu = D.CifarDataset(images, labels, D.cifar_transforms(dataset, train=False))
     xg = torch.cat([x for x, _ in gpu])
     yg = torch.cat([y for _, y in gpu])
@@ -272,52 +273,81 @@ def test_gpu_loader_train_distribution_matches_torchvision_pipeline():
         px = _decode(ds[0][0].unsqueeze(0), mean, std)
         dy, dx, flip = _recover(px)
         seen.add((int(dy), int(dx), bool(flip)))
-        ref = D._crop_flip(img.unsqueeze(0), dy, dx, flip)
+        ref = G._crop_flip(img.unsqueeze(0), dy, dx, flip)
         assert torch.equal(px, ref)
     assert {d for d, _, _ in seen} == set(range(-4, 5)) and {d for _, d, _ in seen} == set(range(-4, 5))
 
 
 def test_gpu_loader_channels_last():
     images, labels = _index_images(10)
-    loader = D.GpuCifarLoader(images, labels, 4, mean=(0.5,) * 3, std=(0.5,) * 3, channels_last=True)
+    loader = G.GpuCifarLoader(images, labels, 4, mean=(0.5,) * 3, std=(0.5,) * 3, channels_last=True)
     x, _ = next(iter(loader))
     assert x.is_contiguous(memory_format=torch.channels_last)
 
 
 # ---------------------------------------------------------------------------------------------- DataLoader wrapper
 
-def test_epoch_dataloader_order_is_resumable(cifar_root):
-    train, _, _ = D.build_loaders("cifar10", cifar_root, 16, num_workers=0, seed=3, download=False)
-    assert isinstance(train, D.EpochDataLoader)
+def _labels(loader):
+    return torch.cat([y for _, y in loader])
+
+
+def test_train_loader_order_is_resumable(cifar_root):
+    train = D.build_loaders("cifar10", cifar_root, 16, num_workers=0, seed=3, download=False).train
+    assert isinstance(train, D.TrainLoader)
     orders = []
     for epoch in range(3):          # uninterrupted run: set_epoch each epoch
         train.set_epoch(epoch)
-        orders.append(torch.cat([y for _, y in train]))
-    resumed, _, _ = D.build_loaders("cifar10", cifar_root, 16, num_workers=0, seed=3, download=False)
+        orders.append(_labels(train))
+    resumed = D.build_loaders("cifar10", cifar_root, 16, num_workers=0, seed=3, download=False).train
     resumed.set_epoch(2)
-    assert torch.equal(torch.cat([y for _, y in resumed]), orders[2])
+    assert torch.equal(_labels(resumed), orders[2])
     assert not torch.equal(orders[0], orders[1])
-    # no set_epoch: passes advance the epoch
-    auto, _, _ = D.build_loaders("cifar10", cifar_root, 16, num_workers=0, seed=3, download=False)
-    assert [torch.equal(torch.cat([y for _, y in auto]), o) for o in orders] == [True, True, True]
+    resumed.set_epoch(2, start_step=3)   # mid-epoch resume: the remaining batches of that epoch
+    assert len(resumed) == len(train) - 3 and torch.equal(_labels(resumed), orders[2][3 * 16:])
 
 
-def test_epoch_dataloader_with_workers(cifar_root):
-    train, test, _ = D.build_loaders("cifar100", cifar_root, 64, num_workers=2, seed=0, download=False)
-    assert train.loader.persistent_workers and not train.loader.pin_memory
-    train.set_epoch(1)
-    a = torch.cat([y for _, y in train])
-    train.set_epoch(1)
-    b = torch.cat([y for _, y in train])
-    assert torch.equal(a, b) and sorted(a.tolist()) == sorted(D.load_cifar(cifar_root, "cifar100", True)[1].tolist())
+def test_train_loader_batches_do_not_depend_on_workers(cifar_root):
+    """Order and augmentation are functions of (seed, epoch, index): 0 and 2 workers give the same tensors."""
+    def batches(workers, start=0):
+        train = D.build_loaders("cifar100", cifar_root, 64, num_workers=workers, seed=0, download=False).train
+        train.set_epoch(1, start_step=start)
+        return list(train), train
+    ref, _ = batches(0)
+    two, train = batches(2)
+    assert train.persistent_workers and not train.pin_memory
+    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(ref, two))
+    assert len(ref) == len(two) and sorted(_labels(ref).tolist()) == sorted(
+        D.load_cifar(cifar_root, "cifar100", True)[1].tolist())
+    tail, _ = batches(2, start=2)
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(ref[2:], tail))
+
+
+def test_seeded_samples_keep_main_process_rng(cifar_root):
+    images, labels = D.load_cifar(cifar_root, "cifar10", True, download=False)
+    ds = D.SeededSamples(D.CifarDataset(images, labels, D.cifar_transforms("cifar10", True)), seed=4)
+    torch.manual_seed(0)
+    a = ds[(1, 5)][0]
+    after = torch.rand(1)
+    torch.manual_seed(0)
+    assert torch.equal(ds[(1, 5)][0], a) and torch.equal(torch.rand(1), after)
+    assert not torch.equal(ds[(2, 5)][0], a)   # another epoch, another crop
+
+
+def test_val_split_is_fixed_and_disjoint():
+    tr, va = D.val_split_indices(100, 10)
+    tr2, va2 = D.val_split_indices(100, 10)
+    assert torch.equal(va, va2) and len(va) == 10 and len(tr) == 90
+    assert sorted(tr.tolist() + va.tolist()) == list(range(100))
+    with pytest.raises(D.DatasetError):
+        D.val_split_indices(10, 10)
 
 
 # ---------------------------------------------------------------------------------------------- ILSVRC folders
 
 @pytest.mark.parametrize("slash", ["", "/"])
 def test_imagefolder_train_val(imagenet_root, slash):
-    train, test, num_classes = D.build_loaders("ilsvrc", imagenet_root + slash, 5, num_workers=0)
-    assert num_classes == 3 and train.num_samples == 12 and len(test.dataset) == 12
+    train, _, test, num_classes = D.build_loaders("ilsvrc", imagenet_root + slash, 5, num_workers=0)
+    assert num_classes == 3 and len(train.dataset) == 12 and len(test.dataset) == 12
     assert len(train) == 3 and len(test) == 3
     x, y = next(iter(train))
     assert x.shape == (5, 3, 224, 224) and x.dtype == torch.float32 and y.dtype == torch.int64
@@ -345,8 +375,8 @@ def test_imagefolder_class_mismatch(tmp_path):
     with pytest.raises(D.DatasetError) as e:
         D.build_loaders("ilsvrc", tmp_path, 4, num_workers=0)
     assert "class folders" in _one_line(e)
-    _, test, n = D.build_loaders("ilsvrc", tmp_path, 4, num_workers=0, train=False)   # eval only: no comparison possible
-    assert n == 2 and test.num_samples == 2
+    _, _, test, n = D.build_loaders("ilsvrc", tmp_path, 4, num_workers=0, train=False)   # eval only: no comparison
+    assert n == 2 and len(test.dataset) == 2
 
 
 # ---------------------------------------------------------------------------------------------- build_loaders
@@ -354,31 +384,31 @@ def test_imagefolder_class_mismatch(tmp_path):
 @pytest.mark.parametrize("dataset,classes,n_train,n_test", [("cifar10", 10, 103, 37), ("cifar100", 100, 211, 50)])
 @pytest.mark.parametrize("gpu_pipeline", [None, True, False])
 def test_build_loaders_cifar(cifar_root, dataset, classes, n_train, n_test, gpu_pipeline):
-    train, test, num_classes = D.build_loaders(dataset, cifar_root, 32, num_workers=0, device="cpu",
-                                               gpu_pipeline=gpu_pipeline, download=False)
-    assert num_classes == classes
-    assert isinstance(train, D.GpuCifarLoader if gpu_pipeline else D.EpochDataLoader)
-    assert train.num_samples == n_train and len(train.dataset) == n_train and test.num_samples == n_test
+    train, val, test, num_classes = D.build_loaders(dataset, cifar_root, 32, num_workers=0, device="cpu",
+                                                    gpu_pipeline=gpu_pipeline, download=False)
+    assert num_classes == classes and val is None
+    assert isinstance(train, G.GpuCifarLoader if gpu_pipeline else D.TrainLoader)
+    assert len(train.dataset) == n_train and len(test.dataset) == n_test
     assert len(train) == -(-n_train // 32) and len(test) == -(-n_test // 32)
+    train.set_epoch(0)
     for loader in (train, test):
-        loader.set_epoch(0)
         batches = list(loader)
         assert len(batches) == len(loader)
         x, y = batches[0]
         assert x.shape == (32, 3, 32, 32) and x.dtype == torch.float32 and y.dtype == torch.int64
         assert int(y.min()) >= 0 and int(y.max()) < classes
-        assert sum(b[1].numel() for b in batches) == loader.num_samples
+        assert sum(b[1].numel() for b in batches) == len(loader.dataset)
     # test loader order is the file order
     assert torch.equal(torch.cat([y for _, y in test]), D.load_cifar(cifar_root, dataset, False)[1])
 
 
 def test_build_loaders_eval_only_and_errors(cifar_root, tmp_path):
-    train, test, n = D.build_loaders("cifar10", cifar_root, 8, num_workers=0, train=False)
-    assert train is None and n == 10 and test.num_samples == 37
+    train, _, test, n = D.build_loaders("cifar10", cifar_root, 8, num_workers=0, train=False)
+    assert train is None and n == 10 and len(test.dataset) == 37
     # eval only does not need the train files
     base = write_fake_cifar(tmp_path, "cifar10", 10, 6)
     os.remove(os.path.join(base, "data_batch_1"))
-    assert D.build_loaders("cifar10", tmp_path, 8, num_workers=0, train=False)[1].num_samples == 6
+    assert len(D.build_loaders("cifar10", tmp_path, 8, num_workers=0, train=False).test.dataset) == 6
     with pytest.raises(ValueError):
         D.build_loaders("mnist", cifar_root, 8)
     with pytest.raises(ValueError):

@@ -20,32 +20,33 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn as nn
+import torchvision.transforms as T
 
 try:
+    from tests.cpu_sync_bn import LAUNCHER
     from tests.fakedata import write_fake_cifar
 except ImportError:  # pragma: no cover
+    from cpu_sync_bn import LAUNCHER
     from fakedata import write_fake_cifar
 
 from utils import data as D
 from utils import distributed
+from utils.gpu_loader import GpuCifarLoader
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "CI": "1", "OMP_NUM_THREADS": "1", "PYTHONDONTWRITEBYTECODE": "1", "PYTHONPATH": str(REPO)}
 for _k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
     ENV.pop(_k, None)
 
-# Runs a script with build_run_loaders forced onto the GPU-resident CIFAR loader (identical augmentation) and in
-# float64 (models built in the default dtype, batches normalised to it).
-RUNNER = """\
-import functools, runpy, sys
-import torch
-import utils.data as d
+# Runs a script with torch's SyncBatchNorm made to run on the CPU (tests/cpu_sync_bn.py), the loaders forced onto the
+# GPU-resident CIFAR path (identical augmentation) and everything in float64.
+RUNNER = LAUNCHER.replace("cpu_sync_bn.install()\n", """cpu_sync_bn.install()
+import functools, torch
+import utils.gpu_loader, utils.train
 torch.set_default_dtype(torch.float64)
-d.build_run_loaders = functools.partial(d.build_run_loaders, gpu_pipeline=True)
-d.normalize = lambda images, mean, std: images.to(torch.float64).div_(255).sub_(mean).div_(std)
-sys.argv = sys.argv[1:]
-runpy.run_path(sys.argv[0], run_name="__main__")
-"""
+utils.train.build_loaders = functools.partial(utils.train.build_loaders, gpu_pipeline=True)
+utils.gpu_loader.normalize = lambda images, mean, std: images.to(torch.float64).div_(255).sub_(mean).div_(std)
+""").format(tests=str(REPO / "tests"))
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -60,8 +61,11 @@ def _steps(batches_per_rank):
 @pytest.mark.parametrize("n", [32, 37])
 def test_distributed_sampler_matches_single_process_batches(n):
     ds = list(range(n))
-    single = D.EpochDataLoader(ds, 8, shuffle=True, seed=5)
-    shards = [D.EpochDataLoader(ds, 4, shuffle=True, seed=5, rank=r, world_size=2) for r in range(2)]
+
+    def loader(bs, rank=0, world=1):
+        return D.TrainLoader(D.SeededSamples(ds, seed=5), batch_size=bs,
+                             sampler=D.EpochSampler(ds, seed=5, rank=rank, world_size=world))
+    single, shards = loader(8), [loader(4, r, 2) for r in range(2)]
     for epoch in (1, 2):
         single.set_epoch(epoch)
         ref = [b.tolist() for b in single]
@@ -70,16 +74,15 @@ def test_distributed_sampler_matches_single_process_batches(n):
             s.set_epoch(epoch)
             got.append([b.tolist() for b in s])
         assert len(got[0]) == len(got[1])  # every rank runs the same number of steps
-        if n % 8 == 0:
+        seen = sum((sum(g, []) for g in got), [])
+        assert set(seen) == set(range(n)) and len(seen) == 2 * -(-n // 2)  # padded: every image, a few twice
+        if n % 8 == 0:  # the ranks' k-th batches together hold the single process's k-th batch
             assert _steps(got) == [sorted(b) for b in ref]
-        else:  # padded with the first indices of the permutation: every image seen, a few twice
-            seen = sum((sum(g, []) for g in got), [])
-            assert set(seen) == set(range(n)) and len(seen) == 2 * -(-n // 2)
     # evaluation shards: no padding, disjoint, everything once
-    test = [D.EpochDataLoader(ds, 4, shuffle=False, rank=r, world_size=2) for r in range(2)]
-    items = [sum((b.tolist() for b in t), []) for t in test]
+    images = torch.zeros(n, 32, 32, 3, dtype=torch.uint8)
+    tests = [D._eval_loader(D.CifarDataset(images, torch.arange(n), T.ToTensor()), 4, 0, False, r, 2) for r in range(2)]
+    items = [torch.cat([y for _, y in t]).tolist() for t in tests]
     assert sorted(items[0] + items[1]) == list(range(n)) and not set(items[0]) & set(items[1])
-    assert test[0].shard_samples + test[1].shard_samples == n
 
 
 def test_gpu_loader_shards_reproduce_single_process_batches():
@@ -87,8 +90,8 @@ def test_gpu_loader_shards_reproduce_single_process_batches():
     images = torch.randint(0, 256, (24, 32, 32, 3), dtype=torch.uint8, generator=g)
     labels = torch.arange(24)
     kw = dict(mean=(0.5,) * 3, std=(0.25,) * 3, seed=3)
-    single = D.GpuCifarLoader(images, labels, 8, train=True, **kw)
-    shards = [D.GpuCifarLoader(images, labels, 4, train=True, rank=r, world_size=2, **kw) for r in range(2)]
+    single = GpuCifarLoader(images, labels, 8, train=True, **kw)
+    shards = [GpuCifarLoader(images, labels, 4, train=True, rank=r, world_size=2, **kw) for r in range(2)]
     for loader in (single, *shards):
         loader.set_epoch(4)
     ref = list(single)
@@ -101,28 +104,30 @@ def test_gpu_loader_shards_reproduce_single_process_batches():
         assert torch.equal(y[order], ys[back])
         assert torch.equal(x[order], xs[back])  # same images with the same crop/flip
     # test mode, 24 images over 2 ranks of batch 5: disjoint and complete, no padding
-    tests = [D.GpuCifarLoader(images, labels, 5, train=False, rank=r, world_size=2, **kw) for r in range(2)]
+    tests = [GpuCifarLoader(images, labels, 5, train=False, rank=r, world_size=2, **kw) for r in range(2)]
     seen = [torch.cat([y for _, y in t]).tolist() for t in tests]
     assert sorted(seen[0] + seen[1]) == list(range(24)) and not set(seen[0]) & set(seen[1])
 
 
-def test_convert_sync_batchnorm_keeps_tensors_and_sharing():
+def test_convert_sync_batchnorm_keeps_tensors_and_sharing(monkeypatch):
     from models import get_model
 
     model = get_model("ResNet32_DoubleShared", "cifar10", shared_rank=1, unique_rank=1)
-    shared_bn = nn.BatchNorm2d(16)
-    model.extra_a, model.extra_b = shared_bn, shared_bn  # a BatchNorm reached under two names
     before = dict(model.state_dict(keep_vars=True))
-    out = distributed.convert_sync_batchnorm(model, "cpu")
-    assert out is model
+    n_params = len(list(model.parameters()))  # shared bases counted once
+    with pytest.raises(distributed.DistError, match="--sync_bn needs CUDA"):
+        distributed.convert_sync_batchnorm(model, "cpu")
+    monkeypatch.setattr(distributed, "SYNC_BN_DEVICES", ("cuda", "cpu"))
+    model = distributed.convert_sync_batchnorm(model, "cpu")
     assert not any(type(m) is nn.BatchNorm2d for m in model.modules())
-    assert model.extra_a is model.extra_b
+    assert sum(isinstance(m, nn.SyncBatchNorm) for m in model.modules()) > 30
     after = model.state_dict(keep_vars=True)
     assert after.keys() == before.keys() and all(after[k] is before[k] for k in before)  # same tensors
+    assert len(list(model.parameters())) == n_params  # the shared bases are still one tensor each
     # a single process: plain BatchNorm behaviour
     x = torch.randn(4, 3, 32, 32)
     ref = get_model("ResNet32_DoubleShared", "cifar10", shared_rank=1, unique_rank=1)
-    ref.load_state_dict(model.state_dict(), strict=False)
+    ref.load_state_dict(model.state_dict())
     torch.testing.assert_close(model(x), ref(x))
 
 
@@ -179,6 +184,7 @@ def _load(path):
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
+@pytest.mark.slow
 def test_two_processes_reproduce_one_process_with_twice_the_batch(ddp_runs):
     r = ddp_runs
     one = _load(r["root"] / "one" / f"{r['stem']}-last.pth")
@@ -205,6 +211,7 @@ def _initial_weights():
     return get_model("ResNet32_DoubleShared", "cifar10", shared_rank=2, unique_rank=1).state_dict()
 
 
+@pytest.mark.slow
 def test_two_process_output_and_exact_sharded_evaluation(ddp_runs):
     """Rank 0 alone prints; validation (7 images) and test (33 images) are scored exactly over 2 ranks (unpadded
     shards, summed counts): the same numbers as one process."""
@@ -228,6 +235,7 @@ def test_two_process_output_and_exact_sharded_evaluation(ddp_runs):
     assert 0 <= hits <= 33 and abs(hits - round(hits)) < 1e-9
 
 
+@pytest.mark.slow
 def test_torchrun_imagefolder_dataloader_path(tmp_path):
     """The DataLoader path (DistributedSampler over an ImageFolder, ILSVRC transforms) with a held-out split of
     train/: 2 processes, one printed log, checkpoints from rank 0 with both processes' RNG states."""

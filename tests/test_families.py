@@ -5,7 +5,7 @@ Reference data: tests/data/reference_manifest.json.gz (via tests/reference.py).
 import pytest
 import torch
 
-from models import get_model, set_fused
+from models import BasisCfg, basis_groups, get_model, set_fused
 from models.densenet import DenseNet, SharedBottleneck
 from models.regularizer import OrthogonalityRegularizer
 from models.resnext import ResNeXt
@@ -58,7 +58,7 @@ def test_densenet_unused_basis_is_regularised():
     model = _build("cifar100/DenseNet121_SingleShared/s16u1")
     model(torch.randn(2, 3, 16, 16)).sum().backward()  # the net is size-agnostic; 16x16 keeps this cheap
     assert model.shared_basis_4.weight.grad is None  # never called in forward
-    groups = model.basis_groups()
+    groups = basis_groups(model)
     assert [g.shared[0] is getattr(model, f"shared_basis_{i}").weight for i, g in enumerate(groups, 1)] == [True] * 4
     # Block 4 uses basis 3: group 3 holds the unique bases of dense blocks 3 and 4, group 4 none.
     assert [len(g.unique) for g in groups] == [6, 12, 24 + 16, 0]
@@ -100,7 +100,7 @@ def test_resnext_bases_start_orthonormal_and_grouped():
     assert [getattr(model, f"shared_basis_{g}").groups for g in (1, 2, 3, 4)] == [16] * 4  # s/4 in every layer
     assert [model.get_submodule(f"layer{g}.1").basis_conv2.groups for g in (1, 2, 3, 4)] == [1, 2, 4, 8]  # u*k/4
     assert not hasattr(model.layer1[1], "basis_positions")  # ReLU between basis BN and conv3: not foldable
-    groups = model.basis_groups()
+    groups = basis_groups(model)
     assert [len(g.unique) for g in groups] == [2, 3, 5, 2]
 
 
@@ -117,7 +117,7 @@ def test_densenet_fused_equals_unfused():
 
 def test_registry_defaults():
     plain = get_model("ResNext50", "cifar100")  # the authors' scripts cannot build this one (SPEC 6)
-    assert plain.linear.out_features == 100 and not plain.basis_groups()
+    assert plain.linear.out_features == 100 and not basis_groups(plain)
     shared = get_model("ResNext50_SingleShared", "cifar100")
     assert (shared.cfg.shared_rank, shared.cfg.unique_rank) == (64, 4)
     dense = get_model("DenseNet121_SingleShared", "cifar100")
@@ -136,9 +136,9 @@ def test_resnext_ranks_that_cannot_divide_width():
     with pytest.raises(ValueError, match="multiple of 4 whose group count divides"):
         get_model("ResNext50_SingleShared", "cifar100", shared_rank=12, unique_rank=4)
     with pytest.raises(ValueError, match="multiple of 4"):
-        ResNeXt((3, 4, 6, 3), 100, shared_rank=64, unique_rank=2)
+        ResNeXt((3, 4, 6, 3), 100, basis=BasisCfg(1, 64, 2))
 
 
 def test_densenet_plain_has_no_bases():
     model = DenseNet((6, 12, 24, 16), 100)
-    assert model.basis_groups() == [] and not any("shared_basis" in n for n, _ in model.named_parameters())
+    assert basis_groups(model) == [] and not any("shared_basis" in n for n, _ in model.named_parameters())

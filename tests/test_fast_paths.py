@@ -1,4 +1,7 @@
 """The opt-in fast paths run on CPU: bf16 autocast, channels_last, torch.compile; and the benchmark does not rot."""
+import threading
+
+import pytest
 import torch
 
 from models import OrthogonalityRegularizer, get_model
@@ -26,7 +29,7 @@ def test_amp_bf16_training_step_on_cpu():
     precision = Precision.make(True, torch.device("cpu"))
     assert precision.dtype == torch.bfloat16 and precision.scaler is None
     before = model.shared_basis_2_1.weight.detach().clone()
-    stats = _step(model, model, precision)
+    stats = _step(model, wrap_model(model, torch.device("cpu"), precision), precision)
     assert torch.bfloat16 in dtypes  # autocast really ran the convs in bf16
     assert stats["images"] == 8 and torch.isfinite(torch.tensor(stats["loss"]))
     assert not torch.equal(before, model.shared_basis_2_1.weight)  # the shared basis was updated
@@ -41,19 +44,51 @@ def test_channels_last_training_step_on_cpu():
     assert torch.isfinite(torch.tensor(stats["loss"]))
 
 
+def test_autocast_reaches_replica_threads():
+    """DataParallel runs replicas in worker threads, which do not inherit the caller's autocast state: the wrapper
+    enters autocast inside the module's forward, so a replica computes in the dtype the run chose."""
+    model = get_model("ResNet20", "cifar10").eval()
+    seen = []
+    model.fc.register_forward_hook(lambda m, i, o: seen.append((threading.current_thread().name, o.dtype)))
+    net = wrap_model(model, torch.device("cpu"), Precision(torch.bfloat16))
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        thread = threading.Thread(target=net, args=(x,), name="replica")
+        thread.start()
+        thread.join()
+        model(x)  # the bare model, outside any autocast: fp32
+    assert seen == [("replica", torch.bfloat16), ("MainThread", torch.float32)]
+
+
+def test_bf16_choice_ignores_emulation(monkeypatch):
+    """A GPU that only emulates bf16 (V100, T4) gets fp16 + GradScaler; one with native bf16 gets bf16."""
+    calls = []
+
+    def fake_supported(including_emulation=True):
+        calls.append(including_emulation)
+        return including_emulation  # emulated only
+
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", fake_supported)
+    monkeypatch.setattr(torch.cuda, "device", lambda device: threading.Lock())  # no GPU to select here
+    monkeypatch.setattr(torch.amp, "GradScaler", lambda *a, **k: "scaler")
+    p = Precision.make(True, torch.device("cuda", 1))
+    assert calls == [False] and p.dtype == torch.float16 and p.scaler == "scaler"
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
+    assert Precision.make(True, torch.device("cuda", 0)).dtype == torch.bfloat16
+    assert Precision.make(False, torch.device("cuda", 0)).dtype is None
+
+
+@pytest.mark.slow
 def test_compile_training_step_on_cpu():
     torch.manual_seed(0)
     model = get_model("ResNet32_DoubleShared", "cifar10", shared_rank=2, unique_rank=1)
-    warnings = []
-    net = wrap_model(model, torch.device("cpu"), compile=True)
-    if hasattr(net, "warn"):
-        net.warn = warnings.append
+    net = wrap_model(model, torch.device("cpu"), Precision(), compile=True)
     eager = get_model("ResNet32_DoubleShared", "cifar10", shared_rank=2, unique_rank=1)
     eager.load_state_dict(model.state_dict())
     start = [p.detach().clone() for p in eager.parameters()]
     stats = _step(model, net, Precision())
     ref = _step(eager, eager, Precision())
-    assert not warnings, warnings  # compiled, not the eager fallback
+    assert isinstance(net, torch._dynamo.eval_frame.OptimizedModule)
     assert abs(stats["loss"] - ref["loss"]) < 1e-3
     # Compiled kernels round differently and BatchNorm on 4 images amplifies it: compare the update direction.
     delta = torch.cat([(p - q).flatten() for p, q in zip(model.parameters(), eager.parameters())])
@@ -61,6 +96,7 @@ def test_compile_training_step_on_cpu():
     assert delta.norm() < 0.05 * step.norm()
 
 
+@pytest.mark.slow
 def test_benchmark_runs(capsys):
     from utils import benchmark
 
@@ -72,6 +108,7 @@ def test_benchmark_runs(capsys):
         assert line in out
 
 
+@pytest.mark.slow
 def test_benchmark_data_mode_runs(capsys):
     from utils import benchmark
 
@@ -80,6 +117,17 @@ def test_benchmark_data_mode_runs(capsys):
                     "--num_workers", "0", "--data_epochs", "1", "--data_warmup", "0"])
     out = capsys.readouterr().out
     for line in ("256 train / 128 test images", "Whole epochs (train + test pass)", "straightforward (authors' form)",
-                 "fast path", "EpochDataLoader", "fast / straightforward:", "x training throughput",
+                 "fast path", "TrainLoader", "fast / straightforward:", "x training throughput",
                  "300 epochs = 300 x (train epoch x 50000/256 + test pass x 10000/128)"):
         assert line in out, line
+
+
+def test_benchmark_without_cuda_is_one_line(capsys):
+    from utils import benchmark
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    with pytest.raises(SystemExit) as e:
+        benchmark.main(["--data", "--device", "cuda"])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 1 and len(err.splitlines()) == 1 and "--device=cpu" in err, err

@@ -33,10 +33,13 @@ import eval_ilsvrc
 import train_cifar10
 import train_cifar100
 import train_ilsvrc
+from models import get_model
+from models import pretrained as P
 from utils import checkpoint as C
 from utils import cli
 from utils import data as D
 from utils import engine
+from utils import train
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "CI": "1", "OMP_NUM_THREADS": "1", "PYTHONDONTWRITEBYTECODE": "1"}
@@ -52,7 +55,7 @@ def _isolated(monkeypatch):
     one intra-op thread (model construction runs small QRs that two threads on a busy CPU make 100x slower)."""
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", os.environ.get("CUDA_VISIBLE_DEVICES", "0"))
     monkeypatch.setenv("CI", "1")
-    monkeypatch.setattr(D, "_try_torchvision_download", lambda root, dataset: "no network in the tests")
+    monkeypatch.setattr(D, "_try_download", lambda root, dataset: "no network in the tests")
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -75,10 +78,10 @@ def files(tmp_path_factory, data):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     torch.manual_seed(0)
-    r20 = engine.get_model("ResNet20", "cifar10")
+    r20 = get_model("ResNet20", "cifar10")
     good = root / "resnet20_c10.pth"
     C.save_checkpoint(C.make_checkpoint(r20, None, epoch=1, acc=10.0), str(good))
-    shared = engine.get_model("ResNet32_DoubleShared", "cifar10", shared_rank=2, unique_rank=1)
+    shared = get_model("ResNet32_DoubleShared", "cifar10", shared_rank=2, unique_rank=1)
     authors = root / "authors_s2u1.pth"
     torch.save({"net_state_dict": shared.state_dict(), "acc": torch.tensor(10.0), "epoch": 5}, authors)
     garbage = root / "garbage.pth"
@@ -96,7 +99,7 @@ def files(tmp_path_factory, data):
     out = root / "out"  # an earlier run of every script, same names as the runs below would write
     for dataset, defaults in TRAIN.items():
         args = cli.parse_train_args(defaults, [SMALL[dataset], f"--output_dir={out}"], prog="x")
-        stem = engine.run_stem(args)
+        stem = train.run_stem(args)
         ckpt = C.make_checkpoint(r20, None, epoch=3, acc=1.0)
         C.save_checkpoint(ckpt, [str(out / f"{stem}.pth"), str(out / f"{stem}-last.pth")])
         (out / f"{stem}-args.json").write_text("{}\n")
@@ -341,7 +344,7 @@ def _train_argv(data, out, epochs=3):
 
 def _at_epoch(monkeypatch, epoch, action):
     """Run ``action(model)`` when train_one_epoch starts ``epoch`` (counting calls)."""
-    real = engine.train_one_epoch
+    real = train.train_one_epoch
     calls = []
 
     def spy(net, model, loader, optimizer, **kw):
@@ -350,7 +353,7 @@ def _at_epoch(monkeypatch, epoch, action):
             action(model)
         return real(net, model, loader, optimizer, **kw)
 
-    monkeypatch.setattr(engine, "train_one_epoch", spy)
+    monkeypatch.setattr(train, "train_one_epoch", spy)
 
 
 def test_nonfinite_loss_stops_and_keeps_last_good_checkpoints(data, tmp_path, capsys, monkeypatch):
@@ -364,17 +367,17 @@ def test_nonfinite_loss_stops_and_keeps_last_good_checkpoints(data, tmp_path, ca
 
     _at_epoch(monkeypatch, 2, poison)
     code, err, stdout = call(cli.train_main, TRAIN["cifar10"], _train_argv(data, out), capsys)
-    check([("nan", code, err, 1, ["the loss became nan at epoch 2, step 1 of 3", "checkpoints of epoch 1 are intact",
+    check([("nan", code, err, 1, ["the loss became nan at epoch 2, step 1 of 3", "-last.pth) is intact",
                                   "--resume"])])
     assert snapshot and digest(out) == snapshot  # epoch 1's files untouched, nothing of epoch 2 written
     stem = "CIFAR10-ResNet32_DoubleShared-S1-U1-L10-0"
-    assert C.read_checkpoint(str(out / f"{stem}-last.pth"))["epoch"] == 1
+    assert P.read_checkpoint(str(out / f"{stem}-last.pth"))["epoch"] == 1
     assert "Basis Epoch: 2" in stdout and "Basis Epoch: 3" not in stdout
 
 
 def test_nonfinite_loss_is_found_mid_epoch(monkeypatch):
     """The host looks every check_every steps: a nan at step 2 of 6 stops the epoch at step 3, not at its end."""
-    model = engine.get_model("ResNet20", "cifar10")
+    model = get_model("ResNet20", "cifar10")
     seen = []
 
     class Loader:
@@ -396,60 +399,61 @@ def test_nonfinite_loss_is_found_mid_epoch(monkeypatch):
     assert e.value.step == 2 and e.value.steps == 6 and seen == [0, 1, 2]
 
 
-@pytest.mark.parametrize("sig, code, where", [(signal.SIGTERM, 143, "during epoch 2"),
-                                              (signal.SIGINT, 130, "during epoch 2")])
-def test_signal_during_training_exits_cleanly_and_resumes(data, tmp_path, capsys, monkeypatch, sig, code, where):
+@pytest.mark.parametrize("sig, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_signal_during_training_exits_cleanly_and_resumes(data, tmp_path, capsys, monkeypatch, sig, code):
     out = tmp_path / "out"
     handler = signal.getsignal(sig)
     _at_epoch(monkeypatch, 2, lambda model: os.kill(os.getpid(), sig))
     rc, err, _ = call(cli.train_main, TRAIN["cifar10"], _train_argv(data, out), capsys)
     assert rc == code and len(err.splitlines()) == 1 and "Traceback" not in err, err
-    assert f"interrupted by {signal.Signals(sig).name} {where}" in err and "epoch 1 (the last completed)" in err
+    assert f"interrupted by {signal.Signals(sig).name} during epoch 2: its first 1 of 3 steps are saved" in err
     assert "--resume" in err
     stem = "CIFAR10-ResNet32_DoubleShared-S1-U1-L10-0"
-    assert C.read_checkpoint(str(out / f"{stem}-last.pth"))["epoch"] == 1
+    saved = P.read_checkpoint(str(out / f"{stem}-last.pth"))
+    assert saved["epoch"] == 1 and saved["epoch_step"] == 1  # epoch 1 complete, 1 step of epoch 2
     assert signal.getsignal(sig) == handler  # the run's handlers are gone
     monkeypatch.undo()
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", os.environ.get("CUDA_VISIBLE_DEVICES", "0"))
     rc, err, stdout = call(cli.train_main, TRAIN["cifar10"], [*_train_argv(data, out), "--resume"], capsys)
     assert rc == 0, err
-    assert "Resuming from" in stdout and "Basis Epoch: 2" in stdout and "Basis Epoch: 1\n" not in stdout
-    assert C.read_checkpoint(str(out / f"{stem}-last.pth"))["epoch"] == 3
+    assert "Resuming from" in stdout and "Basis Epoch: 2 (resumed at step 1)" in stdout
+    assert "Basis Epoch: 1\n" not in stdout
+    assert P.read_checkpoint(str(out / f"{stem}-last.pth"))["epoch"] == 3
 
 
 def test_signal_while_saving_waits_for_the_files(data, tmp_path, capsys, monkeypatch):
     """SIGTERM arriving while epoch 1's checkpoints are written: both files are completed, then the run ends."""
     out = tmp_path / "out"
-    real = engine.save_checkpoint
+    real = train.save_checkpoint
     writes = []
 
     def save(obj, paths):
-        os.kill(os.getpid(), signal.SIGTERM)  # delivered now; the handler holds it until the section ends
+        os.kill(os.getpid(), signal.SIGTERM)  # delivered now; the run stops once the files are written
         real(obj, paths)
         writes.append(list(paths))
 
-    monkeypatch.setattr(engine, "save_checkpoint", save)
+    monkeypatch.setattr(train, "save_checkpoint", save)
     rc, err, _ = call(cli.train_main, TRAIN["cifar10"], _train_argv(data, out), capsys)
     assert rc == 143 and "interrupted by SIGTERM after epoch 1" in err and len(err.splitlines()) == 1, err
     assert len(writes) == 1
     stem = "CIFAR10-ResNet32_DoubleShared-S1-U1-L10-0"
-    last = C.read_checkpoint(str(out / f"{stem}-last.pth"))
+    last = P.read_checkpoint(str(out / f"{stem}-last.pth"))
     assert last["epoch"] == 1
     if len(writes[0]) == 2:  # epoch 1 improved on 0%: the best file is that same epoch
-        assert C.read_checkpoint(str(out / f"{stem}.pth"))["epoch"] == 1
+        assert P.read_checkpoint(str(out / f"{stem}.pth"))["epoch"] == 1
 
 
-def test_signal_guard_defers_inside_critical_sections():
+def test_stop_signals_first_sets_a_flag_second_stops_at_once():
     handlers = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
-    with engine.SignalGuard() as guard:
+    with engine.StopSignals() as stop:
+        assert not stop()
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.1)
+        assert stop() and stop.signum == signal.SIGTERM  # the loops see it at the next step
         with pytest.raises(engine.Interrupted) as e:
-            with guard.critical():
-                os.kill(os.getpid(), signal.SIGTERM)
-                done = True  # reached: the signal waits
-        assert done and e.value.signum == signal.SIGTERM and e.value.exit_code == 143
-        with pytest.raises(engine.Interrupted):
             os.kill(os.getpid(), signal.SIGINT)
             time.sleep(1)
+        assert e.value.exit_code == 130
     assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == handlers
 
 
@@ -462,9 +466,10 @@ def _proc(args, **kw):
                           timeout=300, **kw)
 
 
+@pytest.mark.slow
 def test_entry_points(data, files, tmp_path):
     """Flag, checkpoint and data errors through each script's ``__main__``, and a SIGTERM to a real training run:
-    status 143, one line, the last completed epoch on disk."""
+    status 143, one line that says what is on disk: the step it stopped at (or the last completed epoch)."""
     out = tmp_path / "sigterm"
     train = [sys.executable, "train_cifar10.py", *_train_argv(data, out, epochs=200)]
     stem = "CIFAR10-ResNet32_DoubleShared-S1-U1-L10-0"
@@ -490,5 +495,8 @@ def test_entry_points(data, files, tmp_path):
     err = stderr.strip()
     assert proc.returncode == 143 and len(err.splitlines()) == 1 and "Traceback" not in err, err
     assert "interrupted by SIGTERM" in err and "--resume" in err
-    epoch = C.read_checkpoint(str(last))["epoch"]
-    assert epoch >= 1 and f"epoch {epoch} (the last completed)" in err, (epoch, err)
+    ckpt = P.read_checkpoint(str(last))
+    epoch, step = ckpt["epoch"], ckpt.get("epoch_step") or 0
+    said = (f"during epoch {epoch + 1}: its first {step} of 3 steps are saved" if step
+            else f"epoch {epoch} (the last completed)")
+    assert epoch >= 1 and said in err, (epoch, step, err)

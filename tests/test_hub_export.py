@@ -17,7 +17,7 @@ import models
 from models import export as E
 from models import fold, get_model, list_models
 from models.summary import count_macs, count_params
-from utils.checkpoint import CheckpointError
+from models.pretrained import CheckpointError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -158,7 +158,8 @@ def test_hub_load_without_checkpoint_and_clear_errors(tmp_path):
     with pytest.raises(CheckpointError, match="at any ranks"):
         _hub_load("ResNet56_DoubleShared", checkpoint=authors)
     project = _project_file(src, tmp_path / "p.pth")
-    with pytest.raises(CheckpointError, match="holds a ResNet32_DoubleShared, not a ResNet56_DoubleShared; pass --model=ResNet32_DoubleShared"):
+    with pytest.raises(CheckpointError, match="holds a ResNet32_DoubleShared, not a ResNet56_DoubleShared; "
+                                              "pass --model=ResNet32_DoubleShared"):
         _hub_load("ResNet56_DoubleShared", checkpoint=project)
     with pytest.raises(CheckpointError, match="does not exist"):
         _hub_load("ResNet56_DoubleShared", checkpoint=str(tmp_path / "missing.pth"))
@@ -191,6 +192,7 @@ def trained_r56():
     return model.eval()
 
 
+@pytest.mark.slow
 def test_export_round_trip_resnet56(trained_r56, tmp_path):
     model = trained_r56
     before = copy.deepcopy(model.state_dict())
@@ -218,6 +220,7 @@ def _small_r32():
     return _randomize(get_model("ResNet32_DoubleShared", "cifar10", shared_rank=4, unique_rank=1)).eval()
 
 
+@pytest.mark.slow
 def test_export_without_folding_is_exact(tmp_path):
     model = _small_r32()
     report = E.export_model(model, tmp_path / "raw.pt2", example_input=torch.randn(1, 3, 32, 32), fold=False)
@@ -230,6 +233,7 @@ _FAMILIES = [("DenseNet121_SingleShared", "cifar100", {}, 32),
              ("MobileNetV2_Shared", "ilsvrc", {}, 64)]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name,dataset,ranks,hw", _FAMILIES, ids=[f[0] for f in _FAMILIES])
 def test_export_round_trip_other_families(name, dataset, ranks, hw, tmp_path):
     if name not in list_models(dataset):
@@ -254,6 +258,7 @@ def test_export_refuses_training_mode(tmp_path):
     assert os.listdir(tmp_path) == []
 
 
+@pytest.mark.slow
 def test_export_fails_and_writes_nothing_when_outputs_differ(tmp_path, monkeypatch):
     def broken_fold(model):
         folded = fold(model)
@@ -283,6 +288,7 @@ def test_onnx_missing_is_one_clear_line(tmp_path, monkeypatch, capsys):
     assert "not folded" in out and "max rel diff" in out
 
 
+@pytest.mark.slow
 def test_onnx_export_when_installed(trained_r56, tmp_path):
     pytest.importorskip("onnx")
     report = E.export_model(trained_r56, tmp_path / "r56.pt2", example_input=torch.randn(2, 3, 32, 32), onnx=True)
@@ -291,6 +297,7 @@ def test_onnx_export_when_installed(trained_r56, tmp_path):
         assert report["onnx_max_rel_diff"] <= 1e-4
 
 
+@pytest.mark.slow
 def test_cli_end_to_end(tmp_path, capsys):
     torch.manual_seed(0)
     model = _randomize(get_model("ResNet32_DoubleShared", "cifar10", shared_rank=8, unique_rank=2)).eval()

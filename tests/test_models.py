@@ -82,3 +82,58 @@ def test_cfg_records_build():
     assert model.cfg.build_kwargs() == {"shared_rank": 16, "unique_rank": 1}
     assert model.cfg.num_classes == 10 and model.cfg.input_size == (3, 32, 32)
     assert get_model("ResNet34_DoubleShared", "ilsvrc").cfg.build_kwargs() == {"shared_rank": 32, "unique_rank": 1}
+
+
+def test_rank_bound_refuses_before_allocating():
+    """A huge rank is refused by the registry with the bound, not by the allocator (9 x the group-1 width: a 3x3
+    basis over 16 channels is full rank at 144 filters)."""
+    with pytest.raises(ValueError, match=r"shared_rank=100000 is too large for ResNet32_DoubleShared \(at most 144"):
+        get_model("ResNet32_DoubleShared", "cifar10", shared_rank=100000)
+    with pytest.raises(ValueError, match=r"unique_rank=145 is too large for ResNet32_NonShared \(at most 144"):
+        get_model("ResNet32_NonShared", "cifar10", unique_rank=145)
+    assert get_model("ResNet32_NonShared", "cifar10", unique_rank=144).cfg.unique_rank == 144
+    with pytest.raises(ValueError, match=r"too large for DenseNet121_SingleShared \(at most 1152"):
+        get_model("DenseNet121_SingleShared", "cifar100", shared_rank=100000)
+    with pytest.raises(ValueError, match=r"too large for ResNext50_SingleShared \(at most 1152"):
+        get_model("ResNext50_SingleShared", "cifar100", shared_rank=100000)
+
+
+def test_ignore_unused_ranks_drops_only_what_the_model_does_not_take():
+    with pytest.raises(ValueError, match="does not take unique_rank"):
+        get_model("ResNet56_SharedOnly", "cifar10", shared_rank=8, unique_rank=1)
+    model = get_model("ResNet56_SharedOnly", "cifar10", shared_rank=8, unique_rank=1, ignore_unused_ranks=True)
+    assert model.cfg.build_kwargs() == {"shared_rank": 8}
+    plain = get_model("ResNet20", "cifar10", shared_rank=16, unique_rank=1, ignore_unused_ranks=True)
+    assert plain.cfg.build_kwargs() == {} and not any("basis" in k for k in plain.state_dict())
+    with pytest.raises(ValueError, match="positive integer"):  # the ranks it takes are still checked
+        get_model("ResNet56_SharedOnly", "cifar10", shared_rank=0, unique_rank=1, ignore_unused_ranks=True)
+
+
+def test_ranks_that_cannot_build_name_the_papers_ranks():
+    with pytest.raises(ValueError, match=r"multiple of 4 .*the paper's ResNext50_SingleShared was trained with "
+                                         r"--shared_rank=64 --unique_rank=4"):
+        get_model("ResNext50_SingleShared", "cifar100", shared_rank=16, unique_rank=1, ignore_unused_ranks=True)
+
+
+def test_variant_suffix_decides_the_rank_arguments():
+    from models.registry import model_defaults, model_rank_args, register_model
+
+    assert model_rank_args("ResNet32_NonShared", "cifar10") == ("unique_rank",)
+    assert model_rank_args("MobileNetV2_Shared", "ilsvrc") == ()
+    assert model_defaults("ResNet34_DoubleShared", "ilsvrc") == {"shared_rank": 32, "unique_rank": 1}
+    with pytest.raises(ValueError, match="unknown variant 'TripleShared'"):
+        register_model("cifar10", "ResNet32_TripleShared", channels=16)
+
+
+def test_models_package_imports_nothing_from_utils():
+    """models/ and hubconf.py stand alone: the training layer (utils) is never imported by them."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = ("import sys; import models, models.export, models.pretrained, models.summary, hubconf; "
+            "bad = sorted(m for m in sys.modules if m == 'utils' or m.startswith('utils.')); "
+            "assert not bad, bad")
+    root = Path(__file__).resolve().parent.parent
+    done = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr

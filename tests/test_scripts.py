@@ -91,13 +91,13 @@ def shared_runs(data, tmp_path_factory):
     # A real SIGINT (Ctrl-C) right after epoch 2's checkpoints were written.
     stop_after_2 = (
         "import os, runpy, signal, sys\n"
-        "import utils.engine as e\n"
-        "orig = e._print_test_lines\n"
-        "def stop(dataset, te, state, improved, periodic, **kw):\n"
-        "    orig(dataset, te, state, improved, periodic, **kw)\n"
-        "    if state.epoch == 2:\n"
+        "import utils.train as t\n"
+        "orig = t.TrainingRun.print_test_lines\n"
+        "def stop(self, te, improved, periodic):\n"
+        "    orig(self, te, improved, periodic)\n"
+        "    if self.state.epoch == 2:\n"
         "        os.kill(os.getpid(), signal.SIGINT)\n"
-        "e._print_test_lines = stop\n"
+        "t.TrainingRun.print_test_lines = stop\n"
         "sys.argv = sys.argv[1:]\n"
         "runpy.run_path(sys.argv[0], run_name='__main__')\n")
     interrupted = run(["-c", stop_after_2, "train_cifar10.py", *flags, f"--output_dir={root / 'resumed'}"], rc=130)
@@ -108,6 +108,7 @@ def shared_runs(data, tmp_path_factory):
             "after_interrupt": after_interrupt, "flags": flags}
 
 
+@pytest.mark.slow
 def test_cifar10_train_then_eval(data, tmp_path):
     out = tmp_path / "out"
     p = run(["train_cifar10.py", "--model=ResNet20", "--epochs=2", "--batch_size=16", "--lambdaR=10",
@@ -146,6 +147,7 @@ def test_cifar10_train_then_eval(data, tmp_path):
     assert value(e.stdout, "Eval_Acc_top1") == value(p.stdout, "Best_Acc_top1")
 
 
+@pytest.mark.slow
 def test_resume_matches_uninterrupted_run(shared_runs):
     r, stem = shared_runs, shared_runs["stem"]
     assert r["interrupted"].stderr.strip().count("\n") == 0 and "--resume" in r["interrupted"].stderr
@@ -170,6 +172,7 @@ def test_resume_matches_uninterrupted_run(shared_runs):
         assert torch.equal(s["momentum_buffer"], b["optimizer_state_dict"]["state"][i]["momentum_buffer"])
 
 
+@pytest.mark.slow
 def test_resume_of_finished_run_does_nothing(shared_runs):
     r = shared_runs
     before = digest(r["root"] / "full")
@@ -182,6 +185,7 @@ def test_resume_of_finished_run_does_nothing(shared_runs):
         {k: v for k, v in before.items() if k.endswith(".pth")}
 
 
+@pytest.mark.slow
 def test_eval_authors_file_infers_ranks(shared_runs, data, tmp_path):
     ckpt = load(shared_runs["root"] / "full" / f"{shared_runs['stem']}-last.pth")
     ref = tmp_path / "authors.pth"
@@ -198,6 +202,7 @@ def test_eval_authors_file_infers_ranks(shared_runs, data, tmp_path):
 # CIFAR-100: stages restart from the best weights with a fresh optimizer
 # ---------------------------------------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_cifar100_train_stages_then_eval(data, tmp_path):
     out = tmp_path / "out"
     # SharedOnly takes only --shared_rank: the given --unique_rank is ignored, as in the authors' scripts
@@ -214,13 +219,14 @@ def test_cifar100_train_stages_then_eval(data, tmp_path):
     assert value(e.stdout, "Eval_Acc_top1") == "%.3f" % float(ckpt["acc"])
 
 
-@pytest.mark.parametrize("val_split", [0, 4])
+@pytest.mark.parametrize("val_split", [0, pytest.param(4, marks=pytest.mark.slow)])
 def test_cifar100_restart_reloads_best_with_fresh_momentum(data, tmp_path, monkeypatch, val_split):
     """In-process, with scripted accuracies on the selection set (test, or validation with --val_split): epoch 1 is
     the best, so stages 2 and 3 both start from its weights (not from epoch 2's), with empty momentum buffers and the
     stage's learning rate. With --val_split the test set is scored once, at the end, on epoch 1's weights."""
     import train_cifar100
-    from utils import cli, engine
+    from utils import cli
+    from utils import train as engine
 
     accs = {1: 50.0, 2: 40.0, 3: 45.0}
     seen = {}
@@ -277,6 +283,7 @@ def test_cifar100_restart_reloads_best_with_fresh_momentum(data, tmp_path, monke
 # ILSVRC: a plain model trains (the authors' script crashed) and evaluates from a DataParallel-style file
 # ---------------------------------------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_ilsvrc_train_then_eval(data, tmp_path):
     out = tmp_path / "out"
     # the README's ILSVRC MobileNetV2 command, shrunk (MobileNetV2_Shared takes no rank flags: they are ignored)
@@ -300,6 +307,7 @@ def test_ilsvrc_train_then_eval(data, tmp_path):
 # Bad inputs: one line on stderr, non-zero status, no traceback, existing files untouched
 # ---------------------------------------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_bad_inputs(shared_runs, data, tmp_path):
     r = shared_runs
     full = r["root"] / "full"
@@ -409,7 +417,7 @@ def test_cli_defaults(monkeypatch):
 
 
 def test_schedules():
-    from utils.engine import Schedule
+    from utils.train import Schedule
 
     c10 = Schedule.from_recipe(0.1, {"recipe_epochs": 300, "milestones": [150, 225]})
     assert [c10.lr_at(e) for e in (1, 150, 151, 225, 226, 300)] == pytest.approx([0.1, 0.1, 0.01, 0.01, 1e-3, 1e-3])
@@ -435,6 +443,7 @@ def _eval_in_process(argv, capsys, monkeypatch, defaults=None):
     return out
 
 
+@pytest.mark.slow
 def test_eval_folds_by_default_with_the_same_accuracy(shared_runs, data, capsys, monkeypatch):
     best = shared_runs["root"] / "full" / f"{shared_runs['stem']}.pth"
     flags = [f"--pretrained={best}", "--batch_size=16", f"--dataset_path={data['c10']}", *COMMON]
@@ -465,9 +474,9 @@ def test_val_split_indices_and_loaders(data, tmp_path):
     assert not torch.equal(D.val_split_indices(32, 6, seed=1)[1], val_idx)
     images, labels = D.load_cifar(data["c10"], "cifar10", True)
     for gpu in (False, True):
-        out = D.build_run_loaders("cifar10", data["c10"], 4, num_workers=0, val_split=6, gpu_pipeline=gpu, seed=3)
-        assert out.train.num_samples == 26 and out.val.num_samples == 6 and out.test.num_samples == 32
-        ref = D.build_run_loaders("cifar10", data["c10"], 4, num_workers=0, gpu_pipeline=gpu).test
+        out = D.build_loaders("cifar10", data["c10"], 4, num_workers=0, val_split=6, gpu_pipeline=gpu, seed=3)
+        assert len(out.train.dataset) == 26 and len(out.val.dataset) == 6 and len(out.test.dataset) == 32
+        ref = D.build_loaders("cifar10", data["c10"], 4, num_workers=0, gpu_pipeline=gpu).test
         mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in D.MEAN_STD["cifar10"])
         expect = (images[val_idx].permute(0, 3, 1, 2).float() / 255 - mean) / std
         first = torch.cat([x for x, _ in out.val])
@@ -476,12 +485,12 @@ def test_val_split_indices_and_loaders(data, tmp_path):
         assert torch.equal(torch.cat([x for x, _ in out.val]), first)  # same every pass
         train_labels = torch.cat([y for _, y in out.train])
         assert sorted(train_labels.tolist()) == sorted(labels[train_idx].tolist())
-        assert ref.num_samples == 32
-    imagenet = D.build_run_loaders("ilsvrc", data["in"], 2, num_workers=0, val_split=2)
-    assert imagenet.train.num_samples == 4 and imagenet.val.num_samples == 2
+        assert len(ref.dataset) == 32
+    imagenet = D.build_loaders("ilsvrc", data["in"], 2, num_workers=0, val_split=2)
+    assert len(imagenet.train.dataset) == 4 and len(imagenet.val.dataset) == 2
     a = torch.cat([x for x, _ in imagenet.val])
     assert a.shape == (2, 3, 224, 224) and torch.equal(a, torch.cat([x for x, _ in imagenet.val]))  # val transforms
-    assert set(imagenet.val.dataset.indices).isdisjoint(imagenet.train.dataset.indices)
+    assert set(imagenet.val.dataset.indices).isdisjoint(imagenet.train.dataset.dataset.indices)
 
 
 def test_val_split_run_resume_and_final_test_score(data, tmp_path, capsys, monkeypatch):
@@ -489,8 +498,9 @@ def test_val_split_run_resume_and_final_test_score(data, tmp_path, capsys, monke
     number is what the eval script gives for the file); the split is the recorded one on --resume, even if the
     default seed changed meanwhile; an interrupted + resumed run ends bit-identical to an uninterrupted one."""
     import train_cifar10
-    from utils import cli, engine
+    from utils import cli
     from utils import data as D
+    from utils.train import TrainingRun
 
     monkeypatch.setitem(os.environ, "CUDA_VISIBLE_DEVICES", os.environ.get("CUDA_VISIBLE_DEVICES", "0"))
     flags = [*SHARED, "--epochs=3", "--batch_size=16", "--val_split=6", "--seed=4", f"--dataset_path={data['c10']}",
@@ -520,17 +530,17 @@ def test_val_split_run_resume_and_final_test_score(data, tmp_path, capsys, monke
     assert value(ev, "Eval_Acc_top5") == value(full, "Test_Acc_top5")
 
     # interrupted after epoch 2, resumed after the default split seed changed: the recorded split is used
-    real = engine._print_test_lines
+    real = TrainingRun.print_test_lines
 
-    def stop(dataset, te, state, improved, periodic, **kw):
-        real(dataset, te, state, improved, periodic, **kw)
-        if state.epoch == 2:
+    def stop(self, te, improved, periodic):
+        real(self, te, improved, periodic)
+        if self.state.epoch == 2:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(engine, "_print_test_lines", stop)
+    monkeypatch.setattr(TrainingRun, "print_test_lines", stop)
     code, _, err = train(tmp_path / "resumed")
     assert code == 130 and "epoch 2 (the last completed)" in err
-    monkeypatch.setattr(engine, "_print_test_lines", real)
+    monkeypatch.setattr(TrainingRun, "print_test_lines", real)
     monkeypatch.setattr(D, "VAL_SPLIT_SEED", 12345)
     code, _, err = train(tmp_path / "resumed", "--resume", "--val_split=7")
     assert code == 1 and "--val_split=6" in err

@@ -26,7 +26,6 @@ import pickle
 import statistics
 import tempfile
 import time
-import warnings
 from dataclasses import dataclass, replace
 from typing import Callable
 
@@ -36,8 +35,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from models import OrthogonalityRegularizer, fold, get_model, model_rank_args, set_fused
+from models import OrthogonalityRegularizer, fold, get_model, set_fused
 from models.regularizer import orthogonality_penalty_reference
+from utils.engine import Precision, evaluate, resolve_device, train_one_epoch, wrap_model
 
 
 @dataclass(frozen=True)
@@ -53,12 +53,6 @@ class Config:
     compile: bool = False
     folded: bool = False
     gpu_pipeline: bool = True  # --data: the GPU-resident loader when on CUDA (else the DataLoader)
-
-
-def _amp_dtype(device: torch.device) -> torch.dtype:
-    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        return torch.float16
-    return torch.bfloat16
 
 
 def _timer(device: torch.device) -> Callable[[Callable[[], None]], float]:
@@ -83,10 +77,7 @@ class Runner:
 
     def __init__(self, cfg: Config, args, device: torch.device, train: bool) -> None:
         torch.manual_seed(0)
-        name = args.plain_model if cfg.plain else args.model
-        ranks = {} if cfg.plain else {k: getattr(args, k) for k in model_rank_args(name, args.dataset)
-                                      if getattr(args, k) is not None}
-        model = get_model(name, args.dataset, **ranks).to(device)
+        model = _build(args.plain_model if cfg.plain else args.model, args).to(device)
         set_fused(model, cfg.fused)
         fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
         model = model.to(memory_format=fmt)
@@ -96,19 +87,14 @@ class Runner:
         self.x = torch.randn(bs, *size, generator=g).to(device).contiguous(memory_format=fmt)
         self.y = torch.randint(0, model.cfg.num_classes, (bs,), generator=g).to(device)
         self.images = bs
-        amp = torch.autocast(device.type, dtype=_amp_dtype(device)) if cfg.amp else contextlib.nullcontext()
-        self.amp = amp
+        precision = Precision.make(cfg.amp, device)
+        self.amp = (torch.autocast(device.type, dtype=precision.dtype) if precision.dtype is not None
+                    else contextlib.nullcontext())
         if train:
             model.train()
-            include_unique = args.dataset == "cifar10"
-            if cfg.batched_reg:
-                reg = OrthogonalityRegularizer(model, include_unique)
-                self.reg = reg if reg else None
-            else:
-                probe = OrthogonalityRegularizer(model, include_unique)
-                self.reg = (lambda: orthogonality_penalty_reference(model, include_unique)) if probe else None
+            self.reg = _regularizer(model, cfg.batched_reg)
             self.opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
-            self.scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp and _amp_dtype(device) == torch.float16)
+            self.scaler = torch.amp.GradScaler(device.type, enabled=precision.scaler is not None)
             forward = _maybe_compile(model, cfg.compile)
             self.step = lambda: self._train_step(forward)
         else:
@@ -136,13 +122,20 @@ class Runner:
 
 
 def _maybe_compile(model: nn.Module, enabled: bool):
-    if not enabled:
-        return model
-    try:
-        return torch.compile(model)
-    except Exception as e:  # pragma: no cover - depends on the platform
-        warnings.warn(f"torch.compile unavailable ({type(e).__name__}); running eager")
-        return model
+    return wrap_model(model, next(model.parameters()).device, Precision(), compile=enabled, data_parallel=False)
+
+
+def _build(name: str, args) -> nn.Module:
+    return get_model(name, args.dataset, shared_rank=args.shared_rank, unique_rank=args.unique_rank,
+                     ignore_unused_ranks=True)
+
+
+def _regularizer(model: nn.Module, batched: bool):
+    """The library's batched regulariser, or the authors' per-step loop with masks (None for plain models)."""
+    reg = OrthogonalityRegularizer(model)
+    if not reg:
+        return None
+    return reg if batched else (lambda: orthogonality_penalty_reference(model, reg.include_unique))
 
 
 def measure(configs: list[Config], args, device: torch.device, train: bool) -> dict:
@@ -188,8 +181,9 @@ PAPER_EPOCHS, PAPER_TRAIN, PAPER_TEST = 300, 50000, 10000   # the paper's CIFAR 
 def write_random_cifar(root: str, dataset: str, n_train: int, n_test: int, seed: int = 0) -> str:
     """Random uint8 images and labels in the official python-pickle layout under ``root`` (readable by
     ``utils.data.load_cifar``); returns ``root``. Contents are noise: this is for timing, not for learning."""
+    from models.registry import NUM_CLASSES
     from utils.data import _CIFAR_LAYOUT
-    subdir, train_files, test_files, label_key, num_classes = _CIFAR_LAYOUT[dataset]
+    (subdir, train_files, test_files, label_key), num_classes = _CIFAR_LAYOUT[dataset], NUM_CLASSES[dataset]
     base = os.path.join(root, subdir)
     os.makedirs(base, exist_ok=True)
     rng = np.random.default_rng(seed)
@@ -212,32 +206,24 @@ class EpochRunner:
 
     def __init__(self, cfg: Config, args, device: torch.device, dataset_path: str) -> None:
         from utils.data import build_loaders
-        from utils.engine import Precision, wrap_model
 
         torch.manual_seed(0)
-        ranks = {k: getattr(args, k) for k in model_rank_args(args.model, args.dataset) if getattr(args, k) is not None}
-        model = get_model(args.model, args.dataset, **ranks).to(device)
+        model = _build(args.model, args).to(device)
         set_fused(model, cfg.fused)
         if cfg.channels_last:
             model = model.to(memory_format=torch.channels_last)
-        include_unique = args.dataset == "cifar10"
-        reg = OrthogonalityRegularizer(model, include_unique)
-        if reg and not cfg.batched_reg:
-            reg = lambda: orthogonality_penalty_reference(model, include_unique)  # noqa: E731
-        self.reg = reg if reg else None
+        self.reg = _regularizer(model, cfg.batched_reg)
         self.model, self.device, self.cfg = model, device, cfg
-        self.net = wrap_model(model, device, compile=cfg.compile, data_parallel=False)
         self.precision = Precision.make(cfg.amp, device)
+        self.net = wrap_model(model, device, self.precision, compile=cfg.compile, data_parallel=False)
         self.opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
-        self.train_loader, self.test_loader, _ = build_loaders(
+        self.train_loader, _, self.test_loader, _ = build_loaders(
             args.dataset, dataset_path, args.batch_size, num_workers=args.num_workers, device=device,
             gpu_pipeline=None if cfg.gpu_pipeline else False, channels_last=cfg.channels_last, download=False)
         self.pipeline = type(self.train_loader).__name__
 
     def epoch(self) -> tuple:
         """(train seconds, test seconds) of one epoch, device work included."""
-        from utils.engine import evaluate, train_one_epoch
-
         kw = dict(device=self.device, precision=self.precision, channels_last=self.cfg.channels_last)
         _sync(self.device)
         t0 = time.perf_counter()
@@ -264,7 +250,7 @@ def measure_epochs(args, device: torch.device) -> None:
         fast = Config("fast path", amp=args.amp, channels_last=args.channels_last, compile=args.compile)
         runners = {c.label: EpochRunner(c, args, device, path) for c in (straight, fast)}
         r0 = runners[straight.label]
-        n_train, n_test = r0.train_loader.num_samples, r0.test_loader.num_samples
+        n_train, n_test = len(r0.train_loader.dataset), len(r0.test_loader.dataset)
         print(f"--data: {n_train} train / {n_test} test images{' from ' + path if args.dataset_path else ''}, "
               f"{args.data_warmup} warm-up + {args.data_epochs} timed epochs per configuration (interleaved), "
               f"{args.num_workers} DataLoader workers")
@@ -319,7 +305,10 @@ def main(argv=None) -> None:
     d.add_argument("--num_workers", type=int, default=min(8, os.cpu_count() or 1),
                    help="DataLoader workers (the straightforward path; the fast path too on CPU)")
     args = p.parse_args(argv)
-    device = torch.device(args.device)
+    try:
+        device = resolve_device(args.device)
+    except RuntimeError as e:
+        p.exit(1, f"{p.prog}: error: {e}\n")
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.batch_size is None:

@@ -132,6 +132,9 @@ def _train_parser(prog: str, defaults: dict) -> argparse.ArgumentParser:
                    help="hold out N training images (a fixed split, recorded in the checkpoints) to choose the best "
                         "checkpoint; the test set is then scored once, on that checkpoint, at the end. 0: choose on "
                         "the test set, as the paper")
+    g.add_argument("--save_every_minutes", type=_nonneg_float, default=30.0, metavar="N",
+                   help="also save a resumable mid-epoch checkpoint (-last.pth) every N minutes, so that a killed job "
+                        "loses at most N minutes (0: only at epoch ends and on SIGINT/SIGTERM)")
     g.add_argument("--sync_bn", action="store_true",
                    help="under torchrun: BatchNorm statistics over the global batch (SyncBatchNorm)")
     return p
@@ -175,14 +178,17 @@ def _under_torchrun() -> bool:
 
 
 def _resolve_visible_device(args: argparse.Namespace) -> None:
-    """Apply ``--visible_device`` before anything initialises CUDA (the flag is also part of checkpoint names).
-    Under torchrun without the flag, every process keeps the GPUs it sees (process ``LOCAL_RANK`` takes the
-    ``LOCAL_RANK``-th), instead of the authors' default of GPU 0."""
+    """Apply ``--visible_device`` before anything initialises CUDA. Without the flag the GPUs the environment chose
+    (``CUDA_VISIBLE_DEVICES``) are kept and name the checkpoints; under torchrun every process keeps what it sees;
+    otherwise GPU 0, the authors' default."""
+    env = os.environ.get("CUDA_VISIBLE_DEVICES")
     if args.visible_device is not None:
         os.environ["CUDA_VISIBLE_DEVICES"] = args.visible_device
-    elif "CUDA_VISIBLE_DEVICES" not in os.environ and not _under_torchrun():
-        os.environ["CUDA_VISIBLE_DEVICES"] = "0"  # the authors' default
-    if args.visible_device is None:
+    elif env:
+        args.visible_device = env if re.fullmatch(r"[A-Za-z0-9_:-]+(,[A-Za-z0-9_:-]+)*", env) else "0"
+    else:
+        if not _under_torchrun():
+            os.environ["CUDA_VISIBLE_DEVICES"] = "0"
         args.visible_device = "0"
 
 
@@ -198,7 +204,7 @@ def parse_train_args(defaults: dict, argv: Optional[Sequence[str]] = None, prog:
 
     Args:
         defaults: the script's dict: ``dataset``, flag defaults (``lr``, ``model``, ...), ``recipes`` (model-name glob
-            -> ``{"epochs", "milestones", "restart"}``, first match wins) and ``reg_include_unique``.
+            -> ``{"epochs", "milestones", "restart"}``, first match wins).
     """
     prog = prog or os.path.basename(sys.argv[0])
     parser = _train_parser(prog, defaults)
@@ -237,10 +243,9 @@ def parse_eval_args(defaults: dict, argv: Optional[Sequence[str]] = None, prog: 
 
 
 def run(main: Callable, args, prog: Optional[str] = None) -> int:
-    """Call ``main(args)``; turn the errors a user can fix into one stderr line and exit status 1, and an interrupt
-    (SIGINT, SIGTERM) into one line and the shell's status for it (130, 143). Under torchrun, ranks other than 0
-    prefix their line with ``[rank N]``."""
-    from utils.checkpoint import CheckpointError
+    """Call ``main(args)``; a user error becomes one stderr line and status 1, an interrupt one line and the
+    shell's status (130, 143). Under torchrun, ranks other than 0 prefix their line with ``[rank N]``."""
+    from models.pretrained import CheckpointError
     from utils.data import DatasetError
     from utils.distributed import DistError
     from utils.engine import Interrupted, RunError
@@ -260,8 +265,8 @@ def run(main: Callable, args, prog: Optional[str] = None) -> int:
         return 1
     except KeyboardInterrupt as e:
         sys.stdout.flush()
-        message = getattr(e, "message", "") or ("interrupted (the last completed epoch, if any, is in the -last.pth "
-                                                 "checkpoint; rerun with --resume)")
+        message = getattr(e, "message", "") or "interrupted (the last completed epoch, if any, is in the -last.pth " \
+                                               "checkpoint; rerun with --resume)"
         print(f"{tag}{_one_line(message)}", file=sys.stderr)
         return e.exit_code if isinstance(e, Interrupted) else 130
     return 0
@@ -274,7 +279,7 @@ def _one_line(e) -> str:
 def train_main(defaults: dict, argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of the training scripts: parse, then :func:`utils.engine.fit`."""
     args = parse_train_args(defaults, argv)
-    from utils.engine import fit
+    from utils.train import fit
 
     return run(fit, args)
 
@@ -282,6 +287,6 @@ def train_main(defaults: dict, argv: Optional[Sequence[str]] = None) -> int:
 def eval_main(defaults: dict, argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of the evaluation scripts: parse, then :func:`utils.engine.evaluate_checkpoint`."""
     args = parse_eval_args(defaults, argv)
-    from utils.engine import evaluate_checkpoint
+    from utils.evaluate import evaluate_checkpoint
 
     return run(evaluate_checkpoint, args)

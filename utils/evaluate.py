@@ -1,0 +1,61 @@
+"""The evaluation scripts' run: rebuild the model a checkpoint holds, fold it for inference, score the test/val set."""
+from __future__ import annotations
+
+import json
+
+import torch
+
+from models import fold
+from models.pretrained import load_weights, read_checkpoint, resolve_model
+from models.registry import rank_flags
+from utils import distributed
+from utils.data import build_loaders
+from utils.engine import Precision, RunError, evaluate, progress_enabled, run_context, seed_everything, warn, wrap_model
+from utils.train import _from_main, describe
+
+
+def evaluate_checkpoint(args) -> dict:
+    """Load ``--pretrained``, fold (unless ``--no_fold``), print the authors' ``Eval_Acc_top1/5`` lines, the errors and
+    one JSON line. Under torchrun the set is sharded over the processes and the counts are summed."""
+    with run_context(args.device) as device:
+        seed_everything(args.seed)
+        ckpt = _from_main(lambda: read_checkpoint(args.pretrained))
+        model, inferred = resolve_model(ckpt, args.pretrained, model=args.model or ckpt.get("model") or
+                                        args.fallback["model"], dataset=args.dataset, shared_rank=args.shared_rank,
+                                        unique_rank=args.unique_rank)
+        if inferred:
+            print(f"Ranks read from the checkpoint: {rank_flags(model.cfg.build_kwargs())}")
+        load_weights(model, ckpt)
+        info = distributed.current()
+        loaders = build_loaders(args.dataset, args.dataset_path, args.batch_size, num_workers=args.num_workers,
+                                device=device, seed=args.seed, channels_last=args.channels_last, train=False,
+                                rank=info.rank, world_size=info.world_size)
+        if loaders.num_classes > model.cfg.num_classes:
+            raise RunError(f"the dataset under {args.dataset_path!r} has {loaders.num_classes} classes, more than the "
+                           f"model's {model.cfg.num_classes} outputs")
+        params, described = sum(p.numel() for p in model.parameters()), describe(model)
+        model.eval()
+        folded = False
+        if not args.no_fold:
+            try:
+                model, folded = fold(model), True
+            except Exception as e:  # noqa: BLE001  (a family without folding support: evaluate as trained)
+                warn(f"inference folding failed ({type(e).__name__}: {e}); evaluating the unfolded model")
+        model.to(device, memory_format=torch.channels_last if args.channels_last else torch.preserve_format)
+        precision = Precision.make(args.amp, device)
+        net = wrap_model(model, device, precision, compile=args.compile, data_parallel=not info.enabled)
+        world = f" | {info.world_size} processes" if info.enabled else ""
+        print(f"{args.dataset} {described} | {params:,} params | {args.pretrained} | {device} {precision.label}{world} "
+              f"| {'folded for inference' if folded else 'unfolded'}")
+        te = evaluate(net, model, loaders.test, device=device, precision=precision, channels_last=args.channels_last,
+                      progress=progress_enabled())
+        for label, value in (("Acc_top1", te["top1"]), ("Acc_top5", te["top5"]), ("Err_top1", 100 - te["top1"]),
+                             ("Err_top5", 100 - te["top5"])):
+            print("Eval_%s = %.3f" % (label, value))
+        result = {"dataset": args.dataset, "model": model.cfg.name, "model_kwargs": model.cfg.build_kwargs(),
+                  "params": params, "checkpoint": args.pretrained, "checkpoint_epoch": ckpt.get("epoch"),
+                  "folded": folded, "images": te["images"], "top1": te["top1"], "top5": te["top5"],
+                  "top1_err": round(100.0 - te["top1"], 6), "top5_err": round(100.0 - te["top5"], 6),
+                  "loss": te["loss"], "seconds": round(te["seconds"], 3)}
+        print(json.dumps(result))
+        return result

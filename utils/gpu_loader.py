@@ -1,0 +1,121 @@
+"""CIFAR batches from a device-resident uint8 copy: crop, flip and normalise as a few batched tensor ops.
+
+The DataLoader path spends most of a CIFAR epoch on per-image PIL work; here the whole training set lives on the GPU
+(150 MB for CIFAR-10), and each epoch draws one permutation and all crop/flip offsets at once, from a generator seeded
+with ``(seed, epoch)``, so an epoch (and a resumed one, from any step) is reproducible. The batches have the same
+distribution as ``RandomCrop(32, padding=4)`` + ``RandomHorizontalFlip`` + ``ToTensor`` + ``Normalize`` (tested).
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence, Tuple
+
+import torch
+from torch.utils.data import TensorDataset
+
+from utils.data import mix_seed
+
+
+def _crop_flip(images: torch.Tensor, dy: torch.Tensor, dx: torch.Tensor, flip: torch.Tensor) -> torch.Tensor:
+    """Output pixel (y, x) of image n is input (y + dy, x' + dx), x' = W-1-x where flipped, 0 outside: exactly
+    ``RandomCrop(pad)`` at offset (dy + pad, dx + pad), then a flip. One gather."""
+    n, c, h, w = images.shape
+    dev = images.device
+    src_y = torch.arange(h, device=dev).unsqueeze(0) + dy.unsqueeze(1)                       # [N, H]
+    xs = torch.arange(w, device=dev).unsqueeze(0)
+    src_x = torch.where(flip.unsqueeze(1), (w - 1) - xs, xs) + dx.unsqueeze(1)                # [N, W]
+    valid = ((src_y >= 0) & (src_y < h)).unsqueeze(2) & ((src_x >= 0) & (src_x < w)).unsqueeze(1)  # [N, H, W]
+    flat = src_y.clamp(0, h - 1).unsqueeze(2) * w + src_x.clamp(0, w - 1).unsqueeze(1)        # [N, H, W]
+    out = images.reshape(n, c, h * w).gather(2, flat.view(n, 1, h * w).expand(n, c, h * w))
+    return out.view(n, c, h, w).masked_fill_(~valid.unsqueeze(1), 0)
+
+
+def _draw_crop_flip(n: int, pad: int, device, generator: Optional[torch.Generator]):
+    """Offsets uniform in [-pad, pad] per axis and a fair coin for the flip."""
+    dy = torch.randint(-pad, pad + 1, (n,), device=device, generator=generator)
+    dx = torch.randint(-pad, pad + 1, (n,), device=device, generator=generator)
+    return dy, dx, torch.randint(0, 2, (n,), device=device, generator=generator).bool()
+
+
+def random_crop_flip(images: torch.Tensor, pad: int = 4, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """Batched ``RandomCrop(H, padding=pad)`` (zero fill, in the input's value space) + ``RandomHorizontalFlip()`` on
+    NCHW images of any dtype; draws are made on the generator's device."""
+    dev = generator.device if generator is not None else images.device
+    dy, dx, flip = (t.to(images.device) for t in _draw_crop_flip(images.shape[0], pad, dev, generator))
+    return _crop_flip(images, dy, dx, flip)
+
+
+def normalize(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """uint8 NCHW -> float32 ``(x / 255 - mean) / std``: the float ops of ToTensor + Normalize, bit for bit."""
+    return images.to(torch.float32).div_(255).sub_(mean).div_(std)
+
+
+class GpuCifarLoader:
+    """Device-resident CIFAR loader.
+
+    Args:
+        images: ``uint8 [N, 32, 32, 3]`` (HWC, from :func:`utils.data.load_cifar`), copied to ``device`` once.
+        labels: ``int64 [N]``.
+        batch_size: per rank; the last batch may be smaller.
+        mean, std: per-channel normalisation of ToTensor-scaled pixels.
+        train: shuffle + augment; else file order, no augmentation.
+        rank, world_size: DDP shard. Ranks draw the same permutation and offsets (on the CPU, so that different GPU
+            models agree) and take positions ``rank, rank + W, ...``: together their ``k``-th batches are the
+            single-process batch ``k`` of ``W * batch_size``. Training shards wrap around to equal length.
+    """
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int, *, mean: Sequence[float],
+                 std: Sequence[float], train: bool = True, device="cpu", seed: int = 0, pad: int = 4,
+                 channels_last: bool = False, rank: int = 0, world_size: int = 1):
+        self.device = torch.device(device)
+        self.images = images.to(self.device).permute(0, 3, 1, 2).contiguous()   # [N, 3, H, W] uint8
+        self.labels = labels.to(self.device, torch.int64)
+        self.mean = torch.tensor(mean, dtype=torch.float32, device=self.device).view(-1, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float32, device=self.device).view(-1, 1, 1)
+        self.batch_size, self.train, self.seed, self.pad = int(batch_size), train, int(seed), int(pad)
+        self.channels_last = channels_last
+        self.rank, self.world_size = int(rank), int(world_size)
+        self.epoch, self.start_step = 0, 0
+        n, w = self.images.shape[0], self.world_size
+        self.shard_samples = (math.ceil(n / w) if train else len(range(self.rank, n, w))) if w > 1 else n
+        self.dataset = TensorDataset(self.images, self.labels)   # len(loader.dataset) == N; no copy
+
+    def set_epoch(self, epoch: int, start_step: int = 0) -> None:
+        """The next pass is ``epoch``'s (order and augmentation from ``(seed, epoch)``), from batch ``start_step``."""
+        self.epoch, self.start_step = int(epoch), int(start_step)
+
+    def __len__(self) -> int:
+        return math.ceil(self.shard_samples / self.batch_size) - (self.start_step if self.train else 0)
+
+    def _batch(self, idx: torch.Tensor, aug) -> Tuple[torch.Tensor, torch.Tensor]:
+        images = self.images[idx]
+        if aug is not None:
+            images = _crop_flip(images, *aug)
+        x = normalize(images, self.mean, self.std)
+        return (x.contiguous(memory_format=torch.channels_last) if self.channels_last else x), self.labels[idx]
+
+    def _positions(self, total: int) -> Optional[torch.Tensor]:
+        """This rank's positions in the epoch's sequence (None: all of it)."""
+        if self.world_size == 1:
+            return None
+        return torch.arange(self.rank, total, self.world_size) % self.images.shape[0]
+
+    def __iter__(self):
+        n, bs = self.images.shape[0], self.batch_size
+        if not self.train:
+            pos = self._positions(n)
+            order = torch.arange(n, device=self.device) if pos is None else pos.to(self.device)
+            for s in range(0, order.numel(), bs):
+                yield self._batch(order[s:s + bs], None)
+            return
+        pos = self._positions(self.shard_samples * self.world_size)
+        draw_on = self.device if pos is None else torch.device("cpu")
+        g = torch.Generator(device=draw_on).manual_seed(mix_seed(self.seed, self.epoch))
+        order = torch.randperm(n, device=draw_on, generator=g)
+        dy, dx, flip = _draw_crop_flip(n, self.pad, draw_on, g)
+        if pos is not None:
+            order, dy, dx, flip = (t[pos].to(self.device) for t in (order, dy, dx, flip))
+        start, self.start_step = self.start_step * bs, 0
+        self.epoch += 1  # a pass without set_epoch is the next epoch's
+        for s in range(start, order.numel(), bs):
+            yield self._batch(order[s:s + bs], (dy[s:s + bs], dx[s:s + bs], flip[s:s + bs]))

@@ -1,0 +1,484 @@
+"""A training run of the paper's recipes (SPEC sections 5-7): :func:`fit`.
+
+Order of a run: everything that can fail on user input (model, start checkpoint, data) is checked before the first
+file is written; then one epoch after another: train, score on the selection set (test, or held-out training images
+with ``--val_split``), write ``best`` (on a strict improvement, as the authors) and ``last`` atomically. How a run
+starts -- fresh, from ``--pretrained``, or continuing with ``--resume`` -- is decided once, into a :class:`RunStart`.
+
+SIGINT/SIGTERM set a flag: the current step finishes, nothing half-done is saved, and the run exits with one line
+and status 130/143 saying what is on disk; a second signal stops at once. Under torchrun only rank 0 writes.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+import torch.nn as nn
+
+from models import OrthogonalityRegularizer, get_model
+from models.pretrained import CheckpointError, check_identity, checkpoint_acc, load_weights, read_checkpoint
+from models.registry import rank_flags
+from utils import distributed
+from utils.checkpoint import atomic_write_bytes, capture_rng_state, make_checkpoint, restore_rng_state, save_checkpoint
+from utils.data import VAL_SPLIT_SEED, build_loaders, images_in
+from utils.engine import (Interrupted, NonFiniteLoss, Precision, RunError, Schedule, StopSignals, evaluate,
+                          pass_stats, progress_enabled, run_context, seed_everything, train_one_epoch, warn, wrap_model)
+
+FILE_PREFIX = {"cifar10": "CIFAR10", "cifar100": "CIFAR100", "ilsvrc": "ILSVRC"}
+
+
+@dataclass
+class RunState:
+    """What continues from checkpoint to checkpoint besides weights and optimizer."""
+
+    epoch: int = 0  # last completed epoch; training continues at epoch + 1
+    best_acc: float = 0.0  # selection top-1 of the best checkpoint (validation with --val_split, else test)
+    best_acc5: float = 0.0
+    best_epoch: Optional[int] = None  # epoch of the weights in the best file (None: no best file from this run)
+    stage: int = 0
+
+
+@dataclass
+class RunStart:
+    """How this run begins: ``kind`` is ``fresh``, ``pretrained`` or ``resume``."""
+
+    kind: str = "fresh"
+    path: Optional[str] = None
+    ckpt: Optional[dict] = None
+    state: RunState = field(default_factory=RunState)
+    split_seed: int = VAL_SPLIT_SEED
+    rng_states: Optional[list] = None  # per rank, for --resume
+    step: int = 0  # --resume of a mid-epoch save: steps of epoch state.epoch + 1 already done
+    totals: Optional[list] = None  # and their loss/accuracy sums
+
+
+def format_lambda(value: float) -> str:
+    """``10`` and ``10.0`` both give ``"10"`` (the authors' files say ``L10.0`` when the flag was typed)."""
+    return f"{float(value):g}"
+
+
+def run_stem(args) -> str:
+    """The authors' checkpoint name: ``{CIFAR10|CIFAR100|ILSVRC}-{model}-S{s}-U{u}-L{lambdaR}-{devices}``."""
+    return (f"{FILE_PREFIX[args.dataset]}-{args.model}-S{args.shared_rank}-U{args.unique_rank}"
+            f"-L{format_lambda(args.lambdaR)}-{args.visible_device}")
+
+
+def decide_start(args, last_path: str, schedule: Schedule) -> RunStart:
+    """Read and check the checkpoint a run starts from (``--resume`` / ``--pretrained``), before anything is written."""
+    if args.resume is None and args.pretrained is None:
+        return RunStart(state=RunState(args.starting_epoch, stage=schedule.stage(args.starting_epoch)))
+    path = args.pretrained if args.resume is None else (last_path if args.resume == "auto" else args.resume)
+    if args.resume is not None and not os.path.exists(path):
+        raise RunError(f"nothing to resume: {path!r} does not exist (the same flags as the interrupted run are needed "
+                       f"to find it; or drop --resume to start a new run)")
+    ckpt = read_checkpoint(path)
+    check_identity(ckpt, path, dataset=args.dataset, model=args.model)
+    acc = checkpoint_acc(ckpt) or 0.0
+    if args.resume is None:  # --pretrained: the authors' semantics (weights, optimizer, best accuracy)
+        state = RunState(args.starting_epoch, acc if not args.val_split else 0.0,
+                         float(ckpt.get("best_acc5") or 0.0) if not args.val_split else 0.0,
+                         stage=schedule.stage(args.starting_epoch))
+        return RunStart("pretrained", path, ckpt, state)
+    if not isinstance(ckpt.get("epoch"), int):
+        raise CheckpointError(f"checkpoint {path!r} records no epoch; start from it with --pretrained instead")
+    split = ckpt.get("val_split") or {}
+    if split.get("n", 0) != args.val_split:
+        raise RunError(f"checkpoint {path!r} belongs to a run with --val_split={split.get('n', 0)}: resume it with the "
+                       f"same --val_split (the split decides which checkpoint is best)")
+    state = RunState(ckpt["epoch"], float(ckpt.get("best_acc", acc)), float(ckpt.get("best_acc5") or 0.0),
+                     ckpt.get("best_epoch"), int(ckpt.get("stage", schedule.stage(ckpt["epoch"]))))
+    states = ckpt.get("rng_states") or [ckpt.get("rng_state")]
+    return RunStart("resume", path, ckpt, state, int(split.get("seed", VAL_SPLIT_SEED)), states,
+                    int(ckpt.get("epoch_step") or 0), ckpt.get("epoch_totals"))
+
+
+def _from_main(fn):
+    """``fn()`` on rank 0, broadcast to every rank; a user error on rank 0 is raised on every rank."""
+    if not distributed.current().enabled:
+        return fn()
+    out = None
+    if distributed.is_main_process():
+        try:
+            out = ("ok", fn())
+        except (CheckpointError, RunError) as e:
+            out = ("error", isinstance(e, CheckpointError), str(e))
+    out = distributed.broadcast_object(out)
+    if out[0] == "error":
+        raise (CheckpointError if out[1] else RunError)(out[2])
+    return out[1]
+
+
+def make_optimizer(model: nn.Module, args, lr: float) -> torch.optim.SGD:
+    # one group over all parameters: weight decay reaches BN and biases too, as in the authors' recipe
+    return torch.optim.SGD(model.parameters(), lr=lr, momentum=args.momentum, weight_decay=args.weight_decay)
+
+
+def build_model(args) -> nn.Module:
+    try:
+        return get_model(args.model, args.dataset, shared_rank=args.shared_rank, unique_rank=args.unique_rank,
+                         ignore_unused_ranks=True)
+    except ValueError as e:
+        raise RunError(f"cannot build {args.model} for {args.dataset}: {e}") from None
+
+
+def describe(model: nn.Module) -> str:
+    """``ResNet56_DoubleShared --shared_rank=16 --unique_rank=1`` (the name alone for models without ranks)."""
+    return f"{model.cfg.name} {rank_flags(model.cfg.build_kwargs())}".strip()
+
+
+def fit(args) -> dict:
+    """Train as the paper's recipe for ``args`` (see ``utils/cli.py``); returns the run's summary (also printed as a
+    JSON line): ``best_acc``/``best_acc5``/``best_epoch`` on the selection set, ``val_acc``, ``test_acc``,
+    ``best_checkpoint``, ``last_checkpoint``."""
+    with run_context(args.device, args.batch_size) as device, StopSignals() as stop:
+        return TrainingRun(args, device, stop).run()
+
+
+
+class TrainingRun:
+    """The objects of one run (model, optimizer, loaders, state) and its steps; built by :func:`fit`."""
+
+    def __init__(self, args, device: torch.device, stop: StopSignals):
+        self.args, self.device, self.stop = args, device, stop
+        info = distributed.current()
+        self.world, self.rank, self.main = info.world_size, info.rank, info.is_main
+        seed_everything(args.seed)
+        stem = run_stem(args)
+        self.out_dir, self.stem = args.output_dir, stem
+        self.best_path = os.path.join(self.out_dir, stem + ".pth")
+        self.last_path = os.path.join(self.out_dir, stem + "-last.pth")
+        if os.path.exists(self.out_dir) and not os.path.isdir(self.out_dir):
+            raise RunError(f"--output_dir={self.out_dir!r} exists and is not a directory")
+        self.schedule = Schedule.from_recipe(args.lr, args.schedule, args.epochs)
+        self.model = build_model(args)  # before the data: ranks that cannot build fail fast
+        self.start = _from_main(lambda: decide_start(args, self.last_path, self.schedule))
+        self.state = self.start.state
+        self.select = "val" if args.val_split else "test"
+        self._setup_data()
+        self._setup_model()
+        self.saved = self.state.epoch  # the last epoch whose files are complete on disk
+        self.saved_step = None  # (epoch, step, steps) of the last mid-epoch save
+        self.resume_at = (self.state.epoch + 1, self.start.step)  # a --resume of a mid-epoch save continues there
+        self.last_scores = {"top1": checkpoint_acc(self.start.ckpt or {}) or 0.0, "top5": 0.0}
+        self.next_save = (time.monotonic() + 60 * args.save_every_minutes if args.save_every_minutes
+                          else float("inf"))
+
+    def _setup_data(self) -> None:
+        args = self.args
+        self.loaders = build_loaders(args.dataset, args.dataset_path, args.batch_size // self.world,
+                                     num_workers=args.num_workers, device=self.device, seed=args.seed,
+                                     channels_last=args.channels_last, val_split=args.val_split,
+                                     split_seed=self.start.split_seed, rank=self.rank, world_size=self.world)
+        if self.loaders.num_classes > self.model.cfg.num_classes:
+            raise RunError(f"the dataset under {args.dataset_path!r} has {self.loaders.num_classes} classes, more than "
+                           f"the model's {self.model.cfg.num_classes} outputs")
+        self.select_loader = self.loaders.val if args.val_split else self.loaders.test
+
+    def _setup_model(self) -> None:
+        args, model, device = self.args, self.model, self.device
+        if args.sync_bn and self.world > 1:
+            model = self.model = distributed.convert_sync_batchnorm(model, self.device)
+        model.to(device, memory_format=torch.channels_last if args.channels_last else torch.preserve_format)
+        if self.rank:  # the same initial weights everywhere; dropout streams differ per rank
+            seed_everything(args.seed + 1_000_003 * self.rank)
+        self.optimizer = make_optimizer(model, args, self.schedule.lr_at(self.state.epoch + 1))
+        self.precision = Precision.make(args.amp, device)
+        regularizer = OrthogonalityRegularizer(model)
+        self.regularizer = regularizer if regularizer else None  # plain and NonShared models: CE only
+        self._restore()
+        self.net = wrap_model(model, device, self.precision, compile=args.compile, ddp=self.world > 1)
+        # evaluation runs without DDP: ranks may score different numbers of batches
+        self.eval_net = (wrap_model(model, device, self.precision, compile=args.compile, data_parallel=False)
+                         if self.world > 1 else self.net)
+
+    def _restore(self) -> None:
+        """The one restore step: weights, optimizer, scaler and (for --resume) the random streams."""
+        start = self.start
+        if start.ckpt is None:
+            return
+        load_weights(self.model, start.ckpt)
+        self._load_optimizer(start.ckpt.get("optimizer_state_dict"), required=start.kind == "resume")
+        if start.kind == "pretrained":
+            print(f"Starting from {start.path} (top-1 {self.state.best_acc:.3f}) at epoch {self.state.epoch + 1}")
+            return
+        if self.precision.scaler is not None and start.ckpt.get("scaler_state_dict"):
+            self.precision.scaler.load_state_dict(start.ckpt["scaler_state_dict"])
+        print(f"Resuming from {start.path} (epoch {self.state.epoch}, stage {self.state.stage + 1}, best {self.select} "
+              f"top-1 {self.state.best_acc:.3f})")
+
+    def _load_optimizer(self, opt_state, required: bool) -> None:
+        problem = "has no optimizer state" if not opt_state else None
+        if opt_state:
+            try:
+                self.optimizer.load_state_dict(opt_state)
+            except (ValueError, KeyError, TypeError, RuntimeError) as e:
+                problem = f"holds optimizer state that does not fit this model ({e})"
+        if problem and required:
+            raise CheckpointError(f"checkpoint {self.start.path!r} {problem}: it cannot be resumed")
+        if problem:
+            warn(f"{self.start.path} {problem}; starting with fresh SGD momentum")
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.schedule.lr_at(self.state.epoch + 1)
+
+    # -----------------------------------------------------------------------------------------------------------------
+
+    def header(self) -> str:
+        args, loaders, sch = self.args, self.loaders, self.schedule
+        sizes = f"{images_in(loaders.train)} train / "
+        if args.val_split:
+            sizes += f"{images_in(loaders.val)} val (held out, split seed {self.start.split_seed}) / "
+        ddp = (f" | DDP {self.world} processes x batch {args.batch_size // self.world}"
+               f"{' sync BN' if args.sync_bn else ''}" if self.world > 1 else "")
+        params = sum(p.numel() for p in self.model.parameters())
+        return (f"{args.dataset} {describe(self.model)} | {params:,} params | {self.device} {self.precision.label}{ddp}"
+                f" | {sch.epochs} epochs, lr {sch.lr} x{sch.gamma} after epochs {list(sch.milestones)}"
+                f"{' (restart from best)' if sch.restart else ''} | {sizes}{images_in(loaders.test)} test images "
+                f"| best checkpoint chosen on {self.select}")
+
+    def _prepare_output(self):
+        """Rank 0: the output folder, ``-args.json`` (resolved flags) and the TensorBoard writer."""
+        if not self.main:
+            return None
+        args = self.args
+        try:
+            os.makedirs(self.out_dir, exist_ok=True)
+            if args.resume is None and os.path.exists(self.last_path):
+                warn(f"{self.last_path} exists and will be overwritten by this new run (use --resume to continue it)")
+            resolved = dict(vars(args), device=str(self.device), milestones=list(self.schedule.milestones),
+                            params=sum(p.numel() for p in self.model.parameters()), world_size=self.world,
+                            split_seed=self.start.split_seed if args.val_split else None)
+            atomic_write_bytes((json.dumps(resolved, indent=2, sort_keys=True, default=str) + "\n").encode(),
+                               os.path.join(self.out_dir, self.stem + "-args.json"))
+        except OSError as e:
+            raise RunError(f"cannot write to --output_dir={self.out_dir!r}: {e.strerror or e}") from None
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError as e:
+            warn(f"TensorBoard logging disabled ({e})")
+            return None
+        return SummaryWriter(log_dir=os.path.join(self.out_dir, "runs", self.stem))
+
+    def run(self) -> dict:
+        print(self.header())
+        self.writer = self._prepare_output()
+        if self.start.rng_states:  # last, so that building things above does not shift the random streams
+            states = self.start.rng_states
+            restore_rng_state(states[self.rank] if len(states) == self.world else states[0] if not self.rank else None)
+        epoch = self.state.epoch + 1
+        try:
+            if self.state.epoch >= self.schedule.epochs:
+                print(f"Nothing to do: the run already completed epoch {self.state.epoch} of {self.schedule.epochs}")
+            for epoch in range(self.state.epoch + 1, self.schedule.epochs + 1):
+                self.train_epoch(epoch)
+                if self._agreed_stop():
+                    raise Interrupted(self.stop.signum or signal.SIGTERM)
+            final = self.score_on_test() if self.args.val_split else None
+        except KeyboardInterrupt as e:  # ours (a signal), or Ctrl-C before/after the handlers
+            signum = getattr(e, "signum", signal.SIGINT)
+            raise Interrupted(signum, self._interrupt_message(signum, epoch)) from None
+        finally:
+            if self.writer is not None:
+                self.writer.close()
+        return self.summary(final)
+
+    def _interrupt_message(self, signum: int, epoch: int) -> str:
+        name = signal.Signals(signum).name
+        if self.saved_step and self.saved_step[0] == epoch and self.saved < epoch:
+            e, step, steps = self.saved_step
+            return (f"interrupted by {name} during epoch {e}: its first {step} of {steps} steps are saved in "
+                    f"{self.last_path}; rerun the same command with --resume")
+        where = f"after epoch {self.saved}" if self.saved >= epoch else f"during epoch {epoch}"
+        kept = (f"epoch {self.saved} (the last completed) is in {self.last_path}; rerun the same command with --resume"
+                if self.saved else "no epoch had completed, so there is nothing to resume")
+        return f"interrupted by {name} {where}: {kept}"
+
+    def train_epoch(self, epoch: int) -> None:
+        args, sch, state = self.args, self.schedule, self.state
+        stage = sch.stage(epoch)
+        if sch.restart and stage > state.stage:
+            self.restart_stage(epoch)
+        state.stage, lr = stage, sch.lr_at(epoch)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        began = time.perf_counter()
+        step = self.resume_at[1] if epoch == self.resume_at[0] else 0
+        print(f"\nCuda {args.visible_device} {'Basis ' if self.regularizer is not None else ''}Epoch: {epoch}"
+              + (f" (resumed at step {step})" if step else ""))
+        tr = self.train_pass(epoch, lr, step)
+        print("Training_Acc_Top1 = %.3f" % tr["top1"])
+        print("Training_Acc_Top5 = %.3f" % tr["top5"])
+        te = evaluate(self.eval_net, self.model, self.select_loader, device=self.device, precision=self.precision,
+                      channels_last=args.channels_last, progress=progress_enabled(), desc=self.select)
+        improved = te["top1"] > state.best_acc  # strictly greater, as the authors
+        if improved:
+            state.best_acc, state.best_acc5, state.best_epoch = te["top1"], te["top5"], epoch
+        state.epoch = epoch
+        periodic = args.dataset == "ilsvrc" and epoch % 5 == 0  # the authors' ILSVRC history files
+        paths = ([self.best_path] if improved else []) + [self.last_path]
+        if periodic:
+            paths.append(os.path.join(self.out_dir, f"{self.stem}epoch{epoch}.pth"))
+        self.last_scores = te
+        self.save(self.checkpoint(epoch, te, lr), paths, epoch)
+        self.print_test_lines(te, improved, periodic)
+        self.log_epoch(epoch, stage, lr, tr, te, time.perf_counter() - began)
+
+    def train_pass(self, epoch: int, lr: float, step: int) -> dict:
+        """The epoch's training pass from ``step`` on; pauses to save a mid-epoch checkpoint every
+        ``--save_every_minutes`` and on a signal (then stops)."""
+        totals, seconds = (self.start.totals if step else None), 0.0
+        while True:
+            self.loaders.train.set_epoch(epoch, start_step=step)
+            steps = step + len(self.loaders.train)
+            try:
+                r = train_one_epoch(self.net, self.model, self.loaders.train, self.optimizer, device=self.device,
+                                    regularizer=self.regularizer, lambda_r=self.args.lambdaR, precision=self.precision,
+                                    channels_last=self.args.channels_last, stop=self._pause, print_first=step == 0,
+                                    progress=progress_enabled(), desc=f"epoch {epoch}/{self.schedule.epochs}")
+            except NonFiniteLoss as e:
+                kept = (f"the last checkpoint ({self.last_path}) is intact" if self.saved or self.saved_step
+                        else "nothing was saved")
+                raise RunError(f"the loss became {e.value} at epoch {epoch}, step {step + e.step} of {steps} (lr "
+                               f"{lr:g}); stopped without saving: {kept}; lower --lr (or --lambdaR), or --resume from "
+                               f"the last checkpoint") from None
+            step, seconds = step + r["steps"], seconds + r["seconds"]
+            totals = r["totals"] if totals is None else [a + b for a, b in zip(totals, r["totals"])]
+            if not r["stopped"]:
+                return pass_stats(totals, seconds, self.regularizer is not None)
+            ckpt = self.checkpoint(self.state.epoch, self.last_scores, lr)  # "epoch": the last completed one
+            ckpt.update(epoch_step=step, epoch_totals=totals)
+            self.save(ckpt, [self.last_path])
+            self.saved_step = (epoch, step, steps)
+            if self._agreed_stop():
+                raise Interrupted(self.stop.signum or signal.SIGTERM)
+
+    def _pause(self) -> bool:
+        return self.stop() or time.monotonic() >= self.next_save
+
+    def _agreed_stop(self) -> bool:
+        """Whether any rank was signalled (so that all ranks stop at the same point)."""
+        flag = torch.tensor([float(self.stop())], device=self.device)
+        return bool(distributed.all_reduce(flag, "max").item())
+
+    def checkpoint(self, epoch: int, te: dict, lr: float) -> dict:
+        state, args = self.state, self.args
+        rng_states = distributed.all_gather_object(capture_rng_state())
+        scores = ({"val_acc": te["top1"], "val_acc5": te["top5"]} if args.val_split
+                  else {"test_acc": te["top1"], "test_acc5": te["top5"]})
+        return make_checkpoint(
+            self.model, self.optimizer, epoch=epoch, acc=te["top1"], acc5=te["top5"], **scores, selection=self.select,
+            val_split={"n": args.val_split, "seed": self.start.split_seed} if args.val_split else None,
+            best_acc=state.best_acc, best_acc5=state.best_acc5, best_epoch=state.best_epoch, stage=state.stage, lr=lr,
+            scaler_state_dict=self.precision.scaler.state_dict() if self.precision.scaler else None,
+            rng_state=rng_states[0], rng_states=rng_states if self.world > 1 else None, world_size=self.world,
+            args=vars(args), epoch_step=0, epoch_totals=None)
+
+    def save(self, ckpt: dict, paths: list, epoch: Optional[int] = None) -> None:
+        if self.main:
+            try:
+                save_checkpoint(ckpt, paths)
+            except OSError as e:
+                kept = (f"the files of epoch {self.saved} are intact" if self.saved
+                        else "no checkpoint of this run had been written")
+                raise RunError(f"could not write checkpoint {paths[0]!r} ({e.strerror or e}); {kept}") from None
+        self.saved = epoch or self.saved
+        self.next_save = time.monotonic() + 60 * self.args.save_every_minutes if self.args.save_every_minutes \
+            else float("inf")
+
+    def print_test_lines(self, te: dict, improved: bool, periodic: bool) -> None:
+        """The authors' lines (CIFAR: on improvement only; ILSVRC: every epoch); ``Val`` ones with --val_split."""
+        label = "Val" if self.args.val_split else "Test"
+        best = "Best_Acc" if label == "Test" else "Best_Val_Acc"
+        if self.args.dataset == "ilsvrc":
+            print("%s_Acc_Top1/5 = %.3f\t%.3f" % (label, te["top1"], te["top5"]))
+            if improved:
+                print("Saving Best..")
+                print("%s_top1/5 = %.3f\t%.3f" % (best, self.state.best_acc, self.state.best_acc5))
+            if periodic:
+                print("Saving..")
+        elif improved:
+            print("%s_top1 = %.3f" % (best, self.state.best_acc))
+            print("%s_top5 = %.3f" % (best, self.state.best_acc5))
+
+    def log_epoch(self, epoch: int, stage: int, lr: float, tr: dict, te: dict, seconds: float) -> None:
+        state, sel = self.state, self.select
+        print("Time:  %.3f" % seconds)
+        reg = f" R {tr['reg']:.5f}" if tr["reg"] is not None else ""
+        print(f"[epoch {epoch}/{self.schedule.epochs}] stage {stage + 1} lr {lr:.5g} | train loss {tr['loss']:.4f}{reg} "
+              f"top1 {tr['top1']:.2f} | {sel} loss {te['loss']:.4f} top1 {te['top1']:.2f} top5 {te['top5']:.2f} | "
+              f"best {state.best_acc:.2f} (epoch {state.best_epoch}) | {seconds:.1f}s {tr['img_per_s']:.0f} img/s")
+        if self.writer is not None:
+            scalars = {"train/loss": tr["loss"], "train/top1": tr["top1"], "train/top5": tr["top5"],
+                       f"{sel}/loss": te["loss"], f"{sel}/top1": te["top1"], f"{sel}/top5": te["top5"], "lr": lr,
+                       "train/img_per_s": tr["img_per_s"], "train/R": tr["reg"]}
+            for key, value in scalars.items():
+                if value is not None:
+                    self.writer.add_scalar(key, value, epoch)
+            self.writer.flush()
+
+    def restart_stage(self, epoch: int) -> None:
+        """CIFAR-100: a new stage starts from the best weights so far, with a fresh SGD (no momentum)."""
+        state, args = self.state, self.args
+
+        def pick() -> Optional[str]:
+            if state.best_epoch is not None and os.path.isfile(self.best_path):
+                return self.best_path
+            return self.start.path if self.start.kind == "pretrained" else None  # the best this run has seen
+
+        source = _from_main(pick)  # decided where the files are, so that every rank does the same
+        if source is not None:
+            load_weights(self.model, _from_main(lambda: read_checkpoint(source)))
+        what = (f"the best checkpoint ({source}, top-1 {state.best_acc:.3f})" if source
+                else "the current weights (no best checkpoint yet)")
+        lr = self.schedule.lr_at(epoch)
+        print(f"Stage {self.schedule.stage(epoch) + 1} from epoch {epoch}: restarting from {what} with a fresh SGD at "
+              f"lr {lr:g}")
+        self.optimizer = make_optimizer(self.model, args, lr)
+        if self.precision.scaler is not None:
+            self.precision.scaler = torch.amp.GradScaler("cuda")
+
+    def score_on_test(self) -> dict:
+        """--val_split: the checkpoint chosen on validation, scored once on the test set (stored in its file); a
+        finished run that has the score already prints it without recomputing or rewriting anything."""
+        state = self.state
+        path = self.best_path if state.best_epoch is not None else self.last_path
+        ckpt = _from_main(lambda: read_checkpoint(path))
+        if ckpt.get("test_acc") is None or ckpt.get("epoch") != (state.best_epoch or state.epoch):
+            load_weights(self.model, ckpt)
+            te = evaluate(self.eval_net, self.model, self.loaders.test, device=self.device, precision=self.precision,
+                          channels_last=self.args.channels_last, progress=progress_enabled(), desc="test")
+            ckpt.update(test_acc=te["top1"], test_acc5=te["top5"])
+            self.save(ckpt, [path])
+            if self.writer is not None:
+                for key, value in (("val_top1", ckpt.get("val_acc")), ("test_top1", te["top1"]),
+                                   ("test_top5", te["top5"])):
+                    self.writer.add_scalar(f"final/{key}", float(value or 0.0), self.schedule.epochs)
+        return {"test_acc": float(ckpt["test_acc"]), "test_acc5": float(ckpt.get("test_acc5") or 0.0),
+                "epoch": ckpt["epoch"]}
+
+    def summary(self, final: Optional[dict]) -> dict:
+        state = self.state
+        if final is not None:
+            print("Best_Val_Acc_top1 = %.3f" % state.best_acc)
+            print("Best_Val_Acc_top5 = %.3f" % state.best_acc5)
+            print("Test_Acc_top1 = %.3f" % final["test_acc"])
+            print("Test_Acc_top5 = %.3f" % final["test_acc5"])
+            chosen = (f"the checkpoint chosen on {self.args.val_split} held-out training images"
+                      if state.best_epoch is not None else "the last checkpoint (no epoch scored above 0% on them)")
+            print(f"The test set was scored once, on {chosen} (epoch {final['epoch']})")
+            scores = {"val_acc": state.best_acc, "val_acc5": state.best_acc5, "test_acc": final["test_acc"],
+                      "test_acc5": final["test_acc5"]}
+        else:
+            print("Best_Acc_top1 = %.3f" % state.best_acc)
+            print("Best_Acc_top5 = %.3f" % state.best_acc5)
+            scores = {"val_acc": None, "val_acc5": None, "test_acc": state.best_acc, "test_acc5": state.best_acc5}
+        result = {"best_acc": state.best_acc, "best_acc5": state.best_acc5, "best_epoch": state.best_epoch,
+                  "epochs": self.schedule.epochs, "selection": self.select, **scores,
+                  "best_checkpoint": self.best_path if state.best_epoch is not None else None,
+                  "last_checkpoint": self.last_path}
+        print(json.dumps(result))
+        return result

@@ -14,12 +14,5 @@ import sys
 
 from utils.cli import eval_main
 
-DEFAULTS = {
-    "dataset": "cifar10",
-    # the authors' flag defaults (used for what neither the flags nor the checkpoint say)
-    "shared_rank": 16, "unique_rank": 1, "batch_size": 256,
-    "dataset_path": "./data/", "model": "ResNet56_DoubleShared",
-}
-
 if __name__ == "__main__":
-    sys.exit(eval_main(DEFAULTS))
+    sys.exit(eval_main("cifar10"))

@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """Evaluate a checkpoint on the ILSVRC2012 validation set: top-1/top-5 accuracy and error (SPEC sections 6-7).
 
-    python3 eval_ilsvrc.py --pretrained=<path_to_model> --model=ResNet34_DoubleShared --shared_rank=32 --unique_rank=1 \\
-        --dataset_path=<path_to_dataset> --visible_device=0,1,2,3
+    python3 eval_ilsvrc.py --pretrained=<path_to_model> --model=ResNet34_DoubleShared --shared_rank=32 \\
+        --unique_rank=1 --dataset_path=<path_to_dataset> --visible_device=0,1,2,3
 
 Reads the authors' files (with or without the ``module.`` prefix) and this project's. ``--model`` and the rank flags
 may be left out: this project's checkpoints record them, and for the authors' files the ranks are read off the tensor
@@ -15,12 +15,5 @@ import sys
 
 from utils.cli import eval_main
 
-DEFAULTS = {
-    "dataset": "ilsvrc",
-    # the authors' flag defaults (used for what neither the flags nor the checkpoint say)
-    "shared_rank": 32, "unique_rank": 1, "batch_size": 256,
-    "dataset_path": "/media/data/ILSVRC2012/", "model": "ResNet34_DoubleShared",
-}
-
 if __name__ == "__main__":
-    sys.exit(eval_main(DEFAULTS))
+    sys.exit(eval_main("ilsvrc"))

@@ -10,22 +10,12 @@ L<lambdaR>-<visible_device>.pth`` (best test top-1) and ``...-last.pth`` (``--re
 
 Several GPUs or nodes: start it with torchrun (DistributedDataParallel; ``--batch_size`` stays the global batch),
 e.g. ``torchrun --nproc_per_node=4 train_cifar100.py ... [--sync_bn]``. ``--val_split=N`` chooses the best checkpoint on
-N held-out training images and scores the test set once, at the end. SIGINT/SIGTERM stop between checkpoint writes
-(status 130/143; ``--resume`` continues).
+N held-out training images and scores the test set once, at the end. SIGINT/SIGTERM stop at the next step and save
+it (status 130/143; ``--resume`` continues from that step).
 """
 import sys
 
 from utils.cli import train_main
 
-DEFAULTS = {
-    "dataset": "cifar100",
-    # the authors' flag defaults
-    "lr": 0.1, "momentum": 0.9, "weight_decay": 5e-4, "lambdaR": 10.0,
-    "shared_rank": 16, "unique_rank": 1, "batch_size": 256,
-    "dataset_path": "./data/", "model": "ResNet34_SingleShared",
-    # stages end after epochs 150 and 225; each new stage restarts from the best weights with a fresh optimizer
-    "recipes": {"*": {"epochs": 300, "milestones": [150, 225], "restart": True}},
-}
-
 if __name__ == "__main__":
-    sys.exit(train_main(DEFAULTS))
+    sys.exit(train_main("cifar100"))

@@ -2,8 +2,9 @@
 on gloo: batch statistics are summed over ranks with the autograd-aware ``torch.distributed.nn.all_reduce``, whose
 backward sums the gradients of those sums over ranks, as torch's CUDA kernel does.
 
-``install()`` patches ``nn.SyncBatchNorm.forward`` for CPU inputs, lifts DDP's GPU-only check and tells ``utils.distributed`` that CPU runs may
-use ``--sync_bn``; a process started through :data:`LAUNCHER` runs a script with it installed.
+``install()`` patches ``nn.SyncBatchNorm.forward`` for CPU inputs, lifts DDP's GPU-only check and tells
+``utils.distributed`` that CPU runs may use ``--sync_bn``; a process started through :data:`LAUNCHER` runs a script
+with it installed.
 """
 import torch
 import torch.nn as nn

@@ -151,6 +151,24 @@ def test_round_trip_and_weights_only(tmp_path):
         torch.testing.assert_close(opt.state[p]["momentum_buffer"], opt2.state[q]["momentum_buffer"])
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_shared_basis_is_stored_once(tmp_path, device):
+    """The aliases of a shared basis (one tensor, several state_dict keys) are one storage in the file, also when the
+    model lives on a GPU (each alias copied to the CPU separately would store it once per block)."""
+    model = _tiny().to(device)
+    path = str(tmp_path / "ckpt.pth")
+    C.save_checkpoint(C.make_checkpoint(model, None, epoch=1, acc=0.0), path)
+    state = torch.load(path, map_location="cpu", weights_only=True)["net_state_dict"]
+    live = model.state_dict()
+    by_tensor = {}
+    for key, value in live.items():
+        by_tensor.setdefault(value.data_ptr(), []).append(key)
+    aliased = [keys for keys in by_tensor.values() if len(keys) > 1]
+    assert aliased  # the model does share tensors under several keys
+    for keys in aliased:
+        assert len({state[k].untyped_storage().data_ptr() for k in keys}) == 1, keys
+
+
 def test_authors_four_key_file_loads(tmp_path):
     model = _tiny()
     path = str(tmp_path / "ref.pth")

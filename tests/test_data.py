@@ -426,3 +426,14 @@ def test_fake_cifar_is_learnable():
     means = torch.stack([xtr[ytr == c].mean(0) for c in range(100)])
     acc = (torch.cdist(xte, means).argmin(1) == yte).float().mean().item()
     assert acc > 0.5
+
+
+def test_protocol2_pickle_with_empty_bytes_is_read(tmp_path):
+    """Python 3 writes ``b''`` in a protocol-2 pickle as a call of ``__builtin__.bytes``: mapped to python 3 names
+    before the allow-list, it is read."""
+    base = write_fake_cifar(tmp_path, "cifar10", 20, 5)
+    blob = pickle.dumps({"data": np.zeros((2, 3072), np.uint8), "labels": [1, 2], "batch_label": b""}, protocol=2)
+    assert b"__builtin__" in blob
+    with open(os.path.join(base, "test_batch"), "wb") as f:
+        f.write(blob)
+    assert D.load_cifar(tmp_path, "cifar10", train=False, download=False)[1].tolist() == [1, 2]

@@ -132,14 +132,13 @@ def test_convert_sync_batchnorm_keeps_tensors_and_sharing(monkeypatch):
 
 
 def test_batch_size_must_divide_over_processes(monkeypatch, capsys, tmp_path):
-    import train_cifar10
     from utils import cli
 
     monkeypatch.setenv("WORLD_SIZE", "4")
     monkeypatch.setenv("RANK", "0")
     monkeypatch.setenv("LOCAL_RANK", "0")
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", os.environ.get("CUDA_VISIBLE_DEVICES", ""))
-    code = cli.train_main(train_cifar10.DEFAULTS, ["--batch_size=30", "--device=cpu", f"--output_dir={tmp_path}"])
+    code = cli.train_main("cifar10", ["--batch_size=30", "--device=cpu", f"--output_dir={tmp_path}"])
     err = capsys.readouterr().err.strip()
     assert code == 1 and len(err.splitlines()) == 1
     assert "--batch_size=30 is the global batch" in err and "--batch_size=32 or 28" in err
@@ -256,3 +255,73 @@ def test_torchrun_imagefolder_dataloader_path(tmp_path):
     ckpt = _load(tmp_path / "out" / "ILSVRC-MobileNetV2_Shared-S32-U1-L10-0-last.pth")
     assert ckpt["epoch"] == 1 and ckpt["world_size"] == 2 and len(ckpt["rng_states"]) == 2
     assert ckpt["val_split"]["n"] == 3
+
+
+@pytest.mark.slow
+def test_a_rank_without_peers_says_whom_it_waits_for(tmp_path):
+    import socket
+    import time
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**ENV, "WORLD_SIZE": "2", "RANK": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": str(port)}
+    proc = subprocess.Popen([sys.executable, "train_cifar10.py", "--device=cpu", f"--output_dir={tmp_path}"],
+                            cwd=REPO, env=env, stderr=subprocess.PIPE, text=True)
+    try:
+        start, line = time.time(), ""
+        while "waiting" not in line and time.time() - start < 60:
+            line = proc.stderr.readline()
+        assert "rank 1: waiting for the other 1 process(es) of WORLD_SIZE=2 at 127.0.0.1" in line, line
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def _pid_of_rank(marker: str, rank: int):
+    """The pid of the torchrun worker whose command line holds ``marker`` and whose environment says RANK=rank."""
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
+            env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if marker.encode() in cmd and f"RANK={rank}".encode() in env and b"train_cifar10.py" in cmd:
+            return int(pid)
+    return None
+
+
+@pytest.mark.slow
+def test_sigterm_to_one_rank_stops_all_ranks_at_one_step_with_one_line_each(tmp_path):
+    """Slurm may signal one process of a job: every rank stops at the same step, the step is saved, and each rank
+    prints at most one line (no gloo traceback)."""
+    import signal
+    import time
+
+    data = tmp_path / "c10"
+    write_fake_cifar(data, "cifar10", n_train=64, n_test=16, seed=1)
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             "train_cifar10.py", "--model=ResNet32_DoubleShared", "--shared_rank=1", "--unique_rank=1",
+                             "--epochs=500", "--batch_size=8", f"--dataset_path={data}", f"--output_dir={out}",
+                             "--device=cpu", "--num_workers=0"],
+                            cwd=REPO, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        last = out / "CIFAR10-ResNet32_DoubleShared-S1-U1-L10-0-last.pth"
+        deadline = time.time() + 180
+        while not last.exists() and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.2)
+        pid = _pid_of_rank(str(out), 1)
+        assert pid is not None
+        os.kill(pid, signal.SIGTERM)
+        err = proc.communicate(timeout=180)[1]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    ours = [line for line in err.splitlines() if line.startswith("train_cifar10.py") and "FAILED" not in line]
+    assert len(ours) == 2 and all("interrupted by SIGTERM" in line for line in ours), err[-3000:]
+    # no worker traceback (torchrun prefixes those with [rankN]:); torchrun's own agent still reports the exit status
+    assert "[rank0]:" not in err and "[rank1]:" not in err and "gloo" not in err.lower(), err[-3000:]
+    ckpt = torch.load(last, map_location="cpu", weights_only=True)
+    assert ckpt["epoch_step"] or ckpt["epoch"]  # the step (or epoch) all ranks agreed on is on disk

@@ -17,9 +17,9 @@ from models.regularizer import orthogonality_penalty_reference
 from utils import cli
 from utils.checkpoint import make_checkpoint, save_checkpoint
 from utils.data import MEAN_STD, load_cifar
-from utils.engine import Precision, RunError, evaluate, train_one_epoch
+from utils.engine import Precision, RunError, Schedule, evaluate, train_one_epoch
 from utils.gpu_loader import GpuCifarLoader
-from utils.train import Schedule, decide_start, run_stem
+from utils.start import decide_start, run_stem
 
 CPU = torch.device("cpu")
 
@@ -115,10 +115,9 @@ def test_bf16_pass_keeps_fp32_master_weights(cifar, one_thread):
 
 
 def _args(cifar, out, *extra):
-    import train_cifar10
-    return cli.parse_train_args(train_cifar10.DEFAULTS, ["--model=ResNet20", "--epochs=2", "--batch_size=16",
-                                                         f"--dataset_path={cifar}", f"--output_dir={out}",
-                                                         "--device=cpu", "--num_workers=0", *extra], prog="t")
+    return cli.parse_train_args("cifar10", ["--model=ResNet20", "--epochs=2", "--batch_size=16",
+                                            f"--dataset_path={cifar}", f"--output_dir={out}",
+                                            "--device=cpu", "--num_workers=0", *extra], prog="t")
 
 
 def test_decide_start(cifar, tmp_path, monkeypatch):
@@ -143,19 +142,34 @@ def test_fit_then_evaluate_in_process(cifar, tmp_path, monkeypatch, capsys, one_
     """The run object end to end (2 epochs), and the eval run reproduces the accuracy training reported."""
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", os.environ.get("CUDA_VISIBLE_DEVICES", "0"))
     monkeypatch.setenv("CI", "1")
-    import eval_cifar10
-    import train_cifar10
     argv = ["--model=ResNet20", "--epochs=2", "--batch_size=16", f"--dataset_path={cifar}", f"--output_dir={tmp_path}",
             "--device=cpu", "--num_workers=0"]
     handlers = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
-    assert cli.train_main(train_cifar10.DEFAULTS, argv) == 0
+    assert cli.train_main("cifar10", argv) == 0
     assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == handlers
     out = capsys.readouterr().out
     result = json.loads(out.strip().splitlines()[-1])
     assert result["epochs"] == 2 and result["last_checkpoint"].endswith("-last.pth")
     best = result["best_checkpoint"] or result["last_checkpoint"]
-    assert cli.eval_main(eval_cifar10.DEFAULTS, [f"--pretrained={best}", "--batch_size=16", f"--dataset_path={cifar}",
-                                                 "--device=cpu", "--num_workers=0"]) == 0
+    assert cli.eval_main("cifar10", [f"--pretrained={best}", "--batch_size=16", f"--dataset_path={cifar}",
+                                     "--device=cpu", "--num_workers=0"]) == 0
     report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert report["top1"] == pytest.approx(result["best_acc"]) and report["top5"] == pytest.approx(result["best_acc5"])
     assert run_stem(_args(cifar, tmp_path)) == "CIFAR10-ResNet20-S16-U1-L10-0"
+
+
+def test_eval_refuses_non_finite_weights_and_prints_strict_json(cifar, tmp_path, capsys):
+    from utils.engine import json_line
+
+    model = get_model("ResNet20", "cifar10")
+    with torch.no_grad():
+        model.fc.weight[0, 0] = float("nan")
+    path = str(tmp_path / "diverged.pth")
+    save_checkpoint(make_checkpoint(model, None, epoch=3, acc=10.0), path)
+    code = cli.eval_main("cifar10", [f"--pretrained={path}", f"--dataset_path={cifar}", "--device=cpu",
+                                     "--num_workers=0"])
+    out, err = capsys.readouterr()
+    assert code == 1 and len(err.strip().splitlines()) == 1 and "non-finite weights (fc.weight)" in err, err
+    assert "Eval_Acc" not in out
+    line = json_line({"loss": float("nan"), "nested": {"top1": float("inf")}, "n": 3})
+    assert json.loads(line) == {"loss": None, "nested": {"top1": None}, "n": 3} and "NaN" not in line

@@ -26,26 +26,18 @@ try:
     from tests.fakedata import write_fake_cifar, write_fake_imagefolder
 except ImportError:  # pragma: no cover
     from fakedata import write_fake_cifar, write_fake_imagefolder
-
-import eval_cifar10
-import eval_cifar100
-import eval_ilsvrc
-import train_cifar10
-import train_cifar100
-import train_ilsvrc
 from models import get_model
 from models import pretrained as P
 from utils import checkpoint as C
 from utils import cli
 from utils import data as D
-from utils import engine
-from utils import train
+from utils import engine, start, train
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "CI": "1", "OMP_NUM_THREADS": "1", "PYTHONDONTWRITEBYTECODE": "1"}
 COMMON = ["--device=cpu", "--num_workers=0"]
-TRAIN = {"cifar10": train_cifar10.DEFAULTS, "cifar100": train_cifar100.DEFAULTS, "ilsvrc": train_ilsvrc.DEFAULTS}
-EVAL = {"cifar10": eval_cifar10.DEFAULTS, "cifar100": eval_cifar100.DEFAULTS, "ilsvrc": eval_ilsvrc.DEFAULTS}
+TRAIN = {"cifar10": "cifar10", "cifar100": "cifar100", "ilsvrc": "ilsvrc"}
+EVAL = {"cifar10": "cifar10", "cifar100": "cifar100", "ilsvrc": "ilsvrc"}
 SMALL = {"cifar10": "--model=ResNet20", "cifar100": "--model=ResNet18", "ilsvrc": "--model=ResNet18"}
 
 
@@ -99,7 +91,7 @@ def files(tmp_path_factory, data):
     out = root / "out"  # an earlier run of every script, same names as the runs below would write
     for dataset, defaults in TRAIN.items():
         args = cli.parse_train_args(defaults, [SMALL[dataset], f"--output_dir={out}"], prog="x")
-        stem = train.run_stem(args)
+        stem = start.run_stem(args)
         ckpt = C.make_checkpoint(r20, None, epoch=3, acc=1.0)
         C.save_checkpoint(ckpt, [str(out / f"{stem}.pth"), str(out / f"{stem}-last.pth")])
         (out / f"{stem}-args.json").write_text("{}\n")
@@ -323,7 +315,7 @@ def test_bad_checkpoints(data, files, capsys):
          ["exists and is not a directory"]),
     ]
     for label, main, defaults, argv, needles in wrong:
-        ds = defaults["dataset"]
+        ds = defaults
         extra = [] if any(a.startswith("--output_dir") for a in argv) or main is cli.eval_main else \
             [f"--output_dir={out}"]
         code, err, _ = call(main, defaults, [*argv, f"--dataset_path={data[ds]}", *extra, *COMMON], capsys)

@@ -5,13 +5,17 @@ and export); the atomic writer is :mod:`models.atomic`, shared with the export.
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence, Union
+import fcntl
+import glob
+import os
+from typing import IO, Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
 
 from models.atomic import atomic_write_bytes  # noqa: F401  (part of this module's API)
 from models.pretrained import unwrap_model
+from utils.engine import RunError
 
 # A checkpoint is the authors' four keys plus what resuming and rebuilding need; every value is something
 # ``torch.load(weights_only=True)`` can read (tensors, numbers, strings, None, lists/tuples/dicts of those):
@@ -29,13 +33,18 @@ from models.pretrained import unwrap_model
 FORMAT_VERSION = 1
 
 
-def _to_cpu(obj):
+def _to_cpu(obj, copies: dict):
+    """CPU copies of the tensors in ``obj``; a tensor reached under several keys (a shared basis) is copied once, so
+    the file holds it once and loads it as one storage."""
     if isinstance(obj, torch.Tensor):
-        return obj.detach().cpu()
+        key = (obj.device, obj.data_ptr(), obj.dtype, tuple(obj.shape), obj.stride(), obj.storage_offset())
+        if key not in copies:
+            copies[key] = obj.detach().cpu()
+        return copies[key]
     if isinstance(obj, dict):
-        return {k: _to_cpu(v) for k, v in obj.items()}
+        return {k: _to_cpu(v, copies) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return type(obj)(_to_cpu(v) for v in obj)
+        return type(obj)(_to_cpu(v, copies) for v in obj)
     return obj
 
 
@@ -89,7 +98,7 @@ def serialize(obj) -> bytes:
 
 def save_checkpoint(obj: dict, path: Union[str, Sequence[str]]) -> None:
     """Atomically write ``obj`` (tensors moved to CPU) to one path or to each of several paths."""
-    data = serialize(_to_cpu(obj))
+    data = serialize(_to_cpu(obj, {}))
     for p in [path] if isinstance(path, str) else path:
         atomic_write_bytes(data, p)
 
@@ -127,3 +136,25 @@ def _plain(value):
     if isinstance(value, (list, tuple)):
         return [_plain(v) for v in value]
     return str(value)
+
+
+class OutputLocked(RunError):
+    """Another live process is writing the same run's files."""
+
+
+def lock_run_files(out_dir: str, stem: str) -> IO:
+    """Hold ``out_dir/.<stem>.lock`` for as long as the returned file stays open: the kernel releases it when the
+    process ends, however it ends, so a crashed run never leaves it stuck. Then remove the temporary files that a
+    killed writer of this run left behind (no live process can be writing them now)."""
+    os.makedirs(out_dir, exist_ok=True)
+    handle = open(os.path.join(out_dir, f".{stem}.lock"), "a")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.close()
+        raise OutputLocked(f"another process is writing the {stem} files in {out_dir!r} (it holds .{stem}.lock); "
+                           f"wait for it to end, or pass another --output_dir") from None
+    for name in (f"{stem}.pth", f"{stem}-last.pth", f"{stem}-args.json", f"{stem}epoch*.pth"):
+        for tmp in glob.glob(os.path.join(glob.escape(out_dir), f".{name}.*.tmp")):
+            os.unlink(tmp)
+    return handle

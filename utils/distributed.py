@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import os
 import sys
+import threading
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 import torch.distributed as dist
@@ -76,12 +77,18 @@ def init_from_env(device_type: str, timeout_s: float = 1800.0) -> DistInfo:
                             f"device(s): start at most that many processes per node (--nproc_per_node)")
         torch.cuda.set_device(local_rank)
         kwargs["device_id"] = torch.device("cuda", local_rank)
-    if rank == 0:
-        print(f"waiting for {world - 1} more process(es) at {os.environ.get('MASTER_ADDR', '?')}:"
-              f"{os.environ.get('MASTER_PORT', '?')} (timeout {timeout_s:.0f} s)", file=sys.stderr, flush=True)
-    if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo", rank=rank, world_size=world,
-                                timeout=timedelta(seconds=timeout_s), **kwargs)
+    where = f"{os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')}"
+    waiting = threading.Timer(10.0, lambda: print(  # said only when the peers are late, by every rank that waits
+        f"rank {rank}: waiting for the other {world - 1} process(es) of WORLD_SIZE={world} at {where} (gives up "
+        f"after {timeout_s:.0f} s; start every rank with torchrun)", file=sys.stderr, flush=True))
+    waiting.daemon = True
+    waiting.start()
+    try:
+        if not dist.is_initialized():
+            dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo", rank=rank, world_size=world,
+                                    timeout=timedelta(seconds=timeout_s), **kwargs)
+    finally:
+        waiting.cancel()
     _INFO = DistInfo(rank=rank, world_size=world, local_rank=local_rank)
     return _INFO
 
@@ -117,6 +124,11 @@ def all_reduce(tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
     return tensor
 
 
+def any_rank(flag: bool, device: torch.device) -> bool:
+    """Whether ``flag`` is true on any rank (so that all ranks stop at the same step)."""
+    return bool(all_reduce(torch.tensor([float(flag)], device=device), "max").item())
+
+
 def broadcast_object(obj: Any = None) -> Any:
     """Rank 0's ``obj`` on every rank (so a checkpoint needs to exist only where rank 0 runs)."""
     if not _active():
@@ -124,6 +136,22 @@ def broadcast_object(obj: Any = None) -> Any:
     box = [obj]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def from_main(fn: Callable[[], Any]) -> Any:
+    """``fn()`` run on rank 0 (where the files are), its result -- or the error it raised -- on every rank."""
+    if not _active():
+        return fn()
+    out = None
+    if _INFO.is_main:
+        try:
+            out = (fn(), None)
+        except Exception as e:  # noqa: BLE001  (raised again below, on every rank, so that none waits forever)
+            out = (None, e)
+    value, error = broadcast_object(out)
+    if error is not None:
+        raise error
+    return value
 
 
 def all_gather_object(obj: Any) -> list:
@@ -138,5 +166,6 @@ def all_gather_object(obj: Any) -> list:
 def convert_sync_batchnorm(model: nn.Module, device: torch.device) -> nn.Module:
     """``--sync_bn``: torch's converter keeps the parameter tensors, and aliased (shared) convs stay one module."""
     if torch.device(device).type not in SYNC_BN_DEVICES:
-        raise DistError(f"--sync_bn needs CUDA devices (torch's SyncBatchNorm does not run on {device}); drop --sync_bn")
+        raise DistError(f"--sync_bn needs CUDA devices (torch's SyncBatchNorm does not run on {device}); "
+                        f"drop --sync_bn")
     return nn.SyncBatchNorm.convert_sync_batchnorm(model)

@@ -7,6 +7,8 @@ non-finite losses is inspected and, under torchrun, the ranks agree on whether t
 from __future__ import annotations
 
 import contextlib
+import json
+import math
 import os
 import random
 import signal
@@ -95,6 +97,15 @@ class Schedule:
 
     def lr_at(self, epoch: int) -> float:
         return self.lr * self.gamma ** self.stage(epoch)
+
+
+def json_line(record: dict) -> str:
+    """One line of strict JSON: a non-finite number (a diverged run) becomes null, never a bare ``NaN``."""
+    def clean(v):
+        if isinstance(v, float) and not math.isfinite(v):
+            return None
+        return {k: clean(x) for k, x in v.items()} if isinstance(v, dict) else v
+    return json.dumps(clean(record), allow_nan=False)
 
 
 def warn(message: str) -> None:
@@ -222,11 +233,9 @@ def train_one_epoch(net: Callable, model: nn.Module, loader, optimizer: torch.op
                     lambda_r: float = 0.0, precision: Optional[Precision] = None, channels_last: bool = False,
                     stop: Callable[[], bool] = lambda: False, print_first: bool = True, progress: bool = False,
                     desc: str = "train", check_every: int = 50) -> dict:
-    """One training pass (or what is left of it): loss = CE + ``lambda_r`` * R, SGD step per batch.
-
-    ``stop()`` is asked after every step (under torchrun: every ``check_every`` steps, ranks agreeing); when it says
-    yes the pass ends there. Under DDP every rank computes the same R from its identical weights, and DDP averages
-    the gradients of CE_rank + lambda R, so R's gradient counts once.
+    """One training pass (or what is left of it): loss = CE + ``lambda_r`` * R, SGD step per batch; ends early when
+    ``stop()`` says so. Under DDP every rank computes the same R from identical weights and DDP averages the gradients
+    of CE_rank + lambda R, so R's gradient counts once.
 
     Returns :func:`pass_stats` (batch-weighted means of CE and R, accuracies in percent on the augmented images, over
     all ranks) plus ``steps`` done in this call and whether it ``stopped`` early.
@@ -263,18 +272,11 @@ def train_one_epoch(net: Callable, model: nn.Module, loader, optimizer: torch.op
             print("accuracy_loss: %.6f" % ce.item())
             if reg is not None:
                 print("similarity loss: %.6f" % reg.item())
-        if distributed.current().enabled:
-            if step % check_every == 0 or step == steps:
-                _check_finite(losses, checked, step, steps)
-                checked = step
-                flag = torch.tensor([float(stop())], device=device)
-                if distributed.all_reduce(flag, "max").item() and step < steps:
-                    stopped = True
-                    break
-        elif step % check_every == 0 or step == steps or stop():
+        # single process: stop() after every step; under torchrun the ranks agree every check_every steps
+        if step % check_every == 0 or step == steps or (not distributed.current().enabled and stop()):
             _check_finite(losses, checked, step, steps)
             checked = step
-            if step < steps and stop():
+            if step < steps and distributed.any_rank(stop(), device):
                 stopped = True
                 break
     totals = _totals(sums, correct, images, "training")

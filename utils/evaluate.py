@@ -1,8 +1,6 @@
 """The evaluation scripts' run: rebuild the model a checkpoint holds, fold it for inference, score the test/val set."""
 from __future__ import annotations
 
-import json
-
 import torch
 
 from models import fold
@@ -10,8 +8,9 @@ from models.pretrained import load_weights, read_checkpoint, resolve_model
 from models.registry import rank_flags
 from utils import distributed
 from utils.data import build_loaders
-from utils.engine import Precision, RunError, evaluate, progress_enabled, run_context, seed_everything, warn, wrap_model
-from utils.train import _from_main, describe
+from utils.engine import (Precision, RunError, evaluate, json_line, progress_enabled, run_context, seed_everything,
+                          warn, wrap_model)
+from utils.start import describe
 
 
 def evaluate_checkpoint(args) -> dict:
@@ -19,13 +18,18 @@ def evaluate_checkpoint(args) -> dict:
     one JSON line. Under torchrun the set is sharded over the processes and the counts are summed."""
     with run_context(args.device) as device:
         seed_everything(args.seed)
-        ckpt = _from_main(lambda: read_checkpoint(args.pretrained))
+        ckpt = distributed.from_main(lambda: read_checkpoint(args.pretrained))
         model, inferred = resolve_model(ckpt, args.pretrained, model=args.model or ckpt.get("model") or
                                         args.fallback["model"], dataset=args.dataset, shared_rank=args.shared_rank,
                                         unique_rank=args.unique_rank)
         if inferred:
             print(f"Ranks read from the checkpoint: {rank_flags(model.cfg.build_kwargs())}")
         load_weights(model, ckpt)
+        broken = next((k for k, t in model.state_dict().items() if t.is_floating_point() and not t.isfinite().all()),
+                      None)
+        if broken is not None:
+            raise RunError(f"checkpoint {args.pretrained!r} holds non-finite weights ({broken}): it is from a diverged "
+                           f"run and cannot be evaluated; evaluate an earlier checkpoint")
         info = distributed.current()
         loaders = build_loaders(args.dataset, args.dataset_path, args.batch_size, num_workers=args.num_workers,
                                 device=device, seed=args.seed, channels_last=args.channels_last, train=False,
@@ -57,5 +61,5 @@ def evaluate_checkpoint(args) -> dict:
                   "folded": folded, "images": te["images"], "top1": te["top1"], "top5": te["top5"],
                   "top1_err": round(100.0 - te["top1"], 6), "top5_err": round(100.0 - te["top5"], 6),
                   "loss": te["loss"], "seconds": round(te["seconds"], 3)}
-        print(json.dumps(result))
+        print(json_line(result))
         return result

@@ -5,8 +5,9 @@ file is written; then one epoch after another: train, score on the selection set
 with ``--val_split``), write ``best`` (on a strict improvement, as the authors) and ``last`` atomically. How a run
 starts -- fresh, from ``--pretrained``, or continuing with ``--resume`` -- is decided once, into a :class:`RunStart`.
 
-SIGINT/SIGTERM set a flag: the current step finishes, nothing half-done is saved, and the run exits with one line
-and status 130/143 saying what is on disk; a second signal stops at once. Under torchrun only rank 0 writes.
+SIGINT/SIGTERM set a flag: the current step finishes, is saved as a resumable mid-epoch checkpoint, and the run exits
+with one line and status 130/143 saying what is on disk; a second signal stops at once. A mid-epoch checkpoint is
+also written every ``--save_every_minutes``. Under torchrun only rank 0 writes, and all ranks stop at the same step.
 """
 from __future__ import annotations
 
@@ -14,121 +15,26 @@ import json
 import os
 import signal
 import time
-from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
 import torch.nn as nn
 
-from models import OrthogonalityRegularizer, get_model
-from models.pretrained import CheckpointError, check_identity, checkpoint_acc, load_weights, read_checkpoint
-from models.registry import rank_flags
+from models import OrthogonalityRegularizer
+from models.pretrained import CheckpointError, checkpoint_acc, load_weights, read_checkpoint
 from utils import distributed
-from utils.checkpoint import atomic_write_bytes, capture_rng_state, make_checkpoint, restore_rng_state, save_checkpoint
-from utils.data import VAL_SPLIT_SEED, build_loaders, images_in
+from utils.checkpoint import (atomic_write_bytes, capture_rng_state, lock_run_files, make_checkpoint, restore_rng_state,
+                              save_checkpoint)
+from utils.data import build_loaders, images_in
 from utils.engine import (Interrupted, NonFiniteLoss, Precision, RunError, Schedule, StopSignals, evaluate,
-                          pass_stats, progress_enabled, run_context, seed_everything, train_one_epoch, warn, wrap_model)
-
-FILE_PREFIX = {"cifar10": "CIFAR10", "cifar100": "CIFAR100", "ilsvrc": "ILSVRC"}
-
-
-@dataclass
-class RunState:
-    """What continues from checkpoint to checkpoint besides weights and optimizer."""
-
-    epoch: int = 0  # last completed epoch; training continues at epoch + 1
-    best_acc: float = 0.0  # selection top-1 of the best checkpoint (validation with --val_split, else test)
-    best_acc5: float = 0.0
-    best_epoch: Optional[int] = None  # epoch of the weights in the best file (None: no best file from this run)
-    stage: int = 0
-
-
-@dataclass
-class RunStart:
-    """How this run begins: ``kind`` is ``fresh``, ``pretrained`` or ``resume``."""
-
-    kind: str = "fresh"
-    path: Optional[str] = None
-    ckpt: Optional[dict] = None
-    state: RunState = field(default_factory=RunState)
-    split_seed: int = VAL_SPLIT_SEED
-    rng_states: Optional[list] = None  # per rank, for --resume
-    step: int = 0  # --resume of a mid-epoch save: steps of epoch state.epoch + 1 already done
-    totals: Optional[list] = None  # and their loss/accuracy sums
-
-
-def format_lambda(value: float) -> str:
-    """``10`` and ``10.0`` both give ``"10"`` (the authors' files say ``L10.0`` when the flag was typed)."""
-    return f"{float(value):g}"
-
-
-def run_stem(args) -> str:
-    """The authors' checkpoint name: ``{CIFAR10|CIFAR100|ILSVRC}-{model}-S{s}-U{u}-L{lambdaR}-{devices}``."""
-    return (f"{FILE_PREFIX[args.dataset]}-{args.model}-S{args.shared_rank}-U{args.unique_rank}"
-            f"-L{format_lambda(args.lambdaR)}-{args.visible_device}")
-
-
-def decide_start(args, last_path: str, schedule: Schedule) -> RunStart:
-    """Read and check the checkpoint a run starts from (``--resume`` / ``--pretrained``), before anything is written."""
-    if args.resume is None and args.pretrained is None:
-        return RunStart(state=RunState(args.starting_epoch, stage=schedule.stage(args.starting_epoch)))
-    path = args.pretrained if args.resume is None else (last_path if args.resume == "auto" else args.resume)
-    if args.resume is not None and not os.path.exists(path):
-        raise RunError(f"nothing to resume: {path!r} does not exist (the same flags as the interrupted run are needed "
-                       f"to find it; or drop --resume to start a new run)")
-    ckpt = read_checkpoint(path)
-    check_identity(ckpt, path, dataset=args.dataset, model=args.model)
-    acc = checkpoint_acc(ckpt) or 0.0
-    if args.resume is None:  # --pretrained: the authors' semantics (weights, optimizer, best accuracy)
-        state = RunState(args.starting_epoch, acc if not args.val_split else 0.0,
-                         float(ckpt.get("best_acc5") or 0.0) if not args.val_split else 0.0,
-                         stage=schedule.stage(args.starting_epoch))
-        return RunStart("pretrained", path, ckpt, state)
-    if not isinstance(ckpt.get("epoch"), int):
-        raise CheckpointError(f"checkpoint {path!r} records no epoch; start from it with --pretrained instead")
-    split = ckpt.get("val_split") or {}
-    if split.get("n", 0) != args.val_split:
-        raise RunError(f"checkpoint {path!r} belongs to a run with --val_split={split.get('n', 0)}: resume it with the "
-                       f"same --val_split (the split decides which checkpoint is best)")
-    state = RunState(ckpt["epoch"], float(ckpt.get("best_acc", acc)), float(ckpt.get("best_acc5") or 0.0),
-                     ckpt.get("best_epoch"), int(ckpt.get("stage", schedule.stage(ckpt["epoch"]))))
-    states = ckpt.get("rng_states") or [ckpt.get("rng_state")]
-    return RunStart("resume", path, ckpt, state, int(split.get("seed", VAL_SPLIT_SEED)), states,
-                    int(ckpt.get("epoch_step") or 0), ckpt.get("epoch_totals"))
-
-
-def _from_main(fn):
-    """``fn()`` on rank 0, broadcast to every rank; a user error on rank 0 is raised on every rank."""
-    if not distributed.current().enabled:
-        return fn()
-    out = None
-    if distributed.is_main_process():
-        try:
-            out = ("ok", fn())
-        except (CheckpointError, RunError) as e:
-            out = ("error", isinstance(e, CheckpointError), str(e))
-    out = distributed.broadcast_object(out)
-    if out[0] == "error":
-        raise (CheckpointError if out[1] else RunError)(out[2])
-    return out[1]
+                          json_line, pass_stats, progress_enabled, run_context, seed_everything, train_one_epoch, warn,
+                          wrap_model)
+from utils.start import build_model, decide_start, describe, run_stem
 
 
 def make_optimizer(model: nn.Module, args, lr: float) -> torch.optim.SGD:
     # one group over all parameters: weight decay reaches BN and biases too, as in the authors' recipe
     return torch.optim.SGD(model.parameters(), lr=lr, momentum=args.momentum, weight_decay=args.weight_decay)
-
-
-def build_model(args) -> nn.Module:
-    try:
-        return get_model(args.model, args.dataset, shared_rank=args.shared_rank, unique_rank=args.unique_rank,
-                         ignore_unused_ranks=True)
-    except ValueError as e:
-        raise RunError(f"cannot build {args.model} for {args.dataset}: {e}") from None
-
-
-def describe(model: nn.Module) -> str:
-    """``ResNet56_DoubleShared --shared_rank=16 --unique_rank=1`` (the name alone for models without ranks)."""
-    return f"{model.cfg.name} {rank_flags(model.cfg.build_kwargs())}".strip()
 
 
 def fit(args) -> dict:
@@ -137,7 +43,6 @@ def fit(args) -> dict:
     ``best_checkpoint``, ``last_checkpoint``."""
     with run_context(args.device, args.batch_size) as device, StopSignals() as stop:
         return TrainingRun(args, device, stop).run()
-
 
 
 class TrainingRun:
@@ -156,12 +61,12 @@ class TrainingRun:
             raise RunError(f"--output_dir={self.out_dir!r} exists and is not a directory")
         self.schedule = Schedule.from_recipe(args.lr, args.schedule, args.epochs)
         self.model = build_model(args)  # before the data: ranks that cannot build fail fast
-        self.start = _from_main(lambda: decide_start(args, self.last_path, self.schedule))
+        self.start = distributed.from_main(lambda: decide_start(args, self.last_path, self.schedule))
         self.state = self.start.state
         self.select = "val" if args.val_split else "test"
         self._setup_data()
         self._setup_model()
-        self.saved = self.state.epoch  # the last epoch whose files are complete on disk
+        self.saved = self.state.epoch if self.start.kind == "resume" else 0  # last epoch whose files are on disk
         self.saved_step = None  # (epoch, step, steps) of the last mid-epoch save
         self.resume_at = (self.state.epoch + 1, self.start.step)  # a --resume of a mid-epoch save continues there
         self.last_scores = {"top1": checkpoint_acc(self.start.ckpt or {}) or 0.0, "top5": 0.0}
@@ -246,7 +151,7 @@ class TrainingRun:
             return None
         args = self.args
         try:
-            os.makedirs(self.out_dir, exist_ok=True)
+            self.lock = lock_run_files(self.out_dir, self.stem)  # held until the process ends
             if args.resume is None and os.path.exists(self.last_path):
                 warn(f"{self.last_path} exists and will be overwritten by this new run (use --resume to continue it)")
             resolved = dict(vars(args), device=str(self.device), milestones=list(self.schedule.milestones),
@@ -265,17 +170,19 @@ class TrainingRun:
 
     def run(self) -> dict:
         print(self.header())
+        if self.state.epoch >= self.schedule.epochs:  # a finished run: print its result, write nothing
+            print(f"Nothing to do: the run already completed epoch {self.state.epoch} of {self.schedule.epochs}")
+            self.writer = None
+            return self.summary(self.score_on_test() if self.args.val_split else None)
         self.writer = self._prepare_output()
         if self.start.rng_states:  # last, so that building things above does not shift the random streams
             states = self.start.rng_states
             restore_rng_state(states[self.rank] if len(states) == self.world else states[0] if not self.rank else None)
         epoch = self.state.epoch + 1
         try:
-            if self.state.epoch >= self.schedule.epochs:
-                print(f"Nothing to do: the run already completed epoch {self.state.epoch} of {self.schedule.epochs}")
             for epoch in range(self.state.epoch + 1, self.schedule.epochs + 1):
                 self.train_epoch(epoch)
-                if self._agreed_stop():
+                if distributed.any_rank(self.stop(), self.device):
                     raise Interrupted(self.stop.signum or signal.SIGTERM)
             final = self.score_on_test() if self.args.val_split else None
         except KeyboardInterrupt as e:  # ours (a signal), or Ctrl-C before/after the handlers
@@ -353,16 +260,11 @@ class TrainingRun:
             ckpt.update(epoch_step=step, epoch_totals=totals)
             self.save(ckpt, [self.last_path])
             self.saved_step = (epoch, step, steps)
-            if self._agreed_stop():
+            if distributed.any_rank(self.stop(), self.device):
                 raise Interrupted(self.stop.signum or signal.SIGTERM)
 
     def _pause(self) -> bool:
         return self.stop() or time.monotonic() >= self.next_save
-
-    def _agreed_stop(self) -> bool:
-        """Whether any rank was signalled (so that all ranks stop at the same point)."""
-        flag = torch.tensor([float(self.stop())], device=self.device)
-        return bool(distributed.all_reduce(flag, "max").item())
 
     def checkpoint(self, epoch: int, te: dict, lr: float) -> dict:
         state, args = self.state, self.args
@@ -382,12 +284,17 @@ class TrainingRun:
             try:
                 save_checkpoint(ckpt, paths)
             except OSError as e:
-                kept = (f"the files of epoch {self.saved} are intact" if self.saved
-                        else "no checkpoint of this run had been written")
+                kept = f"{self.last_path} still holds {self._on_disk()}" if self._on_disk() else \
+                    "no checkpoint of this run had been written"
                 raise RunError(f"could not write checkpoint {paths[0]!r} ({e.strerror or e}); {kept}") from None
         self.saved = epoch or self.saved
         self.next_save = time.monotonic() + 60 * self.args.save_every_minutes if self.args.save_every_minutes \
             else float("inf")
+
+    def _on_disk(self) -> Optional[str]:
+        if self.saved_step and self.saved_step[0] > self.saved:
+            return f"the first {self.saved_step[1]} steps of epoch {self.saved_step[0]}"
+        return f"epoch {self.saved}" if self.saved else None
 
     def print_test_lines(self, te: dict, improved: bool, periodic: bool) -> None:
         """The authors' lines (CIFAR: on improvement only; ILSVRC: every epoch); ``Val`` ones with --val_split."""
@@ -408,7 +315,8 @@ class TrainingRun:
         state, sel = self.state, self.select
         print("Time:  %.3f" % seconds)
         reg = f" R {tr['reg']:.5f}" if tr["reg"] is not None else ""
-        print(f"[epoch {epoch}/{self.schedule.epochs}] stage {stage + 1} lr {lr:.5g} | train loss {tr['loss']:.4f}{reg} "
+        print(f"[epoch {epoch}/{self.schedule.epochs}] stage {stage + 1} lr {lr:.5g} | "
+              f"train loss {tr['loss']:.4f}{reg} "
               f"top1 {tr['top1']:.2f} | {sel} loss {te['loss']:.4f} top1 {te['top1']:.2f} top5 {te['top5']:.2f} | "
               f"best {state.best_acc:.2f} (epoch {state.best_epoch}) | {seconds:.1f}s {tr['img_per_s']:.0f} img/s")
         if self.writer is not None:
@@ -429,9 +337,9 @@ class TrainingRun:
                 return self.best_path
             return self.start.path if self.start.kind == "pretrained" else None  # the best this run has seen
 
-        source = _from_main(pick)  # decided where the files are, so that every rank does the same
+        source = distributed.from_main(pick)  # decided where the files are, so that every rank does the same
         if source is not None:
-            load_weights(self.model, _from_main(lambda: read_checkpoint(source)))
+            load_weights(self.model, distributed.from_main(lambda: read_checkpoint(source)))
         what = (f"the best checkpoint ({source}, top-1 {state.best_acc:.3f})" if source
                 else "the current weights (no best checkpoint yet)")
         lr = self.schedule.lr_at(epoch)
@@ -446,7 +354,7 @@ class TrainingRun:
         finished run that has the score already prints it without recomputing or rewriting anything."""
         state = self.state
         path = self.best_path if state.best_epoch is not None else self.last_path
-        ckpt = _from_main(lambda: read_checkpoint(path))
+        ckpt = distributed.from_main(lambda: read_checkpoint(path))
         if ckpt.get("test_acc") is None or ckpt.get("epoch") != (state.best_epoch or state.epoch):
             load_weights(self.model, ckpt)
             te = evaluate(self.eval_net, self.model, self.loaders.test, device=self.device, precision=self.precision,
@@ -463,22 +371,21 @@ class TrainingRun:
     def summary(self, final: Optional[dict]) -> dict:
         state = self.state
         if final is not None:
-            print("Best_Val_Acc_top1 = %.3f" % state.best_acc)
-            print("Best_Val_Acc_top5 = %.3f" % state.best_acc5)
-            print("Test_Acc_top1 = %.3f" % final["test_acc"])
-            print("Test_Acc_top5 = %.3f" % final["test_acc5"])
+            scores = {"val_acc": state.best_acc, "val_acc5": state.best_acc5, "test_acc": final["test_acc"],
+                      "test_acc5": final["test_acc5"]}
+            labels = ("Best_Val_Acc_top1", "Best_Val_Acc_top5", "Test_Acc_top1", "Test_Acc_top5")
+        else:
+            scores = {"val_acc": None, "val_acc5": None, "test_acc": state.best_acc, "test_acc5": state.best_acc5}
+            labels = ("Best_Acc_top1", "Best_Acc_top5")
+        for label, value in zip(labels, (state.best_acc, state.best_acc5, scores["test_acc"], scores["test_acc5"])):
+            print("%s = %.3f" % (label, value))
+        if final is not None:
             chosen = (f"the checkpoint chosen on {self.args.val_split} held-out training images"
                       if state.best_epoch is not None else "the last checkpoint (no epoch scored above 0% on them)")
             print(f"The test set was scored once, on {chosen} (epoch {final['epoch']})")
-            scores = {"val_acc": state.best_acc, "val_acc5": state.best_acc5, "test_acc": final["test_acc"],
-                      "test_acc5": final["test_acc5"]}
-        else:
-            print("Best_Acc_top1 = %.3f" % state.best_acc)
-            print("Best_Acc_top5 = %.3f" % state.best_acc5)
-            scores = {"val_acc": None, "val_acc5": None, "test_acc": state.best_acc, "test_acc5": state.best_acc5}
         result = {"best_acc": state.best_acc, "best_acc5": state.best_acc5, "best_epoch": state.best_epoch,
                   "epochs": self.schedule.epochs, "selection": self.select, **scores,
                   "best_checkpoint": self.best_path if state.best_epoch is not None else None,
                   "last_checkpoint": self.last_path}
-        print(json.dumps(result))
+        print(json_line(result))
         return result

@@ -125,6 +125,7 @@ def test_variant_suffix_decides_the_rank_arguments():
         register_model("cifar10", "ResNet32_TripleShared", channels=16)
 
 
+@pytest.mark.slow
 def test_models_package_imports_nothing_from_utils():
     """models/ and hubconf.py stand alone: the training layer (utils) is never imported by them."""
     import subprocess

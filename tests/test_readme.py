@@ -3,6 +3,7 @@ import os
 import re
 from pathlib import Path
 
+import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -16,6 +17,7 @@ def _notebook_blocks() -> list:
     return blocks
 
 
+@pytest.mark.slow
 def test_notebook_section_runs_verbatim(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(ROOT)  # "from the repository root"
     torch.set_num_threads(1)

@@ -216,7 +216,8 @@ def test_cifar100_train_stages_then_eval(data, tmp_path):
     assert value(e.stdout, "Eval_Acc_top1") == "%.3f" % float(ckpt["acc"])
 
 
-@pytest.mark.parametrize("val_split", [0, pytest.param(4, marks=pytest.mark.slow)])
+@pytest.mark.slow
+@pytest.mark.parametrize("val_split", [0, 4])
 def test_cifar100_restart_reloads_best_with_fresh_momentum(data, tmp_path, monkeypatch, val_split):
     """In-process, with scripted accuracies on the selection set (test, or validation with --val_split): epoch 1 is
     the best, so stages 2 and 3 both start from its weights (not from epoch 2's), with empty momentum buffers and the
@@ -484,6 +485,7 @@ def test_val_split_indices_and_loaders(data, tmp_path):
     assert set(imagenet.val.dataset.indices).isdisjoint(imagenet.train.dataset.dataset.indices)
 
 
+@pytest.mark.slow
 def test_val_split_run_resume_and_final_test_score(data, tmp_path, capsys, monkeypatch):
     """Best checkpoint chosen on 6 held-out training images; the test set scored once at the end on it (and that
     number is what the eval script gives for the file); the split is the recorded one on --resume, even if the

@@ -208,7 +208,15 @@ def _file_ranks(ckpt: dict, path: str, name: str, dataset: str, state: dict, giv
     takes = model_rank_args(name, dataset)
     recorded = ckpt.get("model_kwargs")
     if isinstance(recorded, dict):
-        return {k: v for k, v in recorded.items() if k in takes}, False
+        recorded = {k: v for k, v in recorded.items() if k in takes}
+        if recorded and _mismatch_at_default_cost(name, dataset, recorded, state):  # never build what the record says
+            try:  # unchecked: a wrong record (or a hostile one, 10**7) would allocate gigabytes
+                actual = rank_flags(infer_ranks(name, dataset, state))
+            except ValueError:
+                actual = "other shapes"
+            raise CheckpointError(f"checkpoint {path!r} records {rank_flags(recorded)} but its tensors hold {actual}: "
+                                  f"its recorded model_kwargs are wrong, so it cannot be loaded as it is")
+        return recorded, False
     if given.keys() == set(takes) and not _mismatch_at(name, dataset, given, state):
         return dict(given), False  # every rank given and the shapes fit: no need to probe
     try:
@@ -217,6 +225,15 @@ def _file_ranks(ckpt: dict, path: str, name: str, dataset: str, state: dict, giv
         guess = guess_model_flags(dataset, state)
         hint = f"; the file fits {guess}" if guess else "; check --model and the dataset it was trained on"
         raise CheckpointError(f"checkpoint {path!r} is not a {dataset} {name} at any ranks{hint}") from None
+
+
+def _mismatch_at_default_cost(name: str, dataset: str, ranks: dict, state: dict) -> bool:
+    """Whether ``ranks`` disagree with the shapes, checked from the shapes alone (builds only default-size models)."""
+    try:
+        inferred = infer_ranks(name, dataset, state)
+    except ValueError:
+        return True
+    return any(inferred.get(k) != v for k, v in ranks.items())
 
 
 def _mismatch_at(name: str, dataset: str, ranks: dict, state: dict) -> str:

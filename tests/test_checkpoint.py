@@ -329,3 +329,30 @@ def test_read_checkpoint_directory_and_empty_file(tmp_path, what):
         needle = "the file is empty"
     with pytest.raises(P.CheckpointError, match=needle):
         P.read_checkpoint(str(path))
+
+
+def test_hostile_recorded_ranks_are_refused_before_building(tmp_path):
+    """A 1 MB file whose record says shared_rank=10**7 would make a model of many GB: the record is checked against
+    the tensor shapes first, which build only default-size models."""
+    import time
+
+    model = _tiny()
+    path = str(tmp_path / "hostile.pth")
+    ckpt = C.make_checkpoint(model, None, epoch=1, acc=0.0)
+    ckpt["model_kwargs"] = {"shared_rank": 10 ** 7, "unique_rank": 1}
+    C.save_checkpoint(ckpt, path)
+    began = time.perf_counter()
+    with pytest.raises(P.CheckpointError) as e:
+        P.load_model(path)
+    msg = str(e.value)
+    assert "\n" not in msg and "--shared_rank=10000000" in msg and "--shared_rank=1 " in msg + " ", msg
+    assert time.perf_counter() - began < 5
+
+
+def test_cli_bounds_ranks(capsys):
+    from utils import cli
+
+    with pytest.raises(SystemExit) as e:
+        cli.parse_train_args("cifar10", ["--shared_rank=100000"], prog="t")
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and len(err.splitlines()) == 1 and "rank from 1 to 4096, got 100000" in err, err

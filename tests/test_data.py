@@ -437,3 +437,32 @@ def test_protocol2_pickle_with_empty_bytes_is_read(tmp_path):
     with open(os.path.join(base, "test_batch"), "wb") as f:
         f.write(blob)
     assert D.load_cifar(tmp_path, "cifar10", train=False, download=False)[1].tolist() == [1, 2]
+
+
+@pytest.mark.parametrize("split", ["train", "val"])
+@pytest.mark.parametrize("workers", [0, pytest.param(2, marks=pytest.mark.slow)])
+@pytest.mark.parametrize("damage", ["truncated", "not an image"])
+def test_corrupt_imagefolder_image_is_one_line_naming_it(tmp_path, split, workers, damage):
+    from utils import cli
+
+    root = write_fake_imagefolder(tmp_path, classes=2, per_class=2, size=36, seed=0)
+    folder = os.path.join(root, split, "n00000001")
+    bad = os.path.join(folder, sorted(os.listdir(folder))[0])
+    if damage == "truncated":
+        with open(bad, "rb") as f:
+            head = f.read()[:60]
+        with open(bad, "wb") as f:
+            f.write(head)
+    else:
+        with open(bad, "wb") as f:
+            f.write(b"GIF89a this is no image at all")
+    loaders = D.build_loaders("ilsvrc", root, 2, num_workers=workers)
+    loader = loaders.train if split == "train" else loaders.test
+    if split == "train":
+        loader.set_epoch(0)
+    with pytest.raises(D.DatasetError) as e:
+        for _ in loader:
+            pass
+    line = cli._one_line(e.value)
+    assert line.startswith(f"image {bad!r} cannot be read") and "replace or remove it" in line, line
+    assert "\n" not in line and "Traceback" not in line

@@ -53,11 +53,12 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescrip
         return super()._get_help_string(action)
 
 
-def _number(kind: type, lowest: float, name: str, strict: bool = False) -> Callable[[str], float]:
-    """An argparse type: ``kind(text)`` at least ``lowest`` (above it when ``strict``), finite; refuses nan."""
+def _number(kind: type, lowest: float, name: str, strict: bool = False,
+            highest: float = float("inf")) -> Callable[[str], float]:
+    """An argparse type: ``kind(text)`` from ``lowest`` (excluded when ``strict``) to ``highest``, finite, not nan."""
     def parse(text: str):
         value = kind(text)
-        if not (value > lowest if strict else value >= lowest) or value == float("inf"):
+        if not (value > lowest if strict else value >= lowest) or not value <= highest or value == float("inf"):
             raise argparse.ArgumentTypeError(f"must be a {name}, got {text}")
         return value
     parse.__name__ = name  # argparse names it in "invalid <name> value"
@@ -66,6 +67,9 @@ def _number(kind: type, lowest: float, name: str, strict: bool = False) -> Calla
 
 _positive_int = _number(int, 0, "positive integer", strict=True)
 _nonneg_int = _number(int, 0, "non-negative integer")
+# A group-1 basis of more than 9 x C_in filters spans nothing more; 4096 is above that for every model here, and a
+# typo such as 100000 would otherwise end in an allocation failure.
+_rank = _number(int, 0, "rank from 1 to 4096", strict=True, highest=4096)
 _nonneg_float = _number(float, 0.0, "finite non-negative number")
 
 
@@ -95,8 +99,8 @@ def _common_parser(defaults: dict) -> argparse.ArgumentParser:
     from models import list_models
 
     g.add_argument("--model", type=str, help=f"model name, one of: {', '.join(list_models(defaults['dataset']))}")
-    g.add_argument("--shared_rank", type=_positive_int, help="rank s of each shared filter basis (group 1)")
-    g.add_argument("--unique_rank", type=_positive_int, help="rank u of each layer's own basis (group 1)")
+    g.add_argument("--shared_rank", type=_rank, help="rank s of each shared filter basis (group 1)")
+    g.add_argument("--unique_rank", type=_rank, help="rank u of each layer's own basis (group 1)")
     g.add_argument("--batch_size", type=_positive_int, default=256, help="batch size, train and test")
     g.add_argument("--visible_device", type=_visible_device, default=None,
                    help="CUDA_VISIBLE_DEVICES, e.g. 0,1,2,3 (several GPUs -> DataParallel; default 0, or the "
@@ -276,7 +280,10 @@ def run(main: Callable, args, prog: Optional[str] = None) -> int:
 
 
 def _one_line(e) -> str:
-    return " ".join(str(e).split("\n")).strip()
+    text = str(e)
+    if "Original Traceback" in text:  # raised in a DataLoader worker: the worker's own message is the last line
+        text = text.strip().splitlines()[-1].split(": ", 1)[-1]
+    return " ".join(text.split("\n")).strip()
 
 
 def train_main(dataset: str, argv: Optional[Sequence[str]] = None) -> int:

@@ -270,6 +270,17 @@ class Loaders(NamedTuple):
     num_classes: int
 
 
+def _read_image(path: str):
+    """An RGB PIL image, or a one-line DatasetError naming a corrupt, truncated or non-image file."""
+    from PIL import Image
+    try:
+        with open(path, "rb") as f:
+            return Image.open(f).convert("RGB")
+    except (OSError, SyntaxError, ValueError) as e:  # PIL's errors for unreadable, truncated, unknown formats
+        raise DatasetError(f"image {path!r} cannot be read ({type(e).__name__}: {_first_line(e)}); replace or remove "
+                           f"it") from None
+
+
 def _imagefolder(root: PathLike, split: str, train: bool):
     from torchvision.datasets import ImageFolder
     path = os.path.join(os.fspath(root), split)
@@ -277,7 +288,7 @@ def _imagefolder(root: PathLike, split: str, train: bool):
         raise DatasetError(f"ILSVRC directory {path!r} not found: expected {split}/<class>/<image> folders under "
                            f"{os.fspath(root)!r} (pass the directory holding train/ and val/ as --dataset_path)")
     try:
-        return ImageFolder(path, transform=imagenet_transforms(train))
+        return ImageFolder(path, transform=imagenet_transforms(train), loader=_read_image)
     except (FileNotFoundError, RuntimeError) as e:  # no class folders / no image files
         raise DatasetError(f"ILSVRC directory {path!r} holds no images in class folders ({_first_line(e)}); expected "
                            f"{split}/<class>/<image>.JPEG (sort the official flat val archive into class folders "

@@ -11,6 +11,7 @@ interpreter start); a few subprocess cases prove the real entry points.
 """
 import hashlib
 import os
+import pickle
 import shutil
 import signal
 import subprocess
@@ -19,6 +20,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -215,6 +217,12 @@ def layouts(tmp_path_factory, data):
     shutil.copytree(data["cifar10"], p)
     (p / "cifar-10-batches-py" / "test_batch").write_bytes(b"")
     bad["empty test_batch"] = (str(p), ["test_batch"])
+    # a valid test batch holding no images: found before training, before anything is written
+    p = root / "c10_no_test_images"
+    shutil.copytree(data["cifar10"], p)
+    with open(p / "cifar-10-batches-py" / "test_batch", "wb") as f:
+        pickle.dump({"data": np.zeros((0, 3072), np.uint8), "labels": []}, f, protocol=2)
+    bad["no test images"] = (str(p), ["test set", "holds no images"])
     bad["ImageFolder tree as CIFAR"] = (data["ilsvrc"], ["not found", "cifar-10-batches-py"])
     bad["a file as dataset_path"] = (str(Path(data["cifar10"]) / "cifar-10-batches-py" / "batches.meta"),
                                      ["not found"])

@@ -277,7 +277,7 @@ def measure_epochs(args, device: torch.device) -> None:
     print(f"300 epochs = {PAPER_EPOCHS} x (train epoch x {PAPER_TRAIN}/{n_train} + test pass x {PAPER_TEST}/{n_test})")
 
 
-def main(argv=None) -> None:
+def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m utils.benchmark", description=__doc__.split("\n\n")[0])
     p.add_argument("--dataset", default="cifar10", choices=["cifar10", "cifar100", "ilsvrc"])
     p.add_argument("--model", default="ResNet56_DoubleShared")
@@ -304,6 +304,11 @@ def main(argv=None) -> None:
     d.add_argument("--data_warmup", type=int, default=1, help="untimed warm-up epochs (compilation, cuDNN)")
     d.add_argument("--num_workers", type=int, default=min(8, os.cpu_count() or 1),
                    help="DataLoader workers (the straightforward path; the fast path too on CPU)")
+    return p
+
+
+def main(argv=None) -> None:
+    p = _parser()
     args = p.parse_args(argv)
     try:
         device = resolve_device(args.device)

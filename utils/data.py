@@ -349,7 +349,8 @@ def build_loaders(dataset: str, dataset_path: PathLike, batch_size: int, *, num_
     pin, shard = device.type == "cuda", dict(rank=rank, world=world_size)
     train_set, val_set, test_set, classes = _datasets(dataset, dataset_path, train, val_split, split_seed, download)
     for name, part in (("training", train_set), ("test", test_set)):
-        if part is not None and (part[0].shape[0] if isinstance(part, tuple) else len(part)) == 0:  # before anything is written or trained
+        size = None if part is None else part[0].shape[0] if isinstance(part, tuple) else len(part)
+        if size == 0:  # found before anything is written or trained
             raise DatasetError(f"the {dataset} {name} set under {os.fspath(dataset_path)!r} holds no images")
     if dataset == "ilsvrc":
         make_eval = lambda ds: _eval_loader(ds, batch_size, num_workers, pin, **shard)  # noqa: E731

@@ -1,12 +1,8 @@
 """Shared-filter-basis ConvNets ("Learning Deeply Shared Filter Bases for Efficient ConvNets").
 
-Importing this package registers every model of the paper::
-
-    from models import get_model, list_models, load_model
-    net = get_model("ResNet56_DoubleShared", dataset="cifar10", shared_rank=16, unique_rank=1)
-    net, ckpt = load_model("checkpoint.pth")   # a checkpoint file -> the model it holds (models.pretrained)
-
-The package is self-contained: it imports nothing from the training code (``utils``).
+Importing the package registers every model of the paper: ``get_model("ResNet56_DoubleShared", dataset="cifar10",
+shared_rank=16, unique_rank=1)``; ``load_model("checkpoint.pth")`` rebuilds a checkpoint's model. Self-contained: it
+imports nothing from the training code (``utils``).
 """
 from . import resnet  # noqa: F401  (registers the ResNets)
 from . import densenet  # noqa: F401  (registers DenseNet121*)

@@ -1,9 +1,8 @@
-"""Atomic file writes: the one implementation, for checkpoints (:mod:`utils.checkpoint`) and :mod:`models.export`.
+"""Atomic file writes, the one implementation for checkpoints (:mod:`utils.checkpoint`) and :mod:`models.export`.
 
-A file is written under a temporary name in the same directory, flushed to disk and renamed onto its path, so the path
-is always either the old file or the complete new one; on any failure (full disk, interrupt, a failed check) the
-temporary file is removed and the path is untouched. It lives in ``models`` so that the model package needs nothing
-from the training code.
+A file is written under a temporary name in its directory, flushed and renamed onto its path, so the path is always
+the old file or the complete new one; on any failure the temporary file is removed. It lives in ``models`` so that
+the model package needs nothing from the training code.
 """
 from __future__ import annotations
 
@@ -29,8 +28,8 @@ def _fsync(path: str) -> None:
 
 @contextlib.contextmanager
 def atomic_path(path: str, suffix: str = "") -> Iterator[str]:
-    """Yield a temporary path next to ``path`` to write to; when the block ends without an error the file is fsync'ed
-    and renamed onto ``path``, otherwise it is removed. Blocks can nest (each file is committed at its block's end)."""
+    """A temporary path next to ``path``, fsync'ed and renamed onto it when the block ends without an error, else
+    removed; blocks can nest (each file is committed at its own block's end)."""
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp" + suffix, dir=directory)

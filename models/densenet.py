@@ -1,24 +1,18 @@
 """DenseNet-BC 121 for CIFAR-100, plain and with shared filter bases (paper section 4.2; SPEC sections 2.4, 4).
 
-One :class:`DenseNet` class covers both models; the shared one differs in its bottleneck (the 3x3 conv is factorised
-as ``[unique || shared basis] -> basis BN -> 1x1 coefficients``), in four network-level bases, and in these details
-of the authors' code, which their checkpoints fix:
+One :class:`DenseNet` class covers both models; the shared one factorises each bottleneck's 3x3 conv as ``[unique ||
+shared basis] -> basis BN -> 1x1 coefficients`` over four network-level bases, with these quirks of the authors' code,
+which their checkpoints fix:
 
-* **Every** bottleneck of every dense block is shared (unlike the ResNets, no plain first layer), and ranks are not
-  scaled per block: all bases are ``[s, 128, 3, 3]`` (the bottleneck width is ``4 * growth`` everywhere).
-* The last dense block is wired to ``shared_basis_3``, the basis of the block before it (the authors' loop index
-  leaked). ``shared_basis_4`` is therefore never called in forward, yet it exists, is counted in the parameters, is in
-  the state_dict and is regularised (SPEC 2.4 and 10.2). Kept for checkpoint compatibility: see :func:`_basis_of_block`.
-* The last dense block's container is ``features.dense_block3`` in the plain model but
-  ``features.dense_block_layer_3`` in the shared one (see :meth:`DenseNet._block_name`).
+* **Every** bottleneck is shared (no plain first layer, unlike the ResNets) and ranks are not scaled per block: all
+  bases are ``[s, 128, 3, 3]`` (the bottleneck width is ``4 * growth`` everywhere).
+* The last dense block uses ``shared_basis_3`` (the authors' loop index leaked), so ``shared_basis_4`` is never called
+  in forward, yet it is counted, in the state_dict and regularised (SPEC 2.4 and 10.2).
+* The last dense block is ``features.dense_block3`` in the plain model, ``features.dense_block_layer_3`` in the shared.
 
-For inference, :func:`models.fold` turns each shared layer into a plain or a BN-free factorised layer, whichever
-costs fewer MACs, and moves the layers' output biases into the BatchNorms downstream (:meth:`SharedBottleneck.folded`,
-:meth:`DenseNet.after_fold`).
-
-Attribute names are checkpoint keys and module construction order is the authors' (``conv1``, the four bases, the
-feature stack, ``linear``), so ``torch.manual_seed`` reproduces their initial weights. There is no explicit
-initialisation: PyTorch defaults everywhere, and the shared bases are *not* orthogonal at init (SPEC section 3).
+Attribute names are checkpoint keys and construction order is the authors' (``conv1``, the four bases, the feature
+stack, ``linear``), so ``torch.manual_seed`` reproduces their initial weights: PyTorch defaults everywhere, and the
+shared bases are *not* orthogonal at init (SPEC section 3).
 """
 from __future__ import annotations
 
@@ -50,10 +44,8 @@ class Transition(nn.Module):
 
 
 class Bottleneck(nn.Module):
-    """Plain DenseNet-BC layer: BN -> ReLU -> 1x1 conv -> BN -> ReLU -> 3x3 conv; output ``[x, new]``.
-
-    The ReLUs are modules (keys ``residual_function.{0,2,3,5}``), so the FLOP counter counts them, as ptflops did.
-    """
+    """Plain DenseNet-BC layer: BN -> ReLU -> 1x1 conv -> BN -> ReLU -> 3x3 conv; output ``[x, new]``. The ReLUs are
+    modules (keys ``residual_function.{0,2,3,5}``), so the FLOP counter counts them, as ptflops did."""
 
     def __init__(self, in_channels: int, growth_rate: int) -> None:
         super().__init__()
@@ -69,11 +61,9 @@ class Bottleneck(nn.Module):
 
 
 class SharedBottleneck(nn.Module):
-    """DenseNet-BC layer whose 3x3 conv is factorised over a shared basis.
-
-    bn0 -> ReLU -> 1x1 conv1 -> bn1 -> ReLU -> [unique 3x3 basis_conv2 || shared 3x3] -> basis_bn2 -> 1x1
-    coeff_conv2; output ``[x, new]``. The ReLUs are functional (not counted by ptflops); basis conv, basis BN and
-    coefficient conv are linear, so the basis part can be folded or fused (:meth:`basis_positions`).
+    """DenseNet-BC layer whose 3x3 conv is factorised over the dense block's shared basis: bn0 -> ReLU -> 1x1 conv1
+    -> bn1 -> ReLU -> [basis_conv2 || shared_basis] -> basis_bn2 -> 1x1 coeff_conv2; output ``[x, new]``. Functional
+    ReLUs (not counted by ptflops).
 
     Args:
         in_channels: input channels of this layer.
@@ -100,28 +90,20 @@ class SharedBottleneck(nn.Module):
 
     @torch.no_grad()
     def folded(self, dense: Optional[bool] = None) -> nn.Module:
-        """The eval-mode equivalent of this layer, its basis BN folded away; the new channels keep a bias.
+        """The eval-mode equivalent of this layer without its basis BN; the new channels' conv keeps a bias.
 
-        * ``dense=True``: a plain :class:`Bottleneck` whose 3x3 conv is the whole basis part ``[unique || shared]
-          -> basis_bn2 -> coeff_conv2`` as one dense conv 128 -> growth (:func:`~models.fold.fold_position`).
-        * ``dense=False``: a :class:`FoldedSharedBottleneck`, the factorisation kept: the block's own copy of the
-          ``[unique || shared]`` filters as one 3x3 conv 128 -> r, then ``coeff_conv2`` with the BN folded in.
-        * ``dense=None`` (what :func:`~models.fold` uses): whichever costs fewer MACs
-          (:func:`~models.fold.dense_is_cheaper`). Dense is 128*9*32 = 36,864 MACs per pixel, factorised 1,184*r, so
-          ranks up to 31 stay factorised: the paper's S16U1 (r = 17, 20,128 MACs; dense would make the network 26%
-          more MACs, 0.90G instead of 0.71G) and S64U4 (r = 68) becomes a plain DenseNet.
-
-        Either way the last conv has a bias, and nothing in the block follows it. Every reader of these channels is a
-        BatchNorm (later layers' ``bn0``, the transition BN, the final BN), so :meth:`DenseNet.after_fold` moves the
-        biases into those BNs' running means and drops them: exact, and with the dense form it leaves exactly the
-        plain DenseNet. Without ``after_fold`` the returned block is exact on its own.
+        ``dense=True`` gives a plain :class:`Bottleneck` (the basis part as one dense 3x3 conv), ``dense=False`` a
+        :class:`FoldedSharedBottleneck` (the factorisation kept), ``None`` whichever costs fewer MACs
+        (:func:`~models.fold.dense_is_cheaper`: dense is 36,864 MACs per pixel, factorised 1,184*r, so the paper's
+        S16U1 (r = 17) stays factorised and S64U4 (r = 68) becomes a plain DenseNet). Exact on its own;
+        :meth:`DenseNet.after_fold` then moves the biases into the BatchNorms that read these channels.
         """
         conv, _ = fold_factorised(self.basis_positions()[0], dense, keep_bias=True)
         if isinstance(conv, nn.Sequential):  # factorised: basis conv + coefficient conv with the bias
             return FoldedSharedBottleneck(copy.deepcopy(self.bn0), copy.deepcopy(self.conv1), copy.deepcopy(self.bn1),
                                           conv[0], conv[1]).eval()
-        block = Bottleneck(self.bn0.num_features, self.coeff_conv2.out_channels).to(conv.weight.device,
-                                                                                    conv.weight.dtype)
+        block = Bottleneck(self.bn0.num_features, self.coeff_conv2.out_channels)
+        block = block.to(conv.weight.device, conv.weight.dtype)
         f = block.residual_function
         f[0].load_state_dict(self.bn0.state_dict())
         f[2].weight.copy_(self.conv1.weight)
@@ -138,12 +120,9 @@ class SharedBottleneck(nn.Module):
 
 
 class FoldedSharedBottleneck(nn.Module):
-    """Eval-only low-rank form of :class:`SharedBottleneck` (from its :meth:`~SharedBottleneck.folded`).
-
-    bn0 -> ReLU -> 1x1 conv1 -> bn1 -> ReLU -> 3x3 ``basis_conv2`` (the ``[unique || shared]`` filters, this layer's
-    own copy) -> 1x1 ``coeff_conv2`` (basis BN folded in; its bias goes downstream in :meth:`DenseNet.after_fold`);
-    output ``[x, new]``. Functional ReLUs, as in the shared layer.
-    """
+    """Eval-only low-rank form of :class:`SharedBottleneck`: bn0 -> ReLU -> conv1 -> bn1 -> ReLU -> 3x3
+    ``basis_conv2`` (this layer's own copy of the ``[unique || shared]`` filters) -> 1x1 ``coeff_conv2`` (basis BN
+    folded in); output ``[x, new]``."""
 
     def __init__(self, bn0: nn.BatchNorm2d, conv1: nn.Conv2d, bn1: nn.BatchNorm2d, basis_conv2: nn.Conv2d,
                  coeff_conv2: nn.Conv2d) -> None:
@@ -155,12 +134,6 @@ class FoldedSharedBottleneck(nn.Module):
         out = F.relu(self.bn0(x), inplace=True)
         out = F.relu(self.bn1(self.conv1(out)), inplace=True)
         return torch.cat((x, self.coeff_conv2(self.basis_conv2(out))), 1)
-
-
-def _basis_of_block(block: int, num_blocks: int) -> int:
-    """1-based shared basis used by dense block ``block`` (0-based): its own, except that the last block reuses the
-    basis of the block before it, as in the authors' code (checkpoints depend on it; SPEC 2.4)."""
-    return min(block, num_blocks - 2) + 1
 
 
 class DenseNet(nn.Module):
@@ -179,26 +152,24 @@ class DenseNet(nn.Module):
         super().__init__()
         if basis is not None:
             basis.require("DenseNet")
-        self.growth_rate = growth_rate
         self.basis_cfg = basis
+        self.num_blocks = len(layers)
         channels = 2 * growth_rate
         self.conv1 = nn.Conv2d(3, channels, 3, padding=1, bias=False)
         self.features = nn.Sequential()  # registered before the bases: its keys come first in the state_dict
-        if self.shared:
-            # One basis per dense block, all over the 4 * growth bottleneck width. Constructed here, before the
-            # blocks, as in the authors' code (this fixes the RNG order of the default init).
+        if self.shared:  # one basis per dense block, built before the blocks as in the authors' code (RNG order)
             for g in range(1, len(layers) + 1):
                 setattr(self, f"shared_basis_{g}", make_shared_basis(4 * growth_rate, basis.shared_rank))
         for i, n in enumerate(layers):
             block = nn.Sequential()
             # Checkpoint quirk: the last dense block gets shared_basis_3, leaving shared_basis_4 unused in forward.
-            shared = getattr(self, f"shared_basis_{_basis_of_block(i, len(layers))}") if self.shared else None
+            shared = getattr(self, f"shared_basis_{min(i, len(layers) - 2) + 1}") if self.shared else None
             for j in range(n):
                 layer = (Bottleneck(channels, growth_rate) if shared is None
                          else SharedBottleneck(channels, growth_rate, basis.unique_rank, shared))
                 block.add_module(f"bottle_neck_layer_{j}", layer)
                 channels += growth_rate
-            self.features.add_module(self._block_name(i, len(layers)), block)
+            self.features.add_module(self._block_name(i), block)
             if i < len(layers) - 1:
                 out_channels = int(reduction * channels)
                 self.features.add_module(f"transition_layer_{i}", Transition(channels, out_channels))
@@ -207,29 +178,24 @@ class DenseNet(nn.Module):
         self.features.add_module("relu", nn.ReLU(inplace=True))
         self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
         self.linear = nn.Linear(channels, num_classes)
-        self.num_blocks = len(layers)
 
     @property
     def shared(self) -> bool:
         """Whether the layers use shared bases (cleared by :meth:`after_fold` once they are all plain)."""
         return self.basis_cfg is not None
 
-    def _block_name(self, i: int, num_blocks: int) -> str:
+    def _block_name(self, i: int) -> str:
         # Checkpoint keys: the authors named the last dense block differently in their two classes.
-        if i == num_blocks - 1 and not self.shared:
-            return f"dense_block{i}"
-        return f"dense_block_layer_{i}"
+        return f"dense_block{i}" if i == self.num_blocks - 1 and not self.shared else f"dense_block_layer_{i}"
 
     @torch.no_grad()
     def after_fold(self) -> None:
         """Finish :func:`models.fold`: move the folded layers' output biases into the BatchNorms (exact, eval mode).
 
-        Each folded layer's last conv bias ``b`` is only ever read through BatchNorms, and BN is per channel, so
-        ``bn(x + b) = bn'(x)`` with running mean ``mu - b`` on those channels: the biases are walked through the
-        feature stack (concatenation keeps a channel's index until the next transition) and subtracted from the
-        running means of every BN that reads them; the convs lose their bias. If every layer became a plain
-        :class:`Bottleneck`, the last dense block is renamed to the plain model's ``dense_block3`` and ``shared`` is
-        cleared, so the state_dict is exactly the plain DenseNet's.
+        Every reader of a layer's new channels is a BatchNorm, and ``bn(x + b)`` is ``bn`` with running mean ``mu - b``:
+        the biases are walked through the feature stack (a channel keeps its index until the next transition) into
+        every BN that reads them, and the convs lose their bias. If every layer became a plain :class:`Bottleneck`,
+        the model takes the plain DenseNet's keys too (its last block is renamed ``dense_block3``).
         """
         layers = [m for m in self.modules() if isinstance(m, (Bottleneck, FoldedSharedBottleneck, SharedBottleneck))]
         if not self.shared or any(isinstance(m, SharedBottleneck) for m in layers):
@@ -251,11 +217,11 @@ class DenseNet(nn.Module):
                     conv.register_parameter("bias", None)
                     pending = torch.cat((pending, bias))
         if all(isinstance(m, Bottleneck) for m in layers):
-            names = {self._block_name(i, self.num_blocks): None for i in range(self.num_blocks)}
+            shared_name = self._block_name(self.num_blocks - 1)
             self.basis_cfg = None
-            for i, old in enumerate(names):
-                names[old] = self._block_name(i, self.num_blocks)
-            self.features = nn.Sequential(OrderedDict((names.get(n, n), m) for n, m in self.features.named_children()))
+            plain_name = self._block_name(self.num_blocks - 1)
+            self.features = nn.Sequential(OrderedDict((plain_name if n == shared_name else n, m)
+                                                      for n, m in self.features.named_children()))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.features(self.conv1(x))

@@ -1,7 +1,7 @@
 """MobileNetV2 for CIFAR-100 and ILSVRC, plain and with shared expansion convs (paper section 4.3; SPEC 2.6, 4).
 
-One :class:`MobileNetV2` class builds all four models from a stage table and a :class:`MobileNetV2Cfg` that holds
-what the authors' CIFAR and ILSVRC files do differently:
+One :class:`MobileNetV2` class builds all four models from :data:`STAGES` and a :class:`MobileNetV2Cfg` holding what
+the authors' CIFAR and ILSVRC files do differently:
 
 =============  ==========================================  ==============================================
                CIFAR-100                                   ILSVRC
@@ -13,14 +13,11 @@ residual       every stride-1 block: identity if in = out  stride 1 and in = out
 head           1x1 conv ``conv2`` (bias) after the pool    Dropout(0.2) + Linear ``classifier.1``
 =============  ==========================================  ==============================================
 
-Blocks are inverted residuals: 1x1 expand -> BN -> ReLU -> depthwise 3x3 -> BN -> ReLU -> 1x1 project -> BN. Their
-ReLUs are functional (plain ReLU, not ReLU6); only the stem's and head's ReLU6 are modules (counted by ptflops), and
-the global pool is functional (not counted).
-
-``MobileNetV2_Shared`` gives stages 3-6 one 1x1 expansion conv each (``shared_basis_1..4``, [6c, c, 1, 1]): the first
-block of those stages is plain, blocks 2..n drop their own ``conv1`` and call the stage's conv (registered in the block
-as ``shared_basis1``), keeping their own ``bn1``. No unique part, no rank arguments, PyTorch default init everywhere.
-The bases have more filters than inputs (192 x 32 ... 960 x 160), so the orthogonality penalty has a positive floor.
+Blocks use plain functional ReLUs (not ReLU6); only the stem's and head's ReLU6 are modules (counted by ptflops), and
+the global pool is functional (not counted). ``MobileNetV2_Shared`` gives stages 3-6 one 1x1 expansion conv each
+(``shared_basis_1..4``, [6c, c, 1, 1]) that blocks 2..n call instead of their own ``conv1`` (keeping their own
+``bn1``): no unique part, no ranks, PyTorch default init. The bases have more filters than inputs (192 x 32 ... 960 x
+160), so the orthogonality penalty has a positive floor.
 
 Attribute names are checkpoint keys and construction order is the authors' (``pre``, stages with each shared conv
 built just before its stage, ``conv1``, head), so ``torch.manual_seed`` reproduces their initial weights.
@@ -29,13 +26,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import partial
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .basis import BasisCfg, share_bases
+from .basis import BasisCfg, register_bases, share_bases, shared_bases_of
 from .fold import fold_conv_bn
 from .registry import register_model
 
@@ -47,22 +44,15 @@ SHARED_STAGES = (3, 4, 5, 6)  # 1-based stages that get a shared expansion conv 
 
 @dataclass(frozen=True)
 class MobileNetV2Cfg:
-    """What differs between the authors' CIFAR-100 and ILSVRC MobileNetV2 (see the module docstring).
-
-    Args:
-        stem_kernel, stem_stride, stem_padding: the stem conv (3 -> 32, with bias).
-        stage6_stride: first-block stride of stage 6.
-        projection_shortcuts: CIFAR rule (every stride-1 block is residual, projecting when channels change) instead
-            of the ILSVRC rule (residual only for stride 1 and in = out).
-        conv_head: classify with a 1x1 conv ``conv2`` after pooling (CIFAR) instead of Dropout + Linear (ILSVRC).
-    """
+    """What differs between the authors' CIFAR-100 and ILSVRC MobileNetV2 (see the module docstring): the stem conv
+    (3 -> 32, with bias), stage 6's stride, the CIFAR residual rule (``projection_shortcuts``) and its conv head."""
 
     stem_kernel: int
     stem_stride: int
     stem_padding: int
     stage6_stride: int
-    projection_shortcuts: bool
-    conv_head: bool
+    projection_shortcuts: bool  # every stride-1 block is residual, projecting when channels change
+    conv_head: bool  # classify with a 1x1 conv ``conv2`` after pooling instead of Dropout + Linear
 
 
 CIFAR = MobileNetV2Cfg(stem_kernel=1, stem_stride=1, stem_padding=1, stage6_stride=1, projection_shortcuts=True,
@@ -72,34 +62,28 @@ ILSVRC = MobileNetV2Cfg(stem_kernel=3, stem_stride=2, stem_padding=1, stage6_str
 
 
 class InvertedResidual(nn.Module):
-    """Expand (own 1x1 ``conv1`` or a stage's shared ``shared_basis1``) -> bn1 -> ReLU -> depthwise 3x3 ``conv2``
-    (stride) -> bn2 -> ReLU -> 1x1 ``conv3`` -> bn3, plus the residual chosen by ``projection_shortcuts``.
+    """Expand 1x1 ``conv1`` -> bn1 -> ReLU -> depthwise 3x3 ``conv2`` (stride) -> bn2 -> ReLU -> project 1x1
+    ``conv3`` -> bn3, plus the residual chosen by ``projection_shortcuts`` (:class:`MobileNetV2Cfg`).
 
     Args:
-        in_channels, out_channels: block input and output channels.
         expansion: inner width is ``expansion * in_channels``.
-        stride: stride of the depthwise conv.
-        projection_shortcuts: see :class:`MobileNetV2Cfg`.
-        shared_expand: the stage's shared 1x1 conv, used instead of an own ``conv1``.
+        shared: the stage's shared 1x1 convs used instead of the block's own ``conv1`` (and ``conv3``, if two are
+            given), registered here as ``shared_basis1`` (``shared_basis2``), the checkpoint keys.
     """
 
     def __init__(self, in_channels: int, out_channels: int, expansion: int, stride: int, projection_shortcuts: bool,
-                 shared_expand: Optional[nn.Conv2d] = None) -> None:
+                 shared: Sequence[nn.Conv2d] = ()) -> None:
         super().__init__()
         planes = expansion * in_channels
         self.shortcut: Optional[nn.Module] = None  # identity when residual
-        self.uses_shared = shared_expand is not None
-        if shared_expand is not None:
-            if shared_expand.in_channels != in_channels or shared_expand.out_channels != planes:
-                raise ValueError(f"shared expansion conv is {shared_expand.in_channels}->{shared_expand.out_channels}"
-                                 f", the block needs {in_channels}->{planes}")
-            share_bases(self, [shared_expand], "shared_basis1")  # checkpoint key `shared_basis1`
-        else:
+        share_bases(self, shared, keys=[f"shared_basis{j}" for j in range(1, len(shared) + 1)])
+        if not shared:
             self.conv1 = nn.Conv2d(in_channels, planes, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(planes)
         self.conv2 = nn.Conv2d(planes, planes, 3, stride=stride, padding=1, groups=planes, bias=False)
         self.bn2 = nn.BatchNorm2d(planes)
-        self.conv3 = nn.Conv2d(planes, out_channels, 1, bias=False)
+        if len(shared) < 2:
+            self.conv3 = nn.Conv2d(planes, out_channels, 1, bias=False)
         self.bn3 = nn.BatchNorm2d(out_channels)
         if projection_shortcuts:
             self.residual = stride == 1
@@ -109,31 +93,33 @@ class InvertedResidual(nn.Module):
         else:
             self.residual = stride == 1 and in_channels == out_channels
 
+    def _convs(self) -> tuple[nn.Conv2d, nn.Conv2d, nn.Conv2d]:
+        """The expansion, depthwise and projection convs, the block's own or shared."""
+        shared = shared_bases_of(self)
+        return (shared[0] if shared else self.conv1), self.conv2, (shared[1] if len(shared) > 1 else self.conv3)
+
     @torch.no_grad()
     def folded(self) -> "FoldedInvertedResidual":
-        """The eval-mode equivalent block: every BatchNorm folded into the conv before it (convs with bias).
-
-        A block that calls its stage's shared expansion gets its own 1x1 conv (the shared filters scaled by this
-        block's ``bn1``): the shared conv cannot absorb per-block BNs. Same MACs for the convs, minus every BN pass.
-        """
-        expand = self.shared_basis1 if self.uses_shared else self.conv1
+        """The eval-mode equivalent block, every BN folded into the conv before it; a shared conv becomes the block's
+        own (the shared filters scaled by this block's BN)."""
+        expand, depthwise, project = self._convs()
         shortcut = None if self.shortcut is None else fold_conv_bn(self.shortcut[0], self.shortcut[1])
-        return FoldedInvertedResidual(fold_conv_bn(expand, self.bn1), fold_conv_bn(self.conv2, self.bn2),
-                                      fold_conv_bn(self.conv3, self.bn3), self.residual, shortcut).eval()
+        return FoldedInvertedResidual(fold_conv_bn(expand, self.bn1), fold_conv_bn(depthwise, self.bn2),
+                                      fold_conv_bn(project, self.bn3), self.residual, shortcut).eval()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        expand = self.shared_basis1 if self.uses_shared else self.conv1
+        expand, depthwise, project = self._convs()
         out = F.relu(self.bn1(expand(x)), inplace=True)
-        out = F.relu(self.bn2(self.conv2(out)), inplace=True)
-        out = self.bn3(self.conv3(out))
+        out = F.relu(self.bn2(depthwise(out)), inplace=True)
+        out = self.bn3(project(out))
         if self.residual:
             out = out + (x if self.shortcut is None else self.shortcut(x))
         return out
 
 
 class FoldedInvertedResidual(nn.Module):
-    """Eval-only :class:`InvertedResidual` (from its :meth:`~InvertedResidual.folded`): 1x1 ``conv1`` -> ReLU ->
-    depthwise ``conv2`` -> ReLU -> 1x1 ``conv3`` (+ residual), each conv with its BatchNorm folded in."""
+    """Eval-only :class:`InvertedResidual`: 1x1 ``conv1`` -> ReLU -> depthwise ``conv2`` -> ReLU -> 1x1 ``conv3``
+    (+ residual), each conv with its BatchNorm folded in."""
 
     def __init__(self, conv1: nn.Conv2d, conv2: nn.Conv2d, conv3: nn.Conv2d, residual: bool,
                  shortcut: Optional[nn.Conv2d] = None) -> None:
@@ -152,14 +138,8 @@ class FoldedInvertedResidual(nn.Module):
 
 
 class MobileNetV2(nn.Module):
-    """MobileNetV2 (width 1.0) with the authors' stage layout, plain or with shared expansion convs.
-
-    Args:
-        cfg: :data:`CIFAR` or :data:`ILSVRC`.
-        num_classes: classifier outputs.
-        basis: ``BasisCfg()`` gives stages 3-6 one shared expansion conv each (``MobileNetV2_Shared``; their size is
-            the architecture's, so the config has no ranks); None builds the plain model.
-    """
+    """MobileNetV2 (width 1.0) with the authors' stage layout (``cfg``: :data:`CIFAR` or :data:`ILSVRC`); ``basis=
+    BasisCfg()`` gives stages 3-6 one shared expansion conv each (``MobileNetV2_Shared``), None the plain model."""
 
     def __init__(self, cfg: MobileNetV2Cfg, num_classes: int, *, basis: Optional[BasisCfg] = None) -> None:
         super().__init__()
@@ -173,13 +153,13 @@ class MobileNetV2(nn.Module):
         in_channels = 32
         for i, (t, c, n, s) in enumerate(STAGES, 1):
             stride = cfg.stage6_stride if s is None else s
-            shared = None
+            shared = []
             if basis is not None and i in SHARED_STAGES:
-                shared = nn.Conv2d(c, t * c, 1, bias=False)
-                setattr(self, f"shared_basis_{SHARED_STAGES.index(i) + 1}", shared)
+                shared = [nn.Conv2d(c, t * c, 1, bias=False)]  # the expansion conv of blocks 2..n
+                register_bases(self, shared, f"shared_basis_{SHARED_STAGES.index(i) + 1}")
             blocks = [InvertedResidual(in_channels, c, t, stride, cfg.projection_shortcuts)]
             for _ in range(1, n):
-                blocks.append(InvertedResidual(c, c, t, 1, cfg.projection_shortcuts, shared_expand=shared))
+                blocks.append(InvertedResidual(c, c, t, 1, cfg.projection_shortcuts, shared))
             in_channels = c
             # Stages of one block are the block itself in the checkpoints (`stage1.conv1`), the others Sequentials.
             setattr(self, f"stage{i}", blocks[0] if n == 1 else nn.Sequential(*blocks))
@@ -192,8 +172,8 @@ class MobileNetV2(nn.Module):
 
     @torch.no_grad()
     def after_fold(self) -> None:
-        """Finish :func:`models.fold`: fold the stem's and the head's BatchNorm into their convs too (exact, eval
-        mode). The BN slots become ``nn.Identity``, so ``pre.0``/``conv1.0`` keep their keys (now with a bias)."""
+        """Finish :func:`models.fold`: fold the stem's and head's BNs into their convs too; the BN slots become
+        ``nn.Identity``, so ``pre.0``/``conv1.0`` keep their keys (now with a bias)."""
         for seq in (self.pre, self.conv1):
             if isinstance(seq[1], nn.BatchNorm2d):
                 seq[0] = fold_conv_bn(seq[0], seq[1])

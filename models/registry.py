@@ -1,15 +1,14 @@
-"""Model registry: the paper's ``--model`` names, per dataset, and every decision about ranks.
+"""Model registry: the paper's ``--model`` names per dataset, and every decision about ranks.
 
-Names are the reference scripts' names (users type them from the paper's README), so one name can mean different
-networks on different datasets (``ResNet34`` on CIFAR-100 vs ILSVRC); the registry is keyed by ``(dataset, name)``.
-A name's suffix is its variant (:data:`VARIANTS`), which fixes the rank keywords it takes; this module is the one
-place that decides which ranks a model takes, their defaults, their bounds and multiples, and the datasets.
+Names are the reference scripts' (users type them from the paper's README), so one name can mean different networks
+on different datasets (``ResNet34`` on CIFAR-100 and ILSVRC): the registry is keyed by ``(dataset, name)``. A name's
+suffix is its variant (:data:`VARIANTS`); this module alone decides the ranks a model takes, their defaults and bounds.
 """
 from __future__ import annotations
 
 import fnmatch
-from dataclasses import asdict, dataclass, field, replace
-from typing import Callable, Optional
+from dataclasses import dataclass
+from typing import Callable, NamedTuple, Optional
 
 import torch.nn as nn
 
@@ -46,27 +45,19 @@ class ModelCfg:
 
     def build_kwargs(self) -> dict:
         """The keyword arguments that rebuild this model with :func:`get_model`."""
-        return {k: v for k, v in asdict(self).items() if k in RANK_ARGS and v is not None}
+        return {k: getattr(self, k) for k in RANK_ARGS if getattr(self, k) is not None}
 
 
-@dataclass(frozen=True)
-class _Entry:
+class _Entry(NamedTuple):
     builder: Callable[..., nn.Module]  # builder(num_classes=..., basis=Optional[BasisCfg])
     bases_per_group: Optional[int]  # None: a plain model
     rank_args: tuple  # the rank keywords this model takes, e.g. ("shared_rank", "unique_rank")
-    rank_multiple: int = 1  # grouped bases need ranks that are multiples of this
-    max_rank: int = 0
-    defaults: dict = field(default_factory=dict)
+    rank_multiple: int  # grouped bases need ranks that are multiples of this
+    max_rank: int  # KERNEL_AREA * input channels of the group-1 bases
+    defaults: dict  # the default of each rank keyword
 
 
 _REGISTRY: dict[tuple[str, str], _Entry] = {}
-
-
-def _variant(name: str) -> tuple:
-    suffix = name.split("_", 1)[1] if "_" in name else None
-    if suffix is not None and suffix not in VARIANTS:
-        raise ValueError(f"model {name!r}: unknown variant {suffix!r}; variants: {', '.join(VARIANTS)}")
-    return VARIANTS[suffix] if suffix else (None, ())
 
 
 def register_model(dataset: str, name: str, *, channels: int = 0, rank_multiple: int = 1,
@@ -80,18 +71,21 @@ def register_model(dataset: str, name: str, *, channels: int = 0, rank_multiple:
         defaults: rank defaults other than :data:`DEFAULT_RANKS`.
     """
     _check_dataset(dataset)
-    bases, rank_args = _variant(name)
+    suffix = name.split("_", 1)[1] if "_" in name else None
+    if suffix is not None and suffix not in VARIANTS:
+        raise ValueError(f"model {name!r}: unknown variant {suffix!r}; variants: {', '.join(VARIANTS)}")
+    bases, rank_args = VARIANTS[suffix] if suffix else (None, ())
     if set(defaults) - set(rank_args):
         raise ValueError(f"{name} does not take {', '.join(sorted(set(defaults) - set(rank_args)))}")
     if rank_args and channels <= 0:
         raise ValueError(f"{name} takes ranks: register it with the channels its group-1 bases see")
-    entry = _Entry(None, bases if bases_per_group is None else bases_per_group, rank_args, rank_multiple,
-                   KERNEL_AREA * channels, {k: defaults.get(k, DEFAULT_RANKS[k]) for k in rank_args})
+    bases = bases if bases_per_group is None else bases_per_group
+    defaults = {k: defaults.get(k, DEFAULT_RANKS[k]) for k in rank_args}
 
     def wrap(builder):
         if (dataset, name) in _REGISTRY:
             raise ValueError(f"model {name!r} is already registered for {dataset}")
-        _REGISTRY[(dataset, name)] = replace(entry, builder=builder)
+        _REGISTRY[(dataset, name)] = _Entry(builder, bases, rank_args, rank_multiple, KERNEL_AREA * channels, defaults)
         return builder
 
     return wrap
@@ -148,18 +142,16 @@ def _check_ranks(name: str, entry: _Entry, ranks: dict) -> None:
 
 def get_model(name: str, dataset: str, *, shared_rank: Optional[int] = None, unique_rank: Optional[int] = None,
               num_classes: Optional[int] = None, ignore_unused_ranks: bool = False) -> nn.Module:
-    """Build a registered model.
+    """Build a registered model (the paper's ``--model`` name, e.g. ``"ResNet56_DoubleShared"``) with ``model.cfg``.
 
     Args:
-        name: the paper's ``--model`` name, e.g. ``"ResNet56_DoubleShared"``.
-        dataset: ``"cifar10"``, ``"cifar100"`` or ``"ilsvrc"``.
         shared_rank, unique_rank: ranks, only for models that take them (None = the model's default).
         num_classes: override the dataset's class count (the checkpoints use the dataset's).
-        ignore_unused_ranks: drop ranks the model does not take instead of refusing them (the authors' scripts
-            ignore such flags, so the training and evaluation scripts build with this).
+        ignore_unused_ranks: drop ranks the model does not take instead of refusing them, as the authors' scripts
+            (and so ours) do with such flags.
 
     Raises:
-        ValueError: unknown name or dataset, a rank the model does not take, or ranks that cannot build (with the
+        ValueError: unknown name or dataset, a rank the model does not take, or ranks that cannot build (naming the
             ranks the paper used, where the defaults cannot build).
     """
     entry = _entry(name, dataset)

@@ -1,22 +1,16 @@
 """Orthogonality regulariser over shared filter bases (paper eq. 5; SPEC section 4).
 
-For a group g, stack its basis filters as rows of B_g (each filter flattened over in*kh*kw) and let
-D_g = (B_g B_g^T - I)^2 element-wise. The penalty is one global average over the selected entries of all groups:
+For a group g, stack its basis filters as rows of B_g (each flattened over in*kh*kw) and let D_g = (B_g B_g^T - I)^2
+element-wise. The penalty is one global average over the selected entries of all groups:
+R = sum_g selected_sum(D_g) / sum_g selected_count. Two forms, as in the authors' training scripts:
 
-    R = sum_g selected_sum(D_g) / sum_g selected_count
+* ``include_unique=True`` (their CIFAR-10 script): rows are the shared bases, then every unique conv of the group's
+  shared blocks; selected are the shared rows (shared-shared and shared->unique) plus each unique conv's own diagonal
+  block. Unique filters of different layers are never compared.
+* ``include_unique=False`` (their CIFAR-100 and ILSVRC scripts): the shared bases only, the whole matrix selected.
 
-Two forms, as in the authors' training scripts:
-
-* ``include_unique=True`` (the authors' CIFAR-10 script): rows are the shared bases then every unique conv of the
-  group's shared blocks; selected are all entries of the shared rows (shared-shared and shared->unique) plus each
-  unique conv's own diagonal block. Unique filters of different layers are never compared.
-* ``include_unique=False`` (their CIFAR-100 and ILSVRC scripts): rows are the shared bases only; the whole matrix is
-  selected.
-
-Which form a dataset's recipe uses is stated once, in :func:`includes_unique`. The groups come from
-:func:`models.basis.basis_groups` (one function for every family); :class:`OrthogonalityRegularizer` keeps the
-weight references and computes each group's terms with one matmul (plus one batched matmul for all unique blocks)
-per step, with no Python loop over blocks and no host-device synchronisation.
+The groups come from :func:`models.basis.basis_groups`, collected once; each step is one matmul per group (plus one
+batched matmul for its unique blocks), with no loop over blocks and no host-device synchronisation.
 """
 from __future__ import annotations
 
@@ -52,7 +46,7 @@ class OrthogonalityRegularizer:
 
     Args:
         model: the model being trained (unwrapped: not DataParallel).
-        include_unique: use the CIFAR-10 form (see module docstring); None: the form of the authors' script for
+        include_unique: the CIFAR-10 form (see the module docstring); None: the form of the authors' script for
             ``model.cfg.dataset`` (:func:`includes_unique`).
     """
 
@@ -61,16 +55,12 @@ class OrthogonalityRegularizer:
             raise ValueError("this model was folded for inference (models.fold) and has no shared bases left; "
                              "build the regulariser for the model being trained")
         self.groups = basis_groups(model)
-        self.include_unique = include_unique = _form(model, include_unique) if self.groups else bool(include_unique)
-        count = 0
+        self.include_unique = _form(model, include_unique) if self.groups else bool(include_unique)
+        self.count = 0  # selected entries of all groups
         for g in self.groups:
             n_shared = sum(w.shape[0] for w in g.shared)
-            if include_unique and g.unique:
-                n_unique = sum(w.shape[0] for w in g.unique)
-                count += n_shared * (n_shared + n_unique) + sum(w.shape[0] ** 2 for w in g.unique)
-            else:
-                count += n_shared ** 2
-        self.count = count
+            unique = g.unique if self.include_unique else []
+            self.count += n_shared * (n_shared + sum(w.shape[0] for w in unique)) + sum(w.shape[0] ** 2 for w in unique)
 
     def __bool__(self) -> bool:
         return bool(self.groups)
@@ -86,44 +76,40 @@ class OrthogonalityRegularizer:
             gram = shared @ rows.t()  # (n_S, n): the selected rows of B B^T
             gram.diagonal().sub_(1.0)
             total = total + gram.square().sum()
-            if unique:
-                same_shape = len({tuple(w.shape) for w in unique}) == 1
-                blocks = [torch.stack([w.flatten(1) for w in unique])] if same_shape else \
-                    [w.flatten(1).unsqueeze(0) for w in unique]
-                for b in blocks:  # (m, r, d): each unique conv's own r x r Gram block
-                    ug = b @ b.transpose(1, 2)
-                    ug.diagonal(dim1=1, dim2=2).sub_(1.0)
-                    total = total + ug.square().sum()
+            if not unique:
+                continue
+            if len({tuple(w.shape) for w in unique}) == 1:  # one batched matmul
+                blocks = [torch.stack([w.flatten(1) for w in unique])]
+            else:
+                blocks = [w.flatten(1).unsqueeze(0) for w in unique]
+            for b in blocks:  # (m, r, d): each unique conv's own r x r Gram block
+                unique_gram = b @ b.transpose(1, 2)
+                unique_gram.diagonal(dim1=1, dim2=2).sub_(1.0)
+                total = total + unique_gram.square().sum()
         return total / self.count
 
 
 def orthogonality_penalty(model: nn.Module, include_unique: Optional[bool] = None) -> torch.Tensor:
-    """R for ``model`` in one call (builds the regulariser each time; keep an :class:`OrthogonalityRegularizer` in
-    training loops)."""
+    """R for ``model`` in one call (builds the regulariser each time; training loops keep an
+    :class:`OrthogonalityRegularizer`)."""
     return OrthogonalityRegularizer(model, include_unique)()
 
 
 def orthogonality_penalty_reference(model: nn.Module, include_unique: Optional[bool] = None) -> torch.Tensor:
-    """The authors' straightforward form: full D_g per group, then a selection mask built on the fly.
-
-    Kept as the slow reference for tests and for the benchmark's straightforward path.
-    """
+    """The authors' straightforward form, full D_g per group and a selection mask: the slow reference for tests and
+    for the benchmark's straightforward path."""
     include_unique = _form(model, include_unique)
     total, count = 0.0, 0
     for g in basis_groups(model):
-        weights = list(g.shared) + (list(g.unique) if include_unique else [])
-        b = _rows(weights)
-        n_shared = sum(w.shape[0] for w in g.shared)
+        b = _rows(list(g.shared) + (list(g.unique) if include_unique else []))
         d = (b @ b.t() - torch.eye(b.shape[0], device=b.device, dtype=b.dtype)) ** 2
-        mask = torch.zeros_like(d, dtype=torch.bool)
-        if include_unique:
-            mask[:n_shared, :] = True
-            start = n_shared
+        mask = torch.ones_like(d, dtype=torch.bool)
+        if include_unique:  # the shared rows, then each unique conv's own diagonal block
+            start = sum(w.shape[0] for w in g.shared)
+            mask[start:] = False
             for w in g.unique:
                 mask[start:start + w.shape[0], start:start + w.shape[0]] = True
                 start += w.shape[0]
-        else:
-            mask[:] = True
         total = total + d[mask].sum()
         count += int(mask.sum())
     return total / count

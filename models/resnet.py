@@ -1,23 +1,14 @@
 """ResNets with shared filter bases for CIFAR-10, CIFAR-100 and ILSVRC (paper section 4; SPEC sections 1-3).
 
-One :class:`ResNet` class covers the three families; they differ only in data: stem (3x3 conv, or 7x7 conv + max-pool),
-stage widths, shortcut type (parameter-free "option A" on CIFAR-10, 1x1 conv + BN elsewhere) and head size. The
-variants of the paper are a :class:`~models.basis.BasisCfg` (as in every family):
+One :class:`ResNet` class covers the three families, which differ only in data: stem (3x3 conv, or 7x7 conv +
+max-pool), widths, shortcut ("option A" on CIFAR-10, 1x1 conv + BN elsewhere) and head size. The paper's variants are a
+:class:`~models.basis.BasisCfg`: ``DoubleShared`` (2 bases per group, one per conv position), ``SingleShared`` (1 basis
+used by both positions), ``SharedOnly`` (no unique filters; 2 bases per group on CIFAR-10, 1 on CIFAR-100) and
+``NonShared`` (unique filters only). In every group, block 1 is plain and blocks 2..n are shared; group g uses ``s*k``
+shared and ``u*k`` unique filters, ``k = width_g / width_1``.
 
-=================  ==========================  ==========================================
-variant            bases per group             factorised conv of a shared block
-=================  ==========================  ==========================================
-``DoubleShared``   2 (one per conv position)   [unique || shared_g_j] -> BN -> 1x1
-``SingleShared``   1 (used by both positions)  [unique || shared_g] -> BN -> 1x1
-``SharedOnly``     2 (CIFAR-10) / 1 (CIFAR-100) shared_g(_j) -> BN -> 1x1
-``NonShared``      0                           unique -> BN -> 1x1
-=================  ==========================  ==========================================
-
-The first block of every group (including group 1) is a plain block; blocks 2..n are shared blocks. Ranks scale with
-the group width: group g uses ``s*k`` shared and ``u*k`` unique filters, ``k = width_g / width_1``.
-
-Attribute names and registration order are the checkpoint keys of the authors' code and must not change; module
-construction order also matches theirs, so ``torch.manual_seed(0)`` builds the same initial weights.
+Attribute names and registration order are the authors' checkpoint keys; construction order is also theirs, so
+``torch.manual_seed(0)`` builds the same initial weights.
 """
 from __future__ import annotations
 
@@ -28,8 +19,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .basis import (BasisCfg, BasisPosition, basis_conv2d, basis_groups, init_orthogonal_, make_shared_basis,
-                    register_bases, share_bases, shared_bases_of)
+from .basis import (BasisCfg, BasisPosition, basis_conv2d, init_orthogonal_, make_shared_basis, register_bases,
+                    share_bases, shared_bases_of)
 from .fold import fold_factorised
 from .registry import register_model
 
@@ -47,6 +38,8 @@ class DownsampleA(nn.Module):
 
 class BasicBlock(nn.Module):
     """Plain residual block: conv3x3 -> BN -> ReLU -> conv3x3 -> BN, + shortcut, ReLU."""
+
+    expansion = 1  # output channels per ``planes`` (a bottleneck block would have 4)
 
     def __init__(self, in_planes: int, planes: int, stride: int = 1, shortcut: str = "B") -> None:
         super().__init__()
@@ -69,9 +62,8 @@ class BasicBlock(nn.Module):
 
 
 class SharedBasicBlock(nn.Module):
-    """Residual block whose two 3x3 convs are factorised over the group's shared bases.
-
-    Shared blocks never downsample, so the shortcut is the identity.
+    """Residual block whose two 3x3 convs are factorised over the group's shared bases (never downsamples, so the
+    shortcut is the identity).
 
     Args:
         planes: channels in and out.
@@ -84,13 +76,18 @@ class SharedBasicBlock(nn.Module):
         self.fused = True
         share_bases(self, shared_bases)  # checkpoint keys `shared_basis` or `shared_basis_1/_2`, first in order
         for i in (1, 2):
-            shared = shared_bases[(i - 1) % len(shared_bases)] if shared_bases else None
+            shared = self._shared(i)
             rank = unique_rank + (shared.out_channels if shared is not None else 0)
             if unique_rank:
                 setattr(self, f"basis_conv{i}", nn.Conv2d(planes, unique_rank, 3, padding=1, bias=False))
             setattr(self, f"basis_bn{i}", nn.BatchNorm2d(rank))
             setattr(self, f"coeff_conv{i}", nn.Conv2d(rank, planes, 1, bias=False))
             setattr(self, f"bn{i}", nn.BatchNorm2d(planes))
+
+    @staticmethod
+    def make_bases(planes: int, basis: BasisCfg, k: int) -> list[nn.Conv2d]:
+        """The shared bases of a group of these blocks (the network registers them before the group)."""
+        return [make_shared_basis(planes, basis.shared_rank * k) for _ in range(basis.bases_per_group)]
 
     def _shared(self, i: int) -> Optional[nn.Conv2d]:
         bases = shared_bases_of(self)
@@ -102,9 +99,8 @@ class SharedBasicBlock(nn.Module):
 
     @torch.no_grad()
     def folded(self) -> BasicBlock:
-        """The eval-mode equivalent plain block. Each factorised conv becomes one dense 3x3 conv where that is no more
-        work (then the block is exactly a plain ``BasicBlock``), else a basis conv + 1x1 conv without the basis BN;
-        either way its bias is absorbed into the following BatchNorm's running mean."""
+        """The eval-mode equivalent plain block: each factorised conv becomes one dense conv where that is no more work,
+        else basis conv + 1x1 conv without the basis BN; its bias goes into the following BN's running mean."""
         planes = self.bn1.num_features
         block = BasicBlock(planes, planes).to(self.bn1.weight.device, self.bn1.weight.dtype)
         for i, position in enumerate(self.basis_positions(), 1):
@@ -130,15 +126,18 @@ class ResNet(nn.Module):
 
     Args:
         layers: blocks per group, e.g. ``(9, 9, 9)`` or ``(3, 4, 6, 3)``.
-        widths: channels per group, e.g. ``(16, 32, 64)``.
+        widths: ``planes`` per group, e.g. ``(16, 32, 64)``.
         num_classes: classifier outputs.
         stem: ``"cifar"`` (3x3 conv) or ``"imagenet"`` (7x7 stride-2 conv + 3x3 max-pool).
         shortcut: ``"A"`` (CIFAR-10, parameter-free) or ``"B"`` (1x1 conv + BN).
         basis: factorisation of blocks 2..n of each group; None = plain ResNet.
+        block, shared_block: the plain block (first of each group; every block of a plain ResNet) and the shared
+            one, ``shared_block(planes * expansion, unique_rank, bases)`` with bases from ``shared_block.make_bases``.
     """
 
     def __init__(self, layers: Sequence[int], widths: Sequence[int], num_classes: int, *, stem: str = "cifar",
-                 shortcut: str = "B", basis: Optional[BasisCfg] = None) -> None:
+                 shortcut: str = "B", basis: Optional[BasisCfg] = None, block: type = BasicBlock,
+                 shared_block: type = SharedBasicBlock) -> None:
         super().__init__()
         self.basis_cfg = basis
         if stem == "imagenet":
@@ -152,33 +151,26 @@ class ResNet(nn.Module):
             k = planes // widths[0]
             bases = []
             if basis is not None:
-                bases = [make_shared_basis(planes, basis.shared_rank * k) for _ in range(basis.bases_per_group)]
+                bases = shared_block.make_bases(planes, basis, k)
                 register_bases(self, bases, f"shared_basis_{g}")  # `shared_basis_{g}` or `shared_basis_{g}_{j}`
-            stride = 1 if g == 1 else 2
-            group = [BasicBlock(in_planes, planes, stride, shortcut)]
+            group = [block(in_planes, planes, 1 if g == 1 else 2, shortcut)]
+            in_planes = planes * block.expansion
             for _ in range(1, blocks):
                 if basis is None:
-                    group.append(BasicBlock(planes, planes, 1, shortcut))
+                    group.append(block(in_planes, planes, 1, shortcut))
                 else:
-                    group.append(SharedBasicBlock(planes, basis.unique_rank * k, bases))
+                    group.append(shared_block(in_planes, basis.unique_rank * k, bases))
             setattr(self, f"layer{g}", nn.Sequential(*group))
-            in_planes = planes
         self.num_groups = len(layers)
         self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
-        self.fc = nn.Linear(widths[-1], num_classes)
-        self._init_weights()
-
-    def _init_weights(self) -> None:
+        self.fc = nn.Linear(in_planes, num_classes)
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
             elif isinstance(m, nn.BatchNorm2d):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
-        # Shared bases start orthonormal; a group's pair is drawn as one orthogonal matrix and split, so the two
-        # bases are also orthogonal to each other.
-        for group in basis_groups(self):
-            init_orthogonal_(group.shared)
+        init_orthogonal_(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.maxpool(F.relu(self.bn1(self.conv1(x)), inplace=True))

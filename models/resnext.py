@@ -1,23 +1,14 @@
 """ResNeXt-50 (32x4d) for CIFAR-100, plain and with shared grouped filter bases (paper section 4.2; SPEC 2.5, 4).
 
-One :class:`ResNeXt` class covers both models. As in the ResNets, the first block of every layer is a plain
-bottleneck and blocks 2..n are shared. A shared bottleneck replaces the grouped 3x3 conv by
+As in the ResNets, the first block of every layer is a plain bottleneck and blocks 2..n are shared. A shared
+bottleneck's grouped 3x3 conv becomes ``[unique grouped 3x3 (u*k filters, u*k/4 groups) || shared grouped 3x3 (s*k
+filters, s/4 groups)] -> bn2 -> ReLU``, then its own 1x1 ``conv3`` (the coefficient conv's role). The ReLU after the
+basis BN makes the basis part non-linear (no ``basis_positions``), and the different group counts make it two convs.
 
-    [unique grouped 3x3 (u*k filters, u*k/4 groups) || shared grouped 3x3 (s*k filters, s/4 groups)] -> bn2 -> ReLU
-
-followed by the bottleneck's own 1x1 expansion ``conv3`` (which plays the coefficient conv's role). Unlike the
-ResNets' factorised conv, the basis BN *is* followed by a ReLU, so the basis part is not linear and blocks expose no
-``basis_positions``; and the two bases have different group counts, so they cannot be computed as one conv
-(:func:`~models.basis.basis_conv2d` falls back to two convs and a concatenation).
-
-For inference, :meth:`SharedBottleneck.folded` (used by :func:`models.fold`) folds ``bn1``, ``bn2`` and ``bn3``
-into the convs before them; the two grouped bases stay two convs.
-
-Both bases put 4 filters in each group, so both ranks must be multiples of 4 and the group counts must divide the
-conv's input width (``128 * k``): the paper's row "ResNeXt50-S16U1" is built with shared_rank=64, unique_rank=4 (16
-and 1 are its layer-1 group counts; SPEC section 9). The authors' scripts cannot build the plain ``ResNext50`` (its
-constructor wants a class count they never pass) nor the shared one at the default ranks (16, 1); the registry builds
-both, with defaults 64/4, and rejects ranks that cannot form groups with a ValueError.
+Both bases hold 4 filters per group, so ranks must be multiples of 4 whose group counts divide the input width
+(``128 * k``): the paper's row "ResNeXt50-S16U1" is shared_rank=64, unique_rank=4 (16 and 1 are its layer-1 group
+counts; SPEC section 9). The authors' scripts can build neither the plain ``ResNext50`` (its constructor wants a class
+count they never pass) nor the shared one at their default ranks (16, 1); the registry builds both, defaults 64/4.
 
 Attribute names are checkpoint keys and construction order is the authors', so ``torch.manual_seed`` reproduces their
 initial weights: PyTorch defaults, then each shared basis orthogonal on its own (SPEC section 3).
@@ -31,7 +22,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .basis import BasisCfg, basis_conv2d, basis_groups, init_orthogonal_, make_shared_basis, share_bases
+from .basis import BasisCfg, basis_conv2d, init_orthogonal_, make_shared_basis, share_bases
 from .fold import bn_affine, conv_with_bias, fold_conv_bn
 from .registry import register_model
 
@@ -62,9 +53,8 @@ class Bottleneck(nn.Module):
 
 
 class SharedBottleneck(nn.Module):
-    """ResNeXt bottleneck whose grouped 3x3 conv is ``[unique || shared]`` grouped bases (see module docstring).
-
-    Shared blocks never downsample and keep the channel count, so the shortcut is the identity (no keys).
+    """ResNeXt bottleneck whose grouped 3x3 conv is ``[unique || shared]`` grouped bases (see the module docstring);
+    it never downsamples, so the shortcut is the identity (no keys).
 
     Args:
         planes: the layer's base width; in and out channels are ``4 * planes``.
@@ -87,19 +77,14 @@ class SharedBottleneck(nn.Module):
         self.bn3 = nn.BatchNorm2d(channels)
 
     def unique_bases(self) -> list[nn.Conv2d]:
-        """The block's own basis conv, for :func:`~models.basis.basis_groups` (there is no linear basis position).
-        Its filters span another input space (``width / groups`` channels) than the shared ones, so only the
-        shared-only regulariser form (the authors' CIFAR-100 form) applies to ResNeXt."""
+        """The block's own basis, for :func:`~models.basis.basis_groups`. Its filters span another input space
+        (``width / groups`` channels) than the shared ones, so only the shared-only regulariser form applies."""
         return [self.basis_conv2]
 
     @torch.no_grad()
     def folded(self) -> "FoldedSharedBottleneck":
-        """The eval-mode equivalent block with every BatchNorm folded into the conv before it (convs with bias).
-
-        The basis BN ``bn2`` is followed by a ReLU, so it cannot reach ``conv3``: it folds into the two grouped basis
-        convs instead (each scaled by its slice of ``bn2``; the shared one becomes this block's own copy), which stay
-        two grouped convs, as their group counts differ. ``bn1`` and ``bn3`` fold into ``conv1`` and ``conv3``.
-        """
+        """The eval-mode equivalent block, every BN folded into the conv before it: ``bn2`` cannot cross its ReLU to
+        ``conv3``, so it scales the two grouped bases (the shared one becomes this block's own copy)."""
         u = self.basis_conv2.out_channels
         scale, shift = bn_affine(self.bn2)
         scale = scale.view(-1, 1, 1, 1)
@@ -118,9 +103,8 @@ class SharedBottleneck(nn.Module):
 
 
 class FoldedSharedBottleneck(nn.Module):
-    """Eval-only form of :class:`SharedBottleneck` (from its :meth:`~SharedBottleneck.folded`): ``conv1`` -> ReLU ->
-    ``[basis_conv2 || shared_conv2]`` (grouped, the block's own) -> ReLU -> ``conv3``, + x, ReLU; all convs with the
-    BatchNorm after them folded in."""
+    """Eval-only :class:`SharedBottleneck`, BNs folded in: ``conv1`` -> ReLU -> ``[basis_conv2 || shared_conv2]``
+    (grouped, the block's own) -> ReLU -> ``conv3``, + x, ReLU."""
 
     def __init__(self, conv1: nn.Conv2d, basis_conv2: nn.Conv2d, shared_conv2: nn.Conv2d, conv3: nn.Conv2d) -> None:
         super().__init__()
@@ -132,7 +116,8 @@ class FoldedSharedBottleneck(nn.Module):
         return F.relu(self.conv3(out) + x, inplace=True)
 
 
-def _check_groups(what: str, rank: int, groups: int, width: int, layer: int) -> None:
+def _check_groups(what: str, rank: int, width: int, layer: int) -> None:
+    groups = rank // FILTERS_PER_GROUP
     if rank % FILTERS_PER_GROUP or groups <= 0 or width % groups:
         raise ValueError(f"ResNeXt's grouped bases hold {FILTERS_PER_GROUP} filters per group, so {what} must be a "
                          f"positive multiple of {FILTERS_PER_GROUP} whose group count divides the conv's input width "
@@ -171,8 +156,8 @@ class ResNeXt(nn.Module):
             shared = None
             if basis is not None:
                 s, u = basis.shared_rank, basis.unique_rank * k
-                _check_groups("shared_rank", s, s // FILTERS_PER_GROUP, width, g)
-                _check_groups("unique_rank", u, u // FILTERS_PER_GROUP, width, g)
+                _check_groups("shared_rank", s, width, g)
+                _check_groups("unique_rank", u, width, g)
                 # The shared basis has s*k filters but s/4 groups in every layer (4k filters per group).
                 shared = make_shared_basis(width, s * k, groups=s // FILTERS_PER_GROUP)
                 setattr(self, f"shared_basis_{g}", shared)
@@ -183,8 +168,7 @@ class ResNeXt(nn.Module):
                              else SharedBottleneck(planes, width, u, shared))
             setattr(self, f"layer{g}", nn.Sequential(*group))
         self.linear = nn.Linear(in_channels, num_classes)
-        for group in basis_groups(self):  # each basis orthogonal on its own, in layer order
-            init_orthogonal_(group.shared)
+        init_orthogonal_(self)  # each basis orthogonal on its own, in layer order
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = F.relu(self.bn1(self.conv1(x)), inplace=True)

@@ -1,8 +1,7 @@
 """Atomic file writes, the one implementation for checkpoints (:mod:`utils.checkpoint`) and :mod:`models.export`.
 
 A file is written under a temporary name in its directory, flushed and renamed onto its path, so the path is always
-the old file or the complete new one; on any failure the temporary file is removed. It lives in ``models`` so that
-the model package needs nothing from the training code.
+the old file or the complete new one. In ``models`` so that the model package needs nothing from the training code.
 """
 from __future__ import annotations
 

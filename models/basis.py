@@ -1,20 +1,18 @@
 """Shared filter bases (paper section 3; SPEC section 1).
 
 A factorised 3x3 conv is ``[unique basis conv || shared basis conv] -> basis BN -> 1x1 coefficient conv``; the shared
-basis is one ``nn.Conv2d`` used by every block of a group, the unique one is the block's own (unique channels first,
-as the coefficient conv's inputs are ordered in the authors' checkpoints). Two decisions shape this module:
+basis is one ``nn.Conv2d`` used by every block of a group (unique channels come first, as in the authors' files).
 
 * **Flat keys.** The checkpoints store the parts as flat attributes of the *block* (``layer1.1.basis_conv1``,
-  ``layer1.1.basis_bn1``, ``layer1.1.coeff_conv1``); a nested module would need key remapping on every save and load.
-  So the families' blocks own the parts and call :func:`basis_conv2d`; :class:`SharedBasisConv2d` packages the same
-  parts as one module for new architectures. Both describe their parts as :class:`BasisPosition`.
-* **Shared parameters.** A shared conv is registered on the network *and* on every block using it (like nanoGPT's
-  tied embedding, via :func:`share_bases`): ``parameters()`` yields it once, ``state_dict()`` lists every alias key,
-  as the reference checkpoints do.
+  ``layer1.1.coeff_conv1``); a nested module would need key remapping on every save and load. So blocks own the parts
+  and call :func:`basis_conv2d`; :class:`SharedBasisConv2d` is the same as one module, for new architectures.
+* **Shared parameters.** A shared conv is registered on the network *and* on every block using it (:func:`share_bases`,
+  like nanoGPT's tied embedding): ``parameters()`` yields it once, ``state_dict()`` lists every alias, as the
+  reference checkpoints do.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import NamedTuple, Optional, Sequence
 
 import torch
@@ -24,25 +22,22 @@ import torch.nn.functional as F
 
 @dataclass(frozen=True)
 class BasisCfg:
-    """How a family shares filter bases, the one variant vocabulary of every family (``basis=None``: plain model).
+    """How a family shares filter bases (``basis=None``: plain model). Ranks are group 1's (families scale them per
+    group as the authors do); 0 = none (``SharedOnly`` has no unique filters; MobileNetV2's bases have a fixed size)."""
 
-    Args:
-        bases_per_group: 2 (one per conv position: ``DoubleShared``, CIFAR-10 ``SharedOnly``), 1 (used by every shared
-            layer of the group) or 0 (``NonShared``: unique filters only).
-        shared_rank: filters per shared basis in group 1 (families scale it per group as the authors do); 0 where the
-            architecture fixes the basis size (MobileNetV2's shared expansion convs).
-        unique_rank: filters of each layer's own basis in group 1 (0: none, as in ``SharedOnly`` and MobileNetV2).
-    """
-
-    bases_per_group: int = 1
+    bases_per_group: int = 1  # 2: one per conv position (DoubleShared); 1: used by every layer; 0: NonShared
     shared_rank: int = 0
     unique_rank: int = 0
 
-    def require(self, family: str, bases_per_group: int = 1, fixed_size: bool = False) -> None:
-        """Refuse a config ``family`` cannot build (the registry makes only valid ones; this guards direct use)."""
-        if self.bases_per_group != bases_per_group or (fixed_size and (self.shared_rank or self.unique_rank)):
-            sizes = " and no ranks (the architecture fixes its size)" if fixed_size else ""
-            raise ValueError(f"{family} shares {bases_per_group} basis per group{sizes}, not {self}")
+
+def require_basis(basis: Optional[BasisCfg], family: str, bases_per_group: int = 1,
+                  fixed_size: bool = False) -> Optional[BasisCfg]:
+    """``basis``, refused if ``family`` cannot build it (the registry makes only valid ones; this guards direct use)."""
+    if basis is not None and (basis.bases_per_group != bases_per_group
+                              or (fixed_size and (basis.shared_rank or basis.unique_rank))):
+        sizes = " and no ranks (the architecture fixes its size)" if fixed_size else ""
+        raise ValueError(f"{family} shares {bases_per_group} basis per group{sizes}, not {basis}")
+    return basis
 
 
 class BasisPosition(NamedTuple):
@@ -65,11 +60,10 @@ def register_bases(module: nn.Module, bases: Sequence[nn.Conv2d], name: str,
     return tuple(keys)
 
 
-def share_bases(block: nn.Module, bases: Sequence[nn.Conv2d], name: str = "shared_basis",
-                keys: Optional[Sequence[str]] = None) -> None:
-    """Register a group's shared bases as aliases on the ``block`` that uses them (:func:`register_bases`) and record
-    them for :func:`shared_bases_of`; call it where the checkpoint's keys of the block must come."""
-    block.shared_basis_names = register_bases(block, bases, name, keys)
+def share_bases(block: nn.Module, bases: Sequence[nn.Conv2d], keys: Optional[Sequence[str]] = None) -> None:
+    """Register a group's shared bases as aliases on the ``block`` that uses them (as ``shared_basis`` or ``_1``,
+    ``_2``, unless ``keys``) and record them for :func:`shared_bases_of`; call it where the block's keys must come."""
+    block.shared_basis_names = register_bases(block, bases, "shared_basis", keys)
 
 
 def shared_bases_of(block: nn.Module) -> list[nn.Conv2d]:
@@ -84,12 +78,8 @@ def make_shared_basis(in_channels: int, rank: int, kernel_size: int = 3, groups:
 
 def basis_conv2d(x: torch.Tensor, unique: Optional[nn.Conv2d], shared: Optional[nn.Conv2d], *,
                  stride: int = 1, padding: int = 1, fused: bool = True) -> torch.Tensor:
-    """``[unique || shared]`` basis convolutions of ``x``.
-
-    ``fused=True`` concatenates the two ungrouped weights and makes one convolution: the same output and weight
-    gradients as two convs and a ``torch.cat``, in fewer, larger kernels. ``fused=False`` keeps the authors' two-conv
-    form (for the FLOP counter, which hooks the individual modules, and the benchmark's straightforward path).
-    """
+    """``[unique || shared]`` basis convolutions of ``x``: with ``fused``, one conv over the concatenated weights (the
+    same outputs and gradients in fewer kernels), else the authors' two convs (which the FLOP counter hooks)."""
     if fused and unique is not None and shared is not None and unique.groups == shared.groups == 1:
         weight = torch.cat((unique.weight, shared.weight), dim=0)  # (u + s, C_in, kh, kw): unique filters first
         return F.conv2d(x, weight, None, stride, padding)
@@ -104,12 +94,11 @@ def _conv(conv: nn.Conv2d, x: torch.Tensor, stride: int) -> torch.Tensor:
     return F.conv2d(x, conv.weight, conv.bias, stride, conv.padding, conv.dilation, conv.groups)
 
 
-@dataclass
-class BasisGroup:
+class BasisGroup(NamedTuple):
     """The basis weights of one group: shared bases (in row order) and unique basis weights (block order)."""
 
-    shared: list = field(default_factory=list)
-    unique: list = field(default_factory=list)
+    shared: list
+    unique: list
 
 
 def _unique_bases(block: nn.Module) -> list[nn.Conv2d]:
@@ -121,12 +110,9 @@ def _unique_bases(block: nn.Module) -> list[nn.Conv2d]:
 
 
 def basis_groups(model: nn.Module) -> list[BasisGroup]:
-    """The groups of shared bases of ``model`` (for the regulariser and the init), found one way for all families.
-
-    The bases are the model's own ``shared_basis*`` children (in registration order, also ones no block calls, like
-    DenseNet's ``shared_basis_4``) and those its blocks hold (:func:`share_bases`). Bases used by one block form one
-    group (DoubleShared's pair), whose unique weights are those blocks' own basis convs. Plain models have none.
-    """
+    """The groups of shared bases of ``model`` (for the regulariser and the init), found one way for all families:
+    the model's ``shared_basis*`` children (also unused ones, like DenseNet's ``shared_basis_4``) and its blocks'
+    (:func:`share_bases`); bases used by one block form one group, with those blocks' own basis convs as unique."""
     bases = {id(m): m for n, m in model.named_children() if n.startswith("shared_basis")}
     users = [(block, shared_bases_of(block)) for block in model.modules() if shared_bases_of(block)]
     leader = {}  # id of a basis -> id of the first basis of its group
@@ -136,7 +122,7 @@ def basis_groups(model: nn.Module) -> list[BasisGroup]:
             leader.setdefault(id(m), id(held[0]))
     groups: dict[int, BasisGroup] = {}
     for key, m in bases.items():
-        groups.setdefault(leader.get(key, key), BasisGroup()).shared.append(m.weight)
+        groups.setdefault(leader.get(key, key), BasisGroup([], [])).shared.append(m.weight)
     for block, held in users:
         groups[leader[id(held[0])]].unique.extend(conv.weight for conv in _unique_bases(block))
     return list(groups.values())
@@ -155,15 +141,8 @@ def init_orthogonal_(model: nn.Module) -> None:
 
 
 class SharedBasisConv2d(nn.Module):
-    """Factorised convolution ``[unique || shared basis] -> BN -> 1x1 coefficients`` as one module.
-
-    Args:
-        in_channels, out_channels: input channels; output channels of the coefficient conv.
-        unique_rank: filters in this layer's own basis (0 = shared part only).
-        shared_basis: the shared ``nn.Conv2d`` (``None`` = unique part only), registered here too (one tensor).
-        stride: stride of the basis convolution (the shared module itself is stride 1).
-        fused: compute both bases with one convolution (exact; see :func:`basis_conv2d`).
-    """
+    """Factorised convolution ``[unique || shared basis] -> BN -> 1x1 coefficients`` as one module: ``unique_rank``
+    own filters (0 = none) and the ``shared_basis`` conv (None = none; stride 1, the ``stride`` is applied here)."""
 
     def __init__(self, in_channels: int, out_channels: int, unique_rank: int,
                  shared_basis: Optional[nn.Conv2d] = None, *, stride: int = 1, fused: bool = True) -> None:

@@ -1,18 +1,15 @@
 """DenseNet-BC 121 for CIFAR-100, plain and with shared filter bases (paper section 4.2; SPEC sections 2.4, 4).
 
-One :class:`DenseNet` class covers both models; the shared one factorises each bottleneck's 3x3 conv as ``[unique ||
-shared basis] -> basis BN -> 1x1 coefficients`` over four network-level bases, with these quirks of the authors' code,
-which their checkpoints fix:
+The shared model factorises each bottleneck's 3x3 conv over one of four network-level bases, with these quirks of the
+authors' code, which their checkpoints fix:
 
 * **Every** bottleneck is shared (no plain first layer, unlike the ResNets) and ranks are not scaled per block: all
   bases are ``[s, 128, 3, 3]`` (the bottleneck width is ``4 * growth`` everywhere).
 * The last dense block uses ``shared_basis_3`` (the authors' loop index leaked), so ``shared_basis_4`` is never called
   in forward, yet it is counted, in the state_dict and regularised (SPEC 2.4 and 10.2).
 * The last dense block is ``features.dense_block3`` in the plain model, ``features.dense_block_layer_3`` in the shared.
-
-Attribute names are checkpoint keys and construction order is the authors' (``conv1``, the four bases, the feature
-stack, ``linear``), so ``torch.manual_seed`` reproduces their initial weights: PyTorch defaults everywhere, and the
-shared bases are *not* orthogonal at init (SPEC section 3).
+* Construction order is the authors' (``conv1``, the four bases, the features, ``linear``), so ``torch.manual_seed``
+  reproduces their initial weights: PyTorch defaults, and the bases are *not* orthogonal at init (SPEC section 3).
 """
 from __future__ import annotations
 
@@ -25,7 +22,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .basis import BasisCfg, BasisPosition, basis_conv2d, make_shared_basis, share_bases
+from .basis import BasisCfg, BasisPosition, basis_conv2d, make_shared_basis, require_basis, share_bases
 from .fold import fold_factorised
 from .registry import register_model
 
@@ -61,16 +58,9 @@ class Bottleneck(nn.Module):
 
 
 class SharedBottleneck(nn.Module):
-    """DenseNet-BC layer whose 3x3 conv is factorised over the dense block's shared basis: bn0 -> ReLU -> 1x1 conv1
-    -> bn1 -> ReLU -> [basis_conv2 || shared_basis] -> basis_bn2 -> 1x1 coeff_conv2; output ``[x, new]``. Functional
-    ReLUs (not counted by ptflops).
-
-    Args:
-        in_channels: input channels of this layer.
-        growth_rate: new channels (the coefficient conv's output); the inner width is ``4 * growth_rate``.
-        unique_rank: filters of the layer's own basis (0 = shared part only).
-        shared_basis: the dense block's shared ``nn.Conv2d`` (registered here as ``shared_basis``, the checkpoint key).
-    """
+    """DenseNet-BC layer whose 3x3 conv is factorised over the dense block's ``shared_basis`` and ``unique_rank`` own
+    filters: bn0 -> ReLU -> 1x1 conv1 -> bn1 -> ReLU -> [basis_conv2 || shared_basis] -> basis_bn2 -> 1x1 coeff_conv2;
+    output ``[x, new]``. Functional ReLUs (not counted by ptflops)."""
 
     def __init__(self, in_channels: int, growth_rate: int, unique_rank: int, shared_basis: nn.Conv2d) -> None:
         super().__init__()
@@ -90,14 +80,10 @@ class SharedBottleneck(nn.Module):
 
     @torch.no_grad()
     def folded(self, dense: Optional[bool] = None) -> nn.Module:
-        """The eval-mode equivalent of this layer without its basis BN; the new channels' conv keeps a bias.
-
-        ``dense=True`` gives a plain :class:`Bottleneck` (the basis part as one dense 3x3 conv), ``dense=False`` a
-        :class:`FoldedSharedBottleneck` (the factorisation kept), ``None`` whichever costs fewer MACs
-        (:func:`~models.fold.dense_is_cheaper`: dense is 36,864 MACs per pixel, factorised 1,184*r, so the paper's
-        S16U1 (r = 17) stays factorised and S64U4 (r = 68) becomes a plain DenseNet). Exact on its own;
-        :meth:`DenseNet.after_fold` then moves the biases into the BatchNorms that read these channels.
-        """
+        """The eval-mode equivalent of this layer without its basis BN, the new channels' conv with a bias (moved on
+        by :meth:`DenseNet.after_fold`): a plain :class:`Bottleneck` (``dense=True``), a :class:`FoldedSharedBottleneck`
+        (``False``) or whichever costs fewer MACs (``None``: dense is 36,864 MACs per pixel, factorised 1,184*r, so the
+        paper's S16U1 (r = 17) stays factorised and S64U4 (r = 68) becomes a plain DenseNet)."""
         conv, _ = fold_factorised(self.basis_positions()[0], dense, keep_bias=True)
         if isinstance(conv, nn.Sequential):  # factorised: basis conv + coefficient conv with the bias
             return FoldedSharedBottleneck(copy.deepcopy(self.bn0), copy.deepcopy(self.conv1), copy.deepcopy(self.bn1),
@@ -120,9 +106,8 @@ class SharedBottleneck(nn.Module):
 
 
 class FoldedSharedBottleneck(nn.Module):
-    """Eval-only low-rank form of :class:`SharedBottleneck`: bn0 -> ReLU -> conv1 -> bn1 -> ReLU -> 3x3
-    ``basis_conv2`` (this layer's own copy of the ``[unique || shared]`` filters) -> 1x1 ``coeff_conv2`` (basis BN
-    folded in); output ``[x, new]``."""
+    """Eval-only low-rank :class:`SharedBottleneck`: its ``basis_conv2`` is the layer's own copy of the ``[unique ||
+    shared]`` filters, ``coeff_conv2`` has the basis BN folded in."""
 
     def __init__(self, bn0: nn.BatchNorm2d, conv1: nn.Conv2d, bn1: nn.BatchNorm2d, basis_conv2: nn.Conv2d,
                  coeff_conv2: nn.Conv2d) -> None:
@@ -137,33 +122,24 @@ class FoldedSharedBottleneck(nn.Module):
 
 
 class DenseNet(nn.Module):
-    """DenseNet-BC for 32x32 inputs, plain or with one shared basis per dense block.
-
-    Args:
-        layers: bottlenecks per dense block, e.g. ``(6, 12, 24, 16)``.
-        num_classes: classifier outputs.
-        growth_rate: channels each bottleneck adds; the stem makes ``2 * growth_rate``.
-        reduction: transition compression (output channels are ``floor(reduction * C)``).
-        basis: ``BasisCfg(1, shared_rank, unique_rank)``, ranks not scaled per block; None builds the plain DenseNet.
-    """
+    """DenseNet-BC for 32x32 inputs (``layers``: bottlenecks per dense block), plain (``basis=None``) or with one
+    shared basis per dense block; transitions keep ``floor(reduction * C)`` channels."""
 
     def __init__(self, layers: Sequence[int], num_classes: int, *, growth_rate: int = 32, reduction: float = 0.5,
                  basis: Optional[BasisCfg] = None) -> None:
         super().__init__()
-        if basis is not None:
-            basis.require("DenseNet")
-        self.basis_cfg = basis
+        self.basis_cfg = require_basis(basis, "DenseNet")
         self.num_blocks = len(layers)
         channels = 2 * growth_rate
         self.conv1 = nn.Conv2d(3, channels, 3, padding=1, bias=False)
         self.features = nn.Sequential()  # registered before the bases: its keys come first in the state_dict
-        if self.shared:  # one basis per dense block, built before the blocks as in the authors' code (RNG order)
+        if basis is not None:  # one basis per dense block, built before the blocks as in the authors' code (RNG order)
             for g in range(1, len(layers) + 1):
                 setattr(self, f"shared_basis_{g}", make_shared_basis(4 * growth_rate, basis.shared_rank))
         for i, n in enumerate(layers):
             block = nn.Sequential()
             # Checkpoint quirk: the last dense block gets shared_basis_3, leaving shared_basis_4 unused in forward.
-            shared = getattr(self, f"shared_basis_{min(i, len(layers) - 2) + 1}") if self.shared else None
+            shared = None if basis is None else getattr(self, f"shared_basis_{min(i, len(layers) - 2) + 1}")
             for j in range(n):
                 layer = (Bottleneck(channels, growth_rate) if shared is None
                          else SharedBottleneck(channels, growth_rate, basis.unique_rank, shared))
@@ -179,29 +155,21 @@ class DenseNet(nn.Module):
         self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
         self.linear = nn.Linear(channels, num_classes)
 
-    @property
-    def shared(self) -> bool:
-        """Whether the layers use shared bases (cleared by :meth:`after_fold` once they are all plain)."""
-        return self.basis_cfg is not None
-
     def _block_name(self, i: int) -> str:
-        # Checkpoint keys: the authors named the last dense block differently in their two classes.
-        return f"dense_block{i}" if i == self.num_blocks - 1 and not self.shared else f"dense_block_layer_{i}"
+        # Checkpoint keys: the authors named the last dense block differently in their two classes (basis_cfg is
+        # cleared by after_fold once every layer is plain).
+        return f"dense_block{i}" if i == self.num_blocks - 1 and self.basis_cfg is None else f"dense_block_layer_{i}"
 
     @torch.no_grad()
     def after_fold(self) -> None:
-        """Finish :func:`models.fold`: move the folded layers' output biases into the BatchNorms (exact, eval mode).
-
-        Every reader of a layer's new channels is a BatchNorm, and ``bn(x + b)`` is ``bn`` with running mean ``mu - b``:
-        the biases are walked through the feature stack (a channel keeps its index until the next transition) into
-        every BN that reads them, and the convs lose their bias. If every layer became a plain :class:`Bottleneck`,
-        the model takes the plain DenseNet's keys too (its last block is renamed ``dense_block3``).
-        """
+        """Finish :func:`models.fold`: every reader of a layer's new channels is a BatchNorm, and ``bn(x + b)`` is
+        ``bn`` with running mean ``mu - b``, so the biases move into the BNs (walked through the feature stack: a
+        channel keeps its index until the next transition). If every layer is now a plain :class:`Bottleneck`, the
+        model takes the plain DenseNet's keys too (its last block is renamed ``dense_block3``)."""
         layers = [m for m in self.modules() if isinstance(m, (Bottleneck, FoldedSharedBottleneck, SharedBottleneck))]
-        if not self.shared or any(isinstance(m, SharedBottleneck) for m in layers):
+        if self.basis_cfg is None or any(isinstance(m, SharedBottleneck) for m in layers):
             return  # plain model, or layers that were not folded: nothing to do
-        stem = self.conv1.weight
-        pending = torch.zeros(self.conv1.out_channels, device=stem.device, dtype=stem.dtype)  # bias per channel
+        pending = self.conv1.weight.new_zeros(self.conv1.out_channels)  # bias per channel
         for module in self.features.children():
             if isinstance(module, Transition):
                 module.down_sample[0].running_mean.sub_(pending)
@@ -230,8 +198,6 @@ class DenseNet(nn.Module):
 
 
 _DENSENET121 = (6, 12, 24, 16)
-
-
 register_model("cifar100", "DenseNet121")(partial(DenseNet, _DENSENET121, growth_rate=32))
 # The paper's row "DenseNet121-S64U4" is this model at shared_rank=16, unique_rank=1 (SPEC section 9).
 register_model("cifar100", "DenseNet121_SingleShared", channels=4 * 32)(partial(DenseNet, _DENSENET121, growth_rate=32))

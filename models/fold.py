@@ -1,14 +1,9 @@
 """Inference folding (performance issue): a shared-basis model becomes a plain-speed model with the same outputs.
 
-In eval mode basis conv, basis BN and coefficient conv are linear, so a factorised conv is one dense conv with a bias,
-and a BatchNorm after a conv is the conv with scaled filters and a bias. ResNets fold to plain blocks (dense convs
-where that is no more work, else basis conv + 1x1 conv without the basis BN); DenseNet likewise, moving the new
-channels' biases into the BatchNorms that read them; MobileNetV2 and ResNeXt fold every BN into the conv before it
-(ResNeXt's ReLU after the basis BN keeps its grouped bases two convs). Exact up to float rounding (~1e-7 relative).
-
-Protocol: a module opts in with ``folded() -> nn.Module`` (an eval-only equivalent, built without modifying it);
-:func:`fold` replaces the outermost such modules, then calls ``after_fold()`` where a module defines it (work across
-blocks: DenseNet's bias moves, MobileNetV2's stem and head) and drops network-level bases no block uses any more.
+In eval mode a factorised conv is linear (one dense conv with a bias), and a BatchNorm after a conv is the conv with
+scaled filters and a bias; exact up to float rounding (~1e-7 relative). Protocol: a module opts in with ``folded()``
+(an eval-only equivalent, built without modifying it); :func:`fold` replaces the outermost such modules, then calls
+``after_fold()`` where a module defines it (work across blocks: DenseNet's bias moves, MobileNetV2's stem and head).
 """
 from __future__ import annotations
 
@@ -21,16 +16,12 @@ import torch.nn as nn
 
 def fold(model: nn.Module) -> nn.Module:
     """An inference-only copy of ``model`` (eval mode, BN statistics frozen into the weights) with every foldable
-    block replaced by its folded form; ``model`` is not modified.
-
-    Raises:
-        ValueError: ``model`` is in training mode.
-    """
+    block replaced by its folded form; ``model`` (which must be in eval mode) is not modified."""
     if model.training:
         raise ValueError("fold() freezes BatchNorm statistics: call model.eval() first (folding is for inference)")
-    if getattr(model, "folded", None) is True:  # already folded: folding again would find no BatchNorms to fold
-        return copy.deepcopy(model)
     model = copy.deepcopy(model)
+    if getattr(model, "folded", None) is True:  # already folded: folding again would find no BatchNorms to fold
+        return model
     with torch.random.fork_rng(devices=[]):  # building the folded modules runs their default init: keep the RNG
         _replace(model)
         for module in list(model.modules()):
@@ -74,8 +65,7 @@ def bn_affine(bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
 
 @torch.no_grad()
 def conv_with_bias(conv: nn.Conv2d, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> nn.Conv2d:
-    """A new conv with ``conv``'s geometry (kernel, stride, padding, groups...), the given weight and bias, and the
-    weight's channel counts."""
+    """A new conv with ``conv``'s geometry (kernel, stride, padding, groups...) and the given weight and bias."""
     new = nn.Conv2d(weight.shape[1] * conv.groups, weight.shape[0], conv.kernel_size, stride=conv.stride,
                     padding=conv.padding, dilation=conv.dilation, groups=conv.groups, bias=bias is not None,
                     padding_mode=conv.padding_mode, device=weight.device, dtype=weight.dtype)
@@ -99,9 +89,8 @@ def _basis_weight(position) -> torch.Tensor:
 
 
 def dense_is_cheaper(position) -> bool:
-    """Whether one dense conv costs no more MACs than the factorised conv of a ``BasisPosition``: dense
-    ``in*kh*kw*out`` against ``r*(in*kh*kw + out)`` per output pixel. Low ranks make the dense conv more work (2.9x for
-    CIFAR-100 ResNet34-S8U1, and that much slower on CPU), so they keep the factorisation."""
+    """Whether one dense conv (``in*kh*kw*out`` MACs per pixel) costs no more than the factorised one (``r*(in*kh*kw +
+    out)``); low ranks make it more work (2.9x for CIFAR-100 ResNet34-S8U1, that much slower on CPU too)."""
     r, cin, kh, kw = _basis_weight(position).shape
     out = position.coeff.out_channels
     return cin * kh * kw * out <= r * (cin * kh * kw + out)
@@ -109,13 +98,9 @@ def dense_is_cheaper(position) -> bool:
 
 @torch.no_grad()
 def fold_factorised(position, dense: Optional[bool] = None, keep_bias: bool = False) -> tuple[nn.Module, torch.Tensor]:
-    """The eval-mode replacement of a factorised conv (ungrouped bases), its basis BN folded away: one dense conv
-    where that is no more work (``dense=None``: :func:`dense_is_cheaper`), else basis conv + 1x1 coefficient conv in
-    an ``nn.Sequential``.
-
-    Returns ``(module, bias)``: the output bias per channel, on the module's last conv when ``keep_bias`` (families
-    that move it downstream later), else for the caller to absorb into the BatchNorm that follows.
-    """
+    """``(module, bias)``: the eval-mode replacement of a factorised conv (ungrouped bases) without its basis BN, one
+    dense conv where that is no more work (``dense=None``: :func:`dense_is_cheaper`), else basis conv + 1x1 conv; its
+    output bias is on the last conv if ``keep_bias``, else for the caller to absorb into the BatchNorm that follows."""
     scale, shift = bn_affine(position.basis_bn)
     # coeff(basis_bn(B x)) = coeff'(B x) + bias: coeff' (out, r, 1, 1) is the coefficients times the BN scale, bias
     # (out,) the coefficients applied to the BN shift; B is the [unique || shared] weight (r, in, kh, kw).

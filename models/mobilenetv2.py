@@ -1,23 +1,11 @@
 """MobileNetV2 for CIFAR-100 and ILSVRC, plain and with shared expansion convs (paper section 4.3; SPEC 2.6, 4).
 
-One :class:`MobileNetV2` class builds all four models from :data:`STAGES` and a :class:`MobileNetV2Cfg` holding what
-the authors' CIFAR and ILSVRC files do differently:
-
-=============  ==========================================  ==============================================
-               CIFAR-100                                   ILSVRC
-=============  ==========================================  ==============================================
-stem ``pre``   1x1 conv, stride 1, *padding 1* (32 -> 34)  3x3 conv, stride 2, padding 1
-stage6 stride  1                                           2
-residual       every stride-1 block: identity if in = out  stride 1 and in = out only (identity)
-               else 1x1 conv + BN (keys ``shortcut.*``)
-head           1x1 conv ``conv2`` (bias) after the pool    Dropout(0.2) + Linear ``classifier.1``
-=============  ==========================================  ==============================================
-
-Blocks use plain functional ReLUs (not ReLU6); only the stem's and head's ReLU6 are modules (counted by ptflops), and
-the global pool is functional (not counted). ``MobileNetV2_Shared`` gives stages 3-6 one 1x1 expansion conv each
-(``shared_basis_1..4``, [6c, c, 1, 1]) that blocks 2..n call instead of their own ``conv1`` (keeping their own
-``bn1``): no unique part, no ranks, PyTorch default init. The bases have more filters than inputs (192 x 32 ... 960 x
-160), so the orthogonality penalty has a positive floor.
+One :class:`MobileNetV2` class builds all four models from :data:`STAGES` and a :class:`MobileNetV2Cfg` (:data:`CIFAR`
+or :data:`ILSVRC`) holding what the authors' two files do differently. Blocks use functional ReLUs (not ReLU6); only
+the stem's and head's ReLU6 are modules (counted by ptflops), and the global pool is functional (not counted).
+``MobileNetV2_Shared`` gives stages 3-6 one 1x1 expansion conv each (``shared_basis_1..4``, [6c, c, 1, 1]) that
+blocks 2..n call instead of their own ``conv1``, keeping their own ``bn1``: no unique part, no ranks, PyTorch default
+init. The bases have more filters than inputs (192 x 32 ... 960 x 160): the orthogonality penalty has a positive floor.
 
 Attribute names are checkpoint keys and construction order is the authors' (``pre``, stages with each shared conv
 built just before its stage, ``conv1``, head), so ``torch.manual_seed`` reproduces their initial weights.
@@ -32,7 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .basis import BasisCfg, register_bases, share_bases, shared_bases_of
+from .basis import BasisCfg, register_bases, require_basis, share_bases, shared_bases_of
 from .fold import fold_conv_bn
 from .registry import register_model
 
@@ -44,17 +32,19 @@ SHARED_STAGES = (3, 4, 5, 6)  # 1-based stages that get a shared expansion conv 
 
 @dataclass(frozen=True)
 class MobileNetV2Cfg:
-    """What differs between the authors' CIFAR-100 and ILSVRC MobileNetV2 (see the module docstring): the stem conv
-    (3 -> 32, with bias), stage 6's stride, the CIFAR residual rule (``projection_shortcuts``) and its conv head."""
+    """What differs between the authors' CIFAR-100 and ILSVRC MobileNetV2."""
 
-    stem_kernel: int
+    stem_kernel: int  # the stem conv ``pre.0`` (3 -> 32, with bias)
     stem_stride: int
     stem_padding: int
     stage6_stride: int
-    projection_shortcuts: bool  # every stride-1 block is residual, projecting when channels change
-    conv_head: bool  # classify with a 1x1 conv ``conv2`` after pooling instead of Dropout + Linear
+    # True: every stride-1 block is residual, with a 1x1 conv + BN ``shortcut`` where channels change (CIFAR);
+    # False: only stride-1 blocks with in = out are, with the identity (ILSVRC).
+    projection_shortcuts: bool
+    conv_head: bool  # classify with a 1x1 conv ``conv2`` (bias) after the pool, not Dropout(0.2) + ``classifier.1``
 
 
+# CIFAR's 1x1 stem has padding 1, so a 32x32 input becomes 34x34.
 CIFAR = MobileNetV2Cfg(stem_kernel=1, stem_stride=1, stem_padding=1, stage6_stride=1, projection_shortcuts=True,
                        conv_head=True)
 ILSVRC = MobileNetV2Cfg(stem_kernel=3, stem_stride=2, stem_padding=1, stage6_stride=2, projection_shortcuts=False,
@@ -62,14 +52,9 @@ ILSVRC = MobileNetV2Cfg(stem_kernel=3, stem_stride=2, stem_padding=1, stage6_str
 
 
 class InvertedResidual(nn.Module):
-    """Expand 1x1 ``conv1`` -> bn1 -> ReLU -> depthwise 3x3 ``conv2`` (stride) -> bn2 -> ReLU -> project 1x1
-    ``conv3`` -> bn3, plus the residual chosen by ``projection_shortcuts`` (:class:`MobileNetV2Cfg`).
-
-    Args:
-        expansion: inner width is ``expansion * in_channels``.
-        shared: the stage's shared 1x1 convs used instead of the block's own ``conv1`` (and ``conv3``, if two are
-            given), registered here as ``shared_basis1`` (``shared_basis2``), the checkpoint keys.
-    """
+    """Expand 1x1 ``conv1`` -> bn1 -> ReLU -> depthwise 3x3 ``conv2`` -> bn2 -> ReLU -> project 1x1 ``conv3`` -> bn3,
+    plus the residual chosen by ``projection_shortcuts``. ``shared``: the stage's 1x1 convs used instead of the own
+    ``conv1`` (and ``conv3``, if two), registered as ``shared_basis1`` (``2``), the checkpoint keys."""
 
     def __init__(self, in_channels: int, out_channels: int, expansion: int, stride: int, projection_shortcuts: bool,
                  shared: Sequence[nn.Conv2d] = ()) -> None:
@@ -85,13 +70,10 @@ class InvertedResidual(nn.Module):
         if len(shared) < 2:
             self.conv3 = nn.Conv2d(planes, out_channels, 1, bias=False)
         self.bn3 = nn.BatchNorm2d(out_channels)
-        if projection_shortcuts:
-            self.residual = stride == 1
-            if self.residual and in_channels != out_channels:
-                self.shortcut = nn.Sequential(nn.Conv2d(in_channels, out_channels, 1, bias=False),
-                                              nn.BatchNorm2d(out_channels))
-        else:
-            self.residual = stride == 1 and in_channels == out_channels
+        self.residual = stride == 1 and (projection_shortcuts or in_channels == out_channels)
+        if self.residual and in_channels != out_channels:  # projection_shortcuts only
+            self.shortcut = nn.Sequential(nn.Conv2d(in_channels, out_channels, 1, bias=False),
+                                          nn.BatchNorm2d(out_channels))
 
     def _convs(self) -> tuple[nn.Conv2d, nn.Conv2d, nn.Conv2d]:
         """The expansion, depthwise and projection convs, the block's own or shared."""
@@ -125,8 +107,7 @@ class FoldedInvertedResidual(nn.Module):
                  shortcut: Optional[nn.Conv2d] = None) -> None:
         super().__init__()
         self.conv1, self.conv2, self.conv3 = conv1, conv2, conv3
-        self.residual = residual
-        self.shortcut = shortcut
+        self.residual, self.shortcut = residual, shortcut
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = F.relu(self.conv1(x), inplace=True)
@@ -143,10 +124,8 @@ class MobileNetV2(nn.Module):
 
     def __init__(self, cfg: MobileNetV2Cfg, num_classes: int, *, basis: Optional[BasisCfg] = None) -> None:
         super().__init__()
-        if basis is not None:
-            basis.require("MobileNetV2", fixed_size=True)
         self.arch = cfg
-        self.basis_cfg = basis
+        self.basis_cfg = require_basis(basis, "MobileNetV2", fixed_size=True)
         self.pre = nn.Sequential(
             nn.Conv2d(3, 32, cfg.stem_kernel, stride=cfg.stem_stride, padding=cfg.stem_padding),
             nn.BatchNorm2d(32), nn.ReLU6(inplace=True))
@@ -163,7 +142,6 @@ class MobileNetV2(nn.Module):
             in_channels = c
             # Stages of one block are the block itself in the checkpoints (`stage1.conv1`), the others Sequentials.
             setattr(self, f"stage{i}", blocks[0] if n == 1 else nn.Sequential(*blocks))
-        self.num_stages = len(STAGES)
         self.conv1 = nn.Sequential(nn.Conv2d(in_channels, 1280, 1), nn.BatchNorm2d(1280), nn.ReLU6(inplace=True))
         if cfg.conv_head:
             self.conv2 = nn.Conv2d(1280, num_classes, 1)
@@ -181,7 +159,7 @@ class MobileNetV2(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.pre(x)
-        for i in range(1, self.num_stages + 1):
+        for i in range(1, len(STAGES) + 1):
             x = getattr(self, f"stage{i}")(x)
         x = F.adaptive_avg_pool2d(self.conv1(x), 1)  # (N, 1280, 1, 1)
         if self.arch.conv_head:

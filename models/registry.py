@@ -62,14 +62,9 @@ _REGISTRY: dict[tuple[str, str], _Entry] = {}
 
 def register_model(dataset: str, name: str, *, channels: int = 0, rank_multiple: int = 1,
                    bases_per_group: Optional[int] = None, **defaults):
-    """Decorator: register ``builder(num_classes=..., basis=...)`` as ``name`` for ``dataset``.
-
-    Args:
-        channels: input channels of the group-1 bases; ranks above ``KERNEL_AREA * channels`` are refused.
-        rank_multiple: ranks must be multiples of this (grouped bases).
-        bases_per_group: overrides the variant's count (CIFAR-100's SharedOnly uses one basis per group).
-        defaults: rank defaults other than :data:`DEFAULT_RANKS`.
-    """
+    """Decorator: register ``builder(num_classes=..., basis=...)`` as ``name`` for ``dataset``. ``channels``: input
+    channels of the group-1 bases (bounds the ranks); ``bases_per_group`` overrides the variant's count (CIFAR-100's
+    SharedOnly has one); ``defaults``: rank defaults other than :data:`DEFAULT_RANKS`."""
     _check_dataset(dataset)
     suffix = name.split("_", 1)[1] if "_" in name else None
     if suffix is not None and suffix not in VARIANTS:
@@ -142,18 +137,9 @@ def _check_ranks(name: str, entry: _Entry, ranks: dict) -> None:
 
 def get_model(name: str, dataset: str, *, shared_rank: Optional[int] = None, unique_rank: Optional[int] = None,
               num_classes: Optional[int] = None, ignore_unused_ranks: bool = False) -> nn.Module:
-    """Build a registered model (the paper's ``--model`` name, e.g. ``"ResNet56_DoubleShared"``) with ``model.cfg``.
-
-    Args:
-        shared_rank, unique_rank: ranks, only for models that take them (None = the model's default).
-        num_classes: override the dataset's class count (the checkpoints use the dataset's).
-        ignore_unused_ranks: drop ranks the model does not take instead of refusing them, as the authors' scripts
-            (and so ours) do with such flags.
-
-    Raises:
-        ValueError: unknown name or dataset, a rank the model does not take, or ranks that cannot build (naming the
-            ranks the paper used, where the defaults cannot build).
-    """
+    """Build a registered model (the paper's ``--model`` name, e.g. ``"ResNet56_DoubleShared"``) with ``model.cfg``;
+    ranks default to the model's. A rank the model does not take raises ValueError, unless ``ignore_unused_ranks``
+    (the authors' scripts, and so ours, ignore such flags); so do unknown names and ranks that cannot build."""
     entry = _entry(name, dataset)
     given = {k: v for k, v in zip(RANK_ARGS, (shared_rank, unique_rank)) if v is not None}
     extra = [k for k in given if k not in entry.rank_args]

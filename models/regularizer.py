@@ -1,16 +1,13 @@
 """Orthogonality regulariser over shared filter bases (paper eq. 5; SPEC section 4).
 
-For a group g, stack its basis filters as rows of B_g (each flattened over in*kh*kw) and let D_g = (B_g B_g^T - I)^2
-element-wise. The penalty is one global average over the selected entries of all groups:
-R = sum_g selected_sum(D_g) / sum_g selected_count. Two forms, as in the authors' training scripts:
+For a group g, stack its basis filters as rows of B_g (flattened over in*kh*kw), D_g = (B_g B_g^T - I)^2 element-wise;
+R = sum_g selected_sum(D_g) / sum_g selected_count, one global average. Two forms, as in the authors' scripts:
 
 * ``include_unique=True`` (their CIFAR-10 script): rows are the shared bases, then every unique conv of the group's
-  shared blocks; selected are the shared rows (shared-shared and shared->unique) plus each unique conv's own diagonal
-  block. Unique filters of different layers are never compared.
+  blocks; selected are the shared rows plus each unique conv's own diagonal block (different layers never compared).
 * ``include_unique=False`` (their CIFAR-100 and ILSVRC scripts): the shared bases only, the whole matrix selected.
 
-The groups come from :func:`models.basis.basis_groups`, collected once; each step is one matmul per group (plus one
-batched matmul for its unique blocks), with no loop over blocks and no host-device synchronisation.
+The groups are collected once; a step is one matmul per group (plus one batched matmul for its unique blocks).
 """
 from __future__ import annotations
 
@@ -42,13 +39,8 @@ def _rows(weights) -> torch.Tensor:
 
 
 class OrthogonalityRegularizer:
-    """Computes R for a model. Build once (after the model is moved to its device), call every step.
-
-    Args:
-        model: the model being trained (unwrapped: not DataParallel).
-        include_unique: the CIFAR-10 form (see the module docstring); None: the form of the authors' script for
-            ``model.cfg.dataset`` (:func:`includes_unique`).
-    """
+    """R for the (unwrapped) model being trained: build once, after moving the model to its device, call every
+    step. ``include_unique``: the CIFAR-10 form; None: the form of the authors' script for ``model.cfg.dataset``."""
 
     def __init__(self, model: nn.Module, include_unique: Optional[bool] = None) -> None:
         if getattr(model, "folded", False) is True:
@@ -90,8 +82,7 @@ class OrthogonalityRegularizer:
 
 
 def orthogonality_penalty(model: nn.Module, include_unique: Optional[bool] = None) -> torch.Tensor:
-    """R for ``model`` in one call (builds the regulariser each time; training loops keep an
-    :class:`OrthogonalityRegularizer`)."""
+    """R for ``model`` in one call (training loops keep an :class:`OrthogonalityRegularizer` instead)."""
     return OrthogonalityRegularizer(model, include_unique)()
 
 

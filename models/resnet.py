@@ -1,14 +1,10 @@
 """ResNets with shared filter bases for CIFAR-10, CIFAR-100 and ILSVRC (paper section 4; SPEC sections 1-3).
 
-One :class:`ResNet` class covers the three families, which differ only in data: stem (3x3 conv, or 7x7 conv +
-max-pool), widths, shortcut ("option A" on CIFAR-10, 1x1 conv + BN elsewhere) and head size. The paper's variants are a
-:class:`~models.basis.BasisCfg`: ``DoubleShared`` (2 bases per group, one per conv position), ``SingleShared`` (1 basis
-used by both positions), ``SharedOnly`` (no unique filters; 2 bases per group on CIFAR-10, 1 on CIFAR-100) and
-``NonShared`` (unique filters only). In every group, block 1 is plain and blocks 2..n are shared; group g uses ``s*k``
-shared and ``u*k`` unique filters, ``k = width_g / width_1``.
-
-Attribute names and registration order are the authors' checkpoint keys; construction order is also theirs, so
-``torch.manual_seed(0)`` builds the same initial weights.
+One :class:`ResNet` class covers the three families, which differ only in data (stem, widths, shortcut type, head).
+The variants are a :class:`~models.basis.BasisCfg` (``SharedOnly`` has 2 bases per group on CIFAR-10, 1 on CIFAR-100).
+In every group block 1 is plain and blocks 2..n are shared; group g uses ``s*k`` shared and ``u*k`` unique filters,
+``k = width_g / width_1``. Attribute names and registration order are the authors' checkpoint keys; construction
+order is also theirs, so ``torch.manual_seed(0)`` builds the same initial weights.
 """
 from __future__ import annotations
 
@@ -62,14 +58,9 @@ class BasicBlock(nn.Module):
 
 
 class SharedBasicBlock(nn.Module):
-    """Residual block whose two 3x3 convs are factorised over the group's shared bases (never downsamples, so the
-    shortcut is the identity).
-
-    Args:
-        planes: channels in and out.
-        unique_rank: filters of each position's own basis (0 = none).
-        shared_bases: the group's bases: ``()`` (NonShared), ``(b,)`` (both positions use b) or ``(b1, b2)``.
-    """
+    """Residual block (``planes`` in and out, identity shortcut) whose two 3x3 convs are factorised over the group's
+    ``shared_bases``: ``()`` (NonShared), ``(b,)`` (both positions use b) or ``(b1, b2)``, plus ``unique_rank`` own
+    filters per position (0 = none)."""
 
     def __init__(self, planes: int, unique_rank: int, shared_bases: Sequence[nn.Conv2d] = ()) -> None:
         super().__init__()
@@ -99,8 +90,8 @@ class SharedBasicBlock(nn.Module):
 
     @torch.no_grad()
     def folded(self) -> BasicBlock:
-        """The eval-mode equivalent plain block: each factorised conv becomes one dense conv where that is no more work,
-        else basis conv + 1x1 conv without the basis BN; its bias goes into the following BN's running mean."""
+        """The eval-mode equivalent plain block (:func:`~models.fold.fold_factorised` per position); each conv's bias
+        goes into the following BN's running mean."""
         planes = self.bn1.num_features
         block = BasicBlock(planes, planes).to(self.bn1.weight.device, self.bn1.weight.dtype)
         for i, position in enumerate(self.basis_positions(), 1):
@@ -122,17 +113,11 @@ class SharedBasicBlock(nn.Module):
 
 
 class ResNet(nn.Module):
-    """ResNet for CIFAR or ImageNet-sized inputs, plain or with shared filter bases.
+    """ResNet with ``layers`` blocks and ``widths`` planes per group; ``stem`` ``"cifar"`` (3x3 conv) or
+    ``"imagenet"`` (7x7 stride-2 conv + max-pool); ``shortcut`` ``"A"`` (parameter-free) or ``"B"`` (1x1 conv + BN).
 
-    Args:
-        layers: blocks per group, e.g. ``(9, 9, 9)`` or ``(3, 4, 6, 3)``.
-        widths: ``planes`` per group, e.g. ``(16, 32, 64)``.
-        num_classes: classifier outputs.
-        stem: ``"cifar"`` (3x3 conv) or ``"imagenet"`` (7x7 stride-2 conv + 3x3 max-pool).
-        shortcut: ``"A"`` (CIFAR-10, parameter-free) or ``"B"`` (1x1 conv + BN).
-        basis: factorisation of blocks 2..n of each group; None = plain ResNet.
-        block, shared_block: the plain block (first of each group; every block of a plain ResNet) and the shared
-            one, ``shared_block(planes * expansion, unique_rank, bases)`` with bases from ``shared_block.make_bases``.
+    Blocks 2..n of a group are ``shared_block(planes * block.expansion, unique_rank, bases)`` over the group's
+    ``shared_block.make_bases(...)`` when ``basis`` is given; all others are ``block``.
     """
 
     def __init__(self, layers: Sequence[int], widths: Sequence[int], num_classes: int, *, stem: str = "cifar",
@@ -180,7 +165,6 @@ class ResNet(nn.Module):
         return self.fc(x)
 
 
-# ----------------------------------------------------------------------------------------------------------------
 # Registered models: the reference scripts' names; ranks, defaults and variants are the registry's.
 
 _FAMILIES = {"cifar10": dict(widths=(16, 32, 64), stem="cifar", shortcut="A"),

@@ -1,14 +1,13 @@
 """ResNeXt-50 (32x4d) for CIFAR-100, plain and with shared grouped filter bases (paper section 4.2; SPEC 2.5, 4).
 
-As in the ResNets, the first block of every layer is a plain bottleneck and blocks 2..n are shared. A shared
-bottleneck's grouped 3x3 conv becomes ``[unique grouped 3x3 (u*k filters, u*k/4 groups) || shared grouped 3x3 (s*k
-filters, s/4 groups)] -> bn2 -> ReLU``, then its own 1x1 ``conv3`` (the coefficient conv's role). The ReLU after the
-basis BN makes the basis part non-linear (no ``basis_positions``), and the different group counts make it two convs.
+As in the ResNets, block 1 of every layer is plain and blocks 2..n are shared: their grouped 3x3 conv becomes
+``[unique (u*k filters, u*k/4 groups) || shared (s*k filters, s/4 groups)] -> bn2 -> ReLU``, then their own 1x1
+``conv3``. That ReLU makes the basis part non-linear (no ``basis_positions``); the group counts make it two convs.
 
-Both bases hold 4 filters per group, so ranks must be multiples of 4 whose group counts divide the input width
-(``128 * k``): the paper's row "ResNeXt50-S16U1" is shared_rank=64, unique_rank=4 (16 and 1 are its layer-1 group
-counts; SPEC section 9). The authors' scripts can build neither the plain ``ResNext50`` (its constructor wants a class
-count they never pass) nor the shared one at their default ranks (16, 1); the registry builds both, defaults 64/4.
+Ranks must be multiples of 4 (filters per group) whose group counts divide the input width: the paper's row
+"ResNeXt50-S16U1" is shared_rank=64, unique_rank=4 (16 and 1 are its layer-1 group counts; SPEC section 9). The
+authors' scripts can build neither the plain ``ResNext50`` (its constructor wants a class count they never pass) nor
+the shared one at their default ranks (16, 1); the registry builds both, defaults 64/4.
 
 Attribute names are checkpoint keys and construction order is the authors', so ``torch.manual_seed`` reproduces their
 initial weights: PyTorch defaults, then each shared basis orthogonal on its own (SPEC section 3).
@@ -22,7 +21,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .basis import BasisCfg, basis_conv2d, init_orthogonal_, make_shared_basis, share_bases
+from .basis import BasisCfg, basis_conv2d, init_orthogonal_, make_shared_basis, require_basis, share_bases
 from .fold import bn_affine, conv_with_bias, fold_conv_bn
 from .registry import register_model
 
@@ -53,15 +52,8 @@ class Bottleneck(nn.Module):
 
 
 class SharedBottleneck(nn.Module):
-    """ResNeXt bottleneck whose grouped 3x3 conv is ``[unique || shared]`` grouped bases (see the module docstring);
-    it never downsamples, so the shortcut is the identity (no keys).
-
-    Args:
-        planes: the layer's base width; in and out channels are ``4 * planes``.
-        width: inner width (input channels of both bases).
-        unique_rank: filters of the block's own basis (``u * k``), in ``unique_rank / 4`` groups.
-        shared_basis: the layer's shared grouped ``nn.Conv2d`` (registered here as ``shared_basis``).
-    """
+    """ResNeXt bottleneck (``4 * planes`` in and out, identity shortcut) whose grouped 3x3 conv is ``[unique ||
+    shared]`` grouped bases over the inner ``width``: ``unique_rank`` own filters and the layer's ``shared_basis``."""
 
     def __init__(self, planes: int, width: int, unique_rank: int, shared_basis: nn.Conv2d) -> None:
         super().__init__()
@@ -125,15 +117,9 @@ def _check_groups(what: str, rank: int, width: int, layer: int) -> None:
 
 
 class ResNeXt(nn.Module):
-    """ResNeXt for 32x32 inputs, plain or with one shared grouped basis per layer.
-
-    Args:
-        layers: blocks per layer, e.g. ``(3, 4, 6, 3)``.
-        num_classes: classifier outputs.
-        cardinality: groups of the plain 3x3 convs (32).
-        base_width: channels per group at layer 1 (4): inner width is ``planes * base_width / 64 * cardinality``.
-        basis: ``BasisCfg(1, s, u)``, None for the plain ResNeXt. Layer g's shared basis has ``s * 2^(g-1)`` filters
-            in ``s / 4`` groups, its unique bases ``u * 2^(g-1)`` filters in ``u * 2^(g-1) / 4`` groups.
+    """ResNeXt for 32x32 inputs, plain or with one shared grouped basis per layer (``basis=BasisCfg(1, s, u)``:
+    layer g's shared basis has ``s * 2^(g-1)`` filters in ``s / 4`` groups, its unique ones ``u * 2^(g-1)`` filters in
+    groups of 4). Inner width is ``planes * base_width / 64 * cardinality``.
 
     Raises:
         ValueError: ranks that cannot form groups of 4 filters dividing the input width.
@@ -142,9 +128,7 @@ class ResNeXt(nn.Module):
     def __init__(self, layers: Sequence[int], num_classes: int, *, cardinality: int = 32, base_width: int = 4,
                  basis: Optional[BasisCfg] = None) -> None:
         super().__init__()
-        if basis is not None:
-            basis.require("ResNeXt")
-        self.basis_cfg = basis
+        self.basis_cfg = require_basis(basis, "ResNeXt")
         self.num_layers = len(layers)
         self.conv1 = nn.Conv2d(3, 64, 3, padding=1, bias=False)
         self.bn1 = nn.BatchNorm2d(64)
@@ -179,8 +163,6 @@ class ResNeXt(nn.Module):
 
 
 _RESNEXT50 = (3, 4, 6, 3)
-
-
 register_model("cifar100", "ResNext50")(partial(ResNeXt, _RESNEXT50))
 register_model("cifar100", "ResNext50_SingleShared", channels=128, rank_multiple=FILTERS_PER_GROUP, shared_rank=64,
                unique_rank=4)(partial(ResNeXt, _RESNEXT50))

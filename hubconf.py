@@ -1,17 +1,11 @@
-"""torch.hub entry points: every registered model of "Learning Deeply Shared Filter Bases for Efficient ConvNets".
-
-Each model name of the registry (``models.list_models()``) is an entry point under its paper name::
+"""torch.hub entry points: one per registered model of "Learning Deeply Shared Filter Bases for Efficient ConvNets".
 
     model = torch.hub.load("/path/to/repo", "ResNet56_DoubleShared", source="local", dataset="cifar10",
                            shared_rank=16, unique_rank=1, checkpoint="ckpt.pth")
 
-Keyword arguments of every entry point: ``dataset`` (required when the name exists for several datasets, unless the
-checkpoint records it), ``shared_rank`` and ``unique_rank`` (models that take them; taken from the checkpoint when
-not given), ``num_classes`` (a new head) and ``checkpoint`` (a local file in the authors' format or this project's).
-Models are returned in training mode, as ``nn.Module`` builds them: call ``model.eval()`` before predicting.
-
-The entry points are generated from the registry, so a newly registered model is a hub entry point too. Names that
-torch.hub would list are the model names only: every helper here is private (leading underscore).
+Keywords: ``dataset``, ``shared_rank``/``unique_rank`` (read from the checkpoint when not given), ``num_classes`` and
+``checkpoint`` (see :func:`models.pretrained.build_model`). Models come in train mode: call ``.eval()`` to predict.
+Entry points are generated from the registry; every helper is private so that torch.hub lists model names only.
 """
 import inspect as _inspect
 import os as _os
@@ -23,8 +17,7 @@ _REPO = _os.path.dirname(_os.path.realpath(__file__))
 
 
 def _import_models():
-    """Import this repository's ``models`` package, the only one the entry points need (torch.hub puts the repo first
-    on sys.path while importing this file; a direct ``import hubconf`` from elsewhere needs it added)."""
+    """This repository's ``models`` (torch.hub puts the repo first on sys.path; a plain ``import hubconf`` may not)."""
     if _REPO not in [_os.path.realpath(p) for p in _sys.path if p]:
         _sys.path.insert(0, _REPO)
     loaded = _sys.modules.get("models")
@@ -39,8 +32,6 @@ def _import_models():
 
 
 _models = _import_models()
-
-
 _VARIANTS = {
     "DoubleShared": "two shared filter bases per group (one per conv position) plus unique filters",
     "SingleShared": "one shared filter basis per group plus unique filters",
@@ -56,7 +47,7 @@ def _rank_args(name: str) -> list:
 
 
 def _doc(name: str) -> str:
-    """One line (what torch.hub.help shows): the model, its datasets and its keyword arguments with defaults."""
+    """One line, as torch.hub.help shows it: the model, its datasets and its keywords with their defaults."""
     datasets = _models.registry.datasets_of(name)
     variant = name.split("_", 1)[1] if "_" in name else None
     what = _VARIANTS.get(variant, "shared-basis variant") if variant else "plain baseline"
@@ -75,26 +66,20 @@ def _doc(name: str) -> str:
 def _make_entry(name: str):
     def entry(dataset=None, *, shared_rank=None, unique_rank=None, num_classes=None, checkpoint=None):
         return _models.pretrained.build_model(name, dataset, shared_rank=shared_rank, unique_rank=unique_rank,
-                                   num_classes=num_classes, checkpoint=checkpoint)
+                                              num_classes=num_classes, checkpoint=checkpoint)
 
     entry.__name__ = entry.__qualname__ = name
     entry.__module__ = __name__
     entry.__doc__ = _doc(name)
-    # Show only the rank keywords this model takes (the others are refused with a clear error anyway).
-    takes = set(_rank_args(name))
+    takes = set(_rank_args(name))  # show only the rank keywords this model takes (others are refused anyway)
     signature = _inspect.signature(entry)
     entry.__signature__ = signature.replace(parameters=[
         p for p in signature.parameters.values() if p.name not in ("shared_rank", "unique_rank") or p.name in takes])
     return entry
 
 
-def _register_entries() -> list:
-    names = sorted({qualified.split("/", 1)[1] for qualified in _models.list_models()})
-    for name in names:
-        if not name.isidentifier() or name.startswith("_") or name == "dependencies":
-            raise ValueError(f"model name {name!r} cannot be a torch.hub entry point")
-        globals()[name] = _make_entry(name)
-    return names
-
-
-__all__ = _register_entries()
+__all__ = sorted({qualified.split("/", 1)[1] for qualified in _models.list_models()})
+for _name in __all__:
+    if not _name.isidentifier() or _name.startswith("_") or _name == "dependencies":
+        raise ValueError(f"model name {_name!r} cannot be a torch.hub entry point")
+    globals()[_name] = _make_entry(_name)

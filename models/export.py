@@ -1,20 +1,10 @@
-"""Deployment export: build a model from a checkpoint, fold it, save a ``torch.export`` program (and optionally ONNX).
-
-Command line (ranks are read from the checkpoint when not given)::
+"""Deployment export: checkpoint -> model -> fold -> ``torch.export`` program (optionally ONNX), checked before saving.
 
     python -m models.export --dataset cifar10 --model ResNet56_DoubleShared --pretrained ckpt.pth --out r56.pt2
-    python -m models.export ... --onnx        # also r56.onnx (needs: pip install onnx onnxscript)
-    python -m models.export ... --no_fold     # export the factorised graph as trained
 
-What it does, in order: builds the model (:func:`models.pretrained.build_model`) and loads the weights strictly;
-folds it (:func:`models.fold`) when any block is foldable; exports with :func:`torch.export.export` with a dynamic
-batch dimension (fixed batch if that fails); loads the saved file back, runs it and the *unfolded* model on a few
-seeded random batches and refuses the result when the largest difference, relative to the largest output magnitude,
-exceeds ``1e-4``. Files appear only after they have passed that check (:func:`models.atomic.atomic_path`). The Python
-entry point is :func:`export_model`; the exported program is used as::
-
-    program = torch.export.load("r56.pt2")
-    logits = program.module()(images)          # any batch size when the report says dynamic_batch
+``--onnx`` also writes r56.onnx; ``--no_fold`` keeps the factorised graph. Each file is loaded back and compared with
+the *unfolded* model on seeded random batches, and renamed into place only when within :data:`RTOL`. Run it with
+``torch.export.load("r56.pt2").module()(images)``.
 """
 from __future__ import annotations
 
@@ -37,8 +27,6 @@ from .summary import count_macs, count_params
 RTOL = 1e-4  # largest accepted |exported - eager| / max|eager|
 ONNX_HINT = "ONNX export needs the optional packages onnx and onnxscript: pip install onnx onnxscript"
 
-__all__ = ["ExportError", "OnnxUnavailableError", "RTOL", "export_model", "main"]
-
 
 class ExportError(RuntimeError):
     """The export cannot be done or did not reproduce the model; the message says why."""
@@ -52,32 +40,23 @@ def _why(e: BaseException) -> str:
     return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
 
 
-def _has_foldable(model: nn.Module) -> bool:
-    return any(callable(getattr(m, "folded", None)) for m in model.modules() if m is not model)
-
-
-def _onnx_missing() -> list[str]:
-    return [p for p in ("onnx",) if importlib.util.find_spec(p) is None]
-
-
-def _compare(out: torch.Tensor, ref: torch.Tensor) -> tuple[float, float]:
-    """(max |out - ref|, that divided by max |ref|)."""
-    abs_diff = (out.detach().float() - ref.detach().float()).abs().max().item()
-    return abs_diff, abs_diff / max(ref.detach().float().abs().max().item(), 1e-12)
+def _onnx_missing() -> bool:
+    return importlib.util.find_spec("onnx") is None
 
 
 def _worst(run, batches: list, refs: list) -> tuple[float, float]:
-    """The (abs, rel) difference of ``run`` against ``refs`` with the largest relative part; nan wins (it fails)."""
-    diffs = [_compare(run(x), ref) for x, ref in zip(batches, refs)]
+    """The largest (abs, relative) difference of ``run`` from ``refs``; a nan wins, so that the check fails."""
+    diffs = []
+    for x, ref in zip(batches, refs):
+        out, ref = run(x).detach().float().cpu(), ref.detach().float().cpu()
+        abs_diff = (out - ref).abs().max().item()
+        diffs.append((abs_diff, abs_diff / max(ref.abs().max().item(), 1e-12)))
     nan = [d for d in diffs if d[1] != d[1]]
     return nan[0] if nan else max(diffs, key=lambda d: d[1])
 
 
 def _export(model: nn.Module, example: torch.Tensor, dynamic: bool):
-    """torch.export with a dynamic batch dimension (traced at batch >= 2, since sizes 0/1 specialise), else fixed.
-
-    Returns ``(program, dynamic_batch, note)``.
-    """
+    """``(program, dynamic_batch, note)``: a dynamic batch if it traces (at batch >= 2: sizes 0/1 specialise)."""
     note = ""
     if dynamic:
         traced = example if example.shape[0] >= 2 else example.expand(2, *example.shape[1:]).contiguous()
@@ -90,17 +69,15 @@ def _export(model: nn.Module, example: torch.Tensor, dynamic: bool):
 
 
 def _export_onnx(program, model: nn.Module, example: torch.Tensor, dynamic: bool, path: str) -> str:
-    """ONNX from the exported program (dynamo exporter, needs onnxscript), else the legacy TorchScript exporter."""
-    errors = []
+    """The dynamo exporter on the program (needs onnxscript), else the legacy TorchScript one; returns which."""
+    errors = ["dynamo: onnxscript is not installed"]
     if importlib.util.find_spec("onnxscript") is not None:
         try:
             torch.onnx.export(program, f=path, dynamo=True, external_data=False, verbose=False,
                               input_names=["input"], output_names=["logits"])
             return "dynamo"
         except Exception as e:  # noqa: BLE001
-            errors.append(f"dynamo: {_why(e)}")
-    else:
-        errors.append("dynamo: onnxscript is not installed")
+            errors = [f"dynamo: {_why(e)}"]
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -112,32 +89,31 @@ def _export_onnx(program, model: nn.Module, example: torch.Tensor, dynamic: bool
     raise ExportError(f"ONNX export failed ({'; '.join(errors)}); {ONNX_HINT}")
 
 
-def _check_onnx(path: str, batches: list, refs: list) -> Optional[tuple[float, float]]:
-    """Run the ONNX file with onnxruntime when it is installed; else only validate it with onnx.checker."""
+def _check_onnx(path: str, batches: list, refs: list) -> tuple[Optional[float], Optional[float]]:
+    """Validate the file with onnx.checker and, when onnxruntime is installed, run it against ``refs``."""
     import onnx
 
     onnx.checker.check_model(onnx.load(path))
     if importlib.util.find_spec("onnxruntime") is None:
-        return None
+        return None, None
     import onnxruntime
 
     session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
     name = session.get_inputs()[0].name
-    refs = [ref.cpu() for ref in refs]
-    return _worst(lambda x: torch.from_numpy(session.run(None, {name: x.detach().cpu().numpy()})[0]), batches, refs)
+    return _worst(lambda x: torch.from_numpy(session.run(None, {name: x.cpu().numpy()})[0]), batches, refs)
 
 
 def _fold(model: nn.Module, fold: bool, batches: list, refs: list, report: dict) -> nn.Module:
-    """The model to export (folded when asked and possible), with the fold and size entries of the report."""
+    """The model to export (folded when asked and possible); fills the report's fold and size entries."""
     target, report["folded"], report["fold_rel_diff"] = model, False, None
-    if fold and _has_foldable(model):
+    if fold and any(callable(getattr(m, "folded", None)) for m in model.modules() if m is not model):
         try:
             target = fold_model(model)
-            folded_out = target(batches[0])
+            report["fold_rel_diff"] = _worst(target, batches[:1], refs[:1])[1]
         except Exception as e:  # noqa: BLE001
-            raise ExportError(f"fold() failed on {type(model).__name__} ({type(e).__name__}: {e}); this is a bug in "
-                              f"the model's folded() blocks: export without folding (fold=False, --no_fold)") from e
-        report["folded"], report["fold_rel_diff"] = True, _compare(folded_out, refs[0])[1]
+            raise ExportError(f"fold() failed on {type(model).__name__} ({_why(e)}); this is a bug in the model's "
+                              f"folded() blocks: export without folding (fold=False, --no_fold)") from e
+        report["folded"] = True
     elif fold:
         report["note"] = "no foldable blocks: exported as is; "
     report["params_after"] = count_params(target)
@@ -150,9 +126,8 @@ def _fold(model: nn.Module, fold: bool, batches: list, refs: list, report: dict)
 
 def _save_checked(program, target: nn.Module, example: torch.Tensor, onnx: bool, batches: list, refs: list,
                   rtol: float, report: dict) -> None:
-    """Write the program (and ONNX) atomically: each file is renamed into place only once its check passed."""
-    out = report["out"]
-    with atomic_path(out, ".pt2") as tmp:
+    """Each file is renamed into place only once its own check passed."""
+    with atomic_path(report["out"], ".pt2") as tmp:
         torch.export.save(program, tmp)
         report["max_abs_diff"], report["max_rel_diff"] = worst = _worst(torch.export.load(tmp).module(), batches, refs)
         if not worst[1] <= rtol:  # also catches nan
@@ -161,12 +136,12 @@ def _save_checked(program, target: nn.Module, example: torch.Tensor, onnx: bool,
             raise ExportError(f"the exported program differs from the model: max relative difference {worst[1]:.3g} "
                               f"> {rtol:g} (max abs {worst[0]:.3g}; {folding}); nothing written")
         if onnx:
-            onnx_out = os.path.splitext(out)[0] + ".onnx"
+            onnx_out = os.path.splitext(report["out"])[0] + ".onnx"
             with atomic_path(onnx_out, ".onnx") as tmp_onnx:
                 report["onnx_exporter"] = _export_onnx(program, target, example, report["dynamic_batch"], tmp_onnx)
                 checked = _check_onnx(tmp_onnx, batches, refs)
-                report["onnx_max_abs_diff"], report["onnx_max_rel_diff"] = checked if checked else (None, None)
-                if checked and not checked[1] <= rtol:
+                report["onnx_max_abs_diff"], report["onnx_max_rel_diff"] = checked
+                if checked[1] is not None and not checked[1] <= rtol:
                     raise ExportError(f"the ONNX model differs from the model: max relative difference "
                                       f"{checked[1]:.3g} > {rtol:g}; nothing written")
             report["onnx"] = onnx_out
@@ -176,23 +151,8 @@ def _save_checked(program, target: nn.Module, example: torch.Tensor, onnx: bool,
 def export_model(model: nn.Module, out: Union[str, os.PathLike], *, example_input: torch.Tensor, fold: bool = True,
                  onnx: bool = False, dynamic_batch: bool = True, num_batches: int = 3, seed: int = 0,
                  rtol: float = RTOL) -> dict:
-    """Fold ``model`` (when ``fold`` and a block is foldable), export it with ``torch.export`` to ``out``, check it.
-
-    The saved program is loaded back and run, with the unfolded ``model``, on ``num_batches`` random batches drawn
-    with ``seed`` (batch sizes: the example's, 1 and one more when the batch is dynamic; the example's otherwise).
-    ``example_input`` fixes the dims after the batch; ``onnx`` also writes ``<out without suffix>.onnx`` (needs the
-    optional ``onnx`` package; ``onnxscript`` for the dynamo exporter, ``onnxruntime`` to check its outputs too).
-
-    Returns:
-        the report: ``out``, ``onnx`` (path or None), ``folded``, ``dynamic_batch``, ``note``, ``params_before``,
-        ``params_after``, ``macs_before``, ``macs_after``, ``fold_rel_diff``, ``max_abs_diff``, ``max_rel_diff``,
-        ``onnx_max_abs_diff``/``onnx_max_rel_diff`` (None when onnxruntime is not installed), ``batch_sizes``.
-
-    Raises:
-        ValueError: the model is in training mode.
-        OnnxUnavailableError: ``onnx=True`` without the ``onnx`` package (nothing is written).
-        ExportError: folding or exporting failed, or the outputs differ by more than ``rtol`` (nothing is written).
-    """
+    """Fold an eval-mode ``model``, export it to ``out`` (and ``<out stem>.onnx``), check the saved files; returns the
+    report. Check batches have the example's size (also 1 and one more when dynamic); ExportError: nothing written."""
     model = unwrap_model(model)
     if model.training:
         raise ValueError("export_model() exports an inference graph, but the model is in training mode (BatchNorm "
@@ -217,7 +177,7 @@ def export_model(model: nn.Module, out: Union[str, os.PathLike], *, example_inpu
     try:
         program, report["dynamic_batch"], note = _export(target, example_input, dynamic_batch)
     except Exception as e:  # noqa: BLE001
-        raise ExportError(f"torch.export failed on {type(model).__name__}: {type(e).__name__}: {e}") from e
+        raise ExportError(f"torch.export failed on {type(model).__name__}: {_why(e)}") from e
     report["note"] += note
     if not report["dynamic_batch"]:
         batches, refs = draw([n0])
@@ -227,67 +187,43 @@ def export_model(model: nn.Module, out: Union[str, os.PathLike], *, example_inpu
     return report
 
 
-# ---------------------------------------------------------------------------------------------------------------------
-# Command line
-# ---------------------------------------------------------------------------------------------------------------------
-
 PROG = "python -m models.export"
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # one line, no usage block
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
-
-
-_positive_int.__name__ = "positive int"
-
-
-def _parser() -> argparse.ArgumentParser:
-    p = _Parser(prog=PROG, description="Fold a trained model and export it with torch.export (.pt2), optionally "
-                                       "ONNX; the saved program is checked against the unfolded model.")
-    p.add_argument("--dataset", required=True, choices=DATASETS)
-    p.add_argument("--model", required=True, help="model name, e.g. ResNet56_DoubleShared")
-    p.add_argument("--shared_rank", type=_positive_int, help="default: read from the checkpoint")
-    p.add_argument("--unique_rank", type=_positive_int, help="default: read from the checkpoint")
-    p.add_argument("--pretrained", required=True, help="checkpoint to export (the authors' or this project's)")
-    p.add_argument("--out", required=True, help="the .pt2 file to write (with --onnx also <out>.onnx)")
-    p.add_argument("--onnx", action="store_true", help="also write ONNX (pip install onnx onnxscript)")
-    p.add_argument("--no_fold", action="store_true", help="export the factorised graph without folding")
-    p.add_argument("--batch_size", type=_positive_int, default=2,
-                   help="batch of the example input and of the check (default 2; the batch stays dynamic)")
-    return p
-
-
-def _count(n: int) -> str:
-    return f"{n:,} ({n / 1e6:.2f}M)"
-
-
 def _print_report(args, model: nn.Module, r: dict) -> None:
+    def count(key: str) -> str:
+        before, after = r[f"{key}_before"], r[f"{key}_after"]
+        return f"{before:,} ({before / 1e6:.2f}M) -> {after:,} ({after / 1e6:.2f}M)"
+
     batch = "dynamic batch" if r["dynamic_batch"] else f"fixed batch {args.batch_size}"
     print(f"exported {args.dataset} {args.model} {rank_flags(model.cfg.build_kwargs())}".rstrip() + f" -> {r['out']} "
           f"({batch}, input {'x'.join(map(str, r['input_size']))}, {'folded' if r['folded'] else 'not folded'})")
-    if r["onnx"]:
-        print(f"  onnx     {r['onnx']} ({r['onnx_exporter']} exporter"
-              + (f", max rel diff {r['onnx_max_rel_diff']:.2e})" if r["onnx_max_rel_diff"] is not None
-                 else "; outputs not checked: pip install onnxruntime)"))
-    print(f"  params   {_count(r['params_before'])} -> {_count(r['params_after'])}")
-    print(f"  MACs     {_count(r['macs_before'])} -> {_count(r['macs_after'])}  (batch 1)")
+    print(f"  params   {count('params')}\n  MACs     {count('macs')}  (batch 1)")
     print(f"  check    {len(r['batch_sizes'])} random batches {r['batch_sizes']} vs the unfolded model: max abs diff "
           f"{r['max_abs_diff']:.2e}, max rel diff {r['max_rel_diff']:.2e} (limit {RTOL:g})")
+    if r["onnx"]:
+        checked = (f"max rel diff {r['onnx_max_rel_diff']:.2e}" if r["onnx_max_rel_diff"] is not None
+                   else "outputs not checked: pip install onnxruntime")
+        print(f"  onnx     {r['onnx']} ({r['onnx_exporter']} exporter, {checked})")
     if r["note"]:
         print(f"  note     {r['note']}")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = _parser().parse_args(argv)
+    p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
+    p.add_argument("--dataset", required=True, choices=DATASETS)
+    p.add_argument("--model", required=True, help="model name, e.g. ResNet56_DoubleShared")
+    p.add_argument("--shared_rank", type=int, help="default: read from the checkpoint")
+    p.add_argument("--unique_rank", type=int, help="default: read from the checkpoint")
+    p.add_argument("--pretrained", required=True, help="checkpoint to export (the authors' or this project's)")
+    p.add_argument("--out", required=True, help="the .pt2 file to write (with --onnx also <out>.onnx)")
+    p.add_argument("--onnx", action="store_true", help="also write ONNX (pip install onnx onnxscript)")
+    p.add_argument("--no_fold", action="store_true", help="export the factorised graph without folding")
+    p.add_argument("--batch_size", type=int, default=2, help="batch of the example and the check (stays dynamic)")
+    args = p.parse_args(argv)
     try:
+        if args.batch_size <= 0:
+            raise ValueError(f"--batch_size must be a positive integer, got {args.batch_size}")
         model = build_model(args.model, args.dataset, shared_rank=args.shared_rank, unique_rank=args.unique_rank,
                             checkpoint=args.pretrained).eval()
         example = torch.randn(args.batch_size, *model.cfg.input_size, generator=torch.Generator().manual_seed(0))

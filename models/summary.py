@@ -1,21 +1,16 @@
 """Parameter and FLOP counts, the way the paper reports them (SPEC section 8).
 
-* Params = ``sum(p.numel() for p in model.parameters())``; a shared basis is one tensor and counts once.
-* FLOPs = 2 x MACs as ptflops 0.6 counted them for the paper: forward hooks on convolutions (with bias adds), linear
-  layers (without), BatchNorm (2 per element), ReLU/ReLU6 *modules* and pooling modules (functional ops are not
-  counted), at batch 1 and the dataset's input size. A shared module is counted on every call, which is right: each
-  block really runs it. (ptflops 0.7's default backend gets shared models wrong; see SPEC section 8.)
-
-Run ``python -m models.summary --all`` for the paper's tables, or name one model::
-
-    python -m models.summary --dataset cifar10 --model ResNet56_DoubleShared --shared_rank 16 --unique_rank 1
+Params count a shared basis once (``model.parameters()`` yields it once). FLOPs are 2 x MACs as ptflops 0.6 counted
+them for the paper, at batch 1: hooks on conv (with bias), linear, BatchNorm, ReLU/ReLU6 and pooling *modules*, so a
+shared basis counts on every call, as it runs (ptflops 0.7's default backend miscounts shared models: SPEC section 8).
+``python -m models.summary --all`` prints the paper's tables.
 """
 from __future__ import annotations
 
 import argparse
 import math
 import sys
-from dataclasses import dataclass
+from collections import namedtuple
 from typing import Optional
 
 import torch
@@ -24,22 +19,8 @@ import torch.nn as nn
 from .basis import set_fused
 from .registry import DATASETS, INPUT_SIZE, get_model, model_rank_args, rank_flags
 
-
-@dataclass(frozen=True)
-class PaperRow:
-    """One row of the paper's result tables, with the flags that build it."""
-
-    dataset: str
-    row: str
-    model: str
-    ranks: tuple  # ((arg, value), ...)
-    params: str
-    flops: str
-    top1_err: str
-    top5_err: str = ""
-    note: str = ""
-
-
+# One row of the paper's result tables; ranks are the ((arg, value), ...) that build it.
+PaperRow = namedtuple("PaperRow", "dataset row model ranks params flops top1_err top5_err note", defaults=("", ""))
 _S = lambda s, u: (("shared_rank", s), ("unique_rank", u))  # noqa: E731
 PAPER_ROWS = (
     PaperRow("cifar100", "ResNet34-S8U1", "ResNet34_SingleShared", _S(8, 1), "5.87M", "0.79G", "23.11%"),
@@ -63,37 +44,30 @@ PAPER_ROWS = (
     PaperRow("ilsvrc", "ResNet34-S48U1*", "ResNet34_DoubleShared", _S(48, 1), "11.79M", "6.52G", "26.67%", "8.54%"),
     PaperRow("ilsvrc", "MobileNetV2-Shared", "MobileNetV2_Shared", (), "3.24M", "0.66G", "27.61%", "9.34%"),
 )
+_POOLS = (nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)
 
 
 def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def _conv_macs(m: nn.Conv2d, inp, out) -> int:
-    per_position = math.prod(m.kernel_size) * m.in_channels * (m.out_channels // m.groups)
-    positions = out.numel() // m.out_channels  # batch x output H x W
-    return per_position * positions + (m.out_channels * positions if m.bias is not None else 0)
-
-
 def _macs_of(m: nn.Module, inp, out) -> int:
     if isinstance(m, nn.Conv2d):
-        return _conv_macs(m, inp, out)
+        positions = out.numel() // m.out_channels  # batch x output H x W
+        per_position = math.prod(m.kernel_size) * m.in_channels * (m.out_channels // m.groups)
+        return per_position * positions + (m.out_channels * positions if m.bias is not None else 0)
     if isinstance(m, nn.Linear):
         return inp[0].numel() * out.shape[-1]
     if isinstance(m, nn.BatchNorm2d):
         return inp[0].numel() * (2 if m.affine else 1)
     if isinstance(m, (nn.ReLU, nn.ReLU6)):
         return out.numel()
-    if isinstance(m, (nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)):
-        return inp[0].numel()
-    return 0
+    return inp[0].numel() if isinstance(m, _POOLS) else 0
 
 
 @torch.no_grad()
 def count_macs(model: nn.Module, input_size: Optional[tuple] = None) -> int:
-    """MACs of one forward pass at batch 1, in ptflops 0.6's convention (see module docstring)."""
-    if input_size is None:
-        input_size = model.cfg.input_size
+    """MACs of one forward pass at batch 1 (default: the model's input size), in ptflops 0.6's convention."""
     fused = {m: m.fused for m in model.modules() if hasattr(m, "fused")}
     set_fused(model, False)  # call basis convs as modules so the hooks see them
     total = 0
@@ -106,7 +80,7 @@ def count_macs(model: nn.Module, input_size: Optional[tuple] = None) -> int:
     was_training = model.training
     try:
         model.eval()
-        model(torch.zeros(1, *input_size, device=next(model.parameters()).device))
+        model(torch.zeros(1, *(input_size or model.cfg.input_size), device=next(model.parameters()).device))
     finally:
         for h in handles:
             h.remove()
@@ -124,32 +98,18 @@ def summarize(name: str, dataset: str, **ranks) -> dict:
             "params_str": f"{params / 1e6:.2f}M", "flops_str": f"{2 * macs / 1e9:.2f}G"}
 
 
-def _fmt_paper_params(measured: int, paper: str) -> str:
-    digits = len(paper.rstrip("M").split(".")[1])
-    return f"{measured / 1e6:.{digits}f}M"
-
-
 def paper_table() -> list[dict]:
-    """Every paper row with what this implementation measures and the flags that build it."""
+    """Every paper row with what this implementation measures (params at the paper's precision) and its flags."""
     rows = []
     for r in PAPER_ROWS:
         s = summarize(r.model, r.dataset, **dict(r.ranks))
-        params = _fmt_paper_params(s["params"], r.params)
+        digits = len(r.params.rstrip("M").split(".")[1])  # the paper's precision
+        params = f"{s['params'] / 1e6:.{digits}f}M"
         rows.append({**s, "row": r.row, "paper_params": r.params, "paper_flops": r.flops, "top1_err": r.top1_err,
                      "top5_err": r.top5_err, "params_ok": params == r.params, "flops_ok": s["flops_str"] == r.flops,
                      "flags": f"--model={r.model} {rank_flags(dict(r.ranks))}".strip(), "note": r.note,
                      "measured_params": params})
     return rows
-
-
-def _print_table(rows: list[dict]) -> None:
-    head = f"{'dataset':9} {'paper row':20} {'params':>8} {'paper':>7} {'FLOPs':>6} {'paper':>6}  flags"
-    print(head)
-    print("-" * len(head))
-    for r in rows:
-        mark = "" if r["params_ok"] else "  *params differ from the paper; matches the authors' code"
-        print(f"{r['dataset']:9} {r['row']:20} {r['measured_params']:>8} {r['paper_params']:>7} "
-              f"{r['flops_str']:>6} {r['paper_flops']:>6}  {r['flags']}{mark}")
 
 
 def main(argv=None) -> int:
@@ -161,7 +121,12 @@ def main(argv=None) -> int:
     p.add_argument("--unique_rank", type=int)
     args = p.parse_args(argv)
     if args.all:
-        _print_table(paper_table())
+        head = f"{'dataset':9} {'paper row':20} {'params':>8} {'paper':>7} {'FLOPs':>6} {'paper':>6}  flags"
+        print(f"{head}\n{'-' * len(head)}")
+        for r in paper_table():
+            mark = "" if r["params_ok"] else "  *params differ from the paper; matches the authors' code"
+            print(f"{r['dataset']:9} {r['row']:20} {r['measured_params']:>8} {r['paper_params']:>7} "
+                  f"{r['flops_str']:>6} {r['paper_flops']:>6}  {r['flags']}{mark}")
         return 0
     if not args.dataset or not args.model:
         p.error("give --all, or --dataset and --model")

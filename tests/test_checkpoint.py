@@ -2,6 +2,7 @@
 stripping, the right model from a file), on CPU, in seconds."""
 import os
 import random
+import time
 
 import numpy as np
 import pytest
@@ -331,22 +332,32 @@ def test_read_checkpoint_directory_and_empty_file(tmp_path, what):
         P.read_checkpoint(str(path))
 
 
-def test_hostile_recorded_ranks_are_refused_before_building(tmp_path):
-    """A 1 MB file whose record says shared_rank=10**7 would make a model of many GB: the record is checked against
-    the tensor shapes first, which build only default-size models."""
-    import time
-
-    model = _tiny()
+def test_hostile_recorded_ranks_are_refused_before_any_model_is_built(tmp_path, monkeypatch, one_thread):
+    """A tiny file whose metadata asks for a huge model is refused from its tensor shapes, without building it."""
     path = str(tmp_path / "hostile.pth")
-    ckpt = C.make_checkpoint(model, None, epoch=1, acc=0.0)
-    ckpt["model_kwargs"] = {"shared_rank": 10 ** 7, "unique_rank": 1}
+    ckpt = C.make_checkpoint(_tiny(), None, epoch=1, acc=0.0, args={"shared_rank": 10**7})
+    ckpt["model_kwargs"] = {"shared_rank": 10**7, "unique_rank": 1}
     C.save_checkpoint(ckpt, path)
-    began = time.perf_counter()
+    built = []
+    real_get_model = P.get_model
+    monkeypatch.setattr(P, "get_model", lambda *a, **kw: built.append(kw) or real_get_model(*a, **kw))
+    start = time.perf_counter()
     with pytest.raises(P.CheckpointError) as e:
         P.load_model(path)
-    msg = str(e.value)
-    assert "\n" not in msg and "--shared_rank=10000000" in msg and "--shared_rank=1 " in msg + " ", msg
-    assert time.perf_counter() - began < 5
+    assert time.perf_counter() - start < 0.8
+    message = str(e.value)
+    assert "\n" not in message and "records --shared_rank=10000000 --unique_rank=1" in message
+    assert "its tensors hold --shared_rank=1 --unique_rank=1" in message
+    assert all(kw.get("shared_rank", 0) <= 32 for kw in built)  # only the default-size probes were built
+    with pytest.raises(P.CheckpointError, match="records --shared_rank=10000000"):
+        P.build_model("ResNet32_DoubleShared", checkpoint=path)
+
+
+def test_user_ranks_are_bounded_before_building():
+    start = time.perf_counter()
+    with pytest.raises(ValueError, match=r"shared_rank=10000000 is too large for ResNet32_DoubleShared \(at most 144"):
+        P.build_model("ResNet32_DoubleShared", shared_rank=10**7)
+    assert time.perf_counter() - start < 0.5
 
 
 def test_cli_bounds_ranks(capsys):

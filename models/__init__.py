@@ -11,9 +11,9 @@ from . import mobilenetv2  # noqa: F401  (registers MobileNetV2*)
 from .fold import fold
 from .basis import BasisCfg, BasisPosition, SharedBasisConv2d, basis_conv2d, basis_groups, set_fused
 from .pretrained import load_model
-from .registry import DATASETS, ModelCfg, get_model, list_models, model_rank_args
+from .registry import DATASETS, ModelCfg, canonical_name, get_model, list_models, model_rank_args, unknown_model
 from .regularizer import OrthogonalityRegularizer, orthogonality_penalty
 
 __all__ = ["BasisCfg", "BasisPosition", "DATASETS", "ModelCfg", "OrthogonalityRegularizer", "SharedBasisConv2d",
-           "basis_conv2d", "basis_groups", "fold", "get_model", "list_models", "load_model", "model_rank_args",
-           "orthogonality_penalty", "set_fused"]
+           "basis_conv2d", "basis_groups", "canonical_name", "fold", "get_model", "list_models", "load_model",
+           "model_rank_args", "orthogonality_penalty", "set_fused", "unknown_model"]

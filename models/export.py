@@ -20,7 +20,7 @@ import torch.nn as nn
 
 from .atomic import atomic_path
 from .fold import fold as fold_model
-from .pretrained import build_model, unwrap_model
+from .pretrained import load_model, unwrap_model
 from .registry import DATASETS, rank_flags
 from .summary import count_macs, count_params
 
@@ -196,7 +196,8 @@ def _print_report(args, model: nn.Module, r: dict) -> None:
         return f"{before:,} ({before / 1e6:.2f}M) -> {after:,} ({after / 1e6:.2f}M)"
 
     batch = "dynamic batch" if r["dynamic_batch"] else f"fixed batch {args.batch_size}"
-    print(f"exported {args.dataset} {args.model} {rank_flags(model.cfg.build_kwargs())}".rstrip() + f" -> {r['out']} "
+    cfg = model.cfg
+    print(f"exported {cfg.dataset} {cfg.name} {rank_flags(cfg.build_kwargs())}".rstrip() + f" -> {r['out']} "
           f"({batch}, input {'x'.join(map(str, r['input_size']))}, {'folded' if r['folded'] else 'not folded'})")
     print(f"  params   {count('params')}\n  MACs     {count('macs')}  (batch 1)")
     print(f"  check    {len(r['batch_sizes'])} random batches {r['batch_sizes']} vs the unfolded model: max abs diff "
@@ -211,8 +212,8 @@ def _print_report(args, model: nn.Module, r: dict) -> None:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
-    p.add_argument("--dataset", required=True, choices=DATASETS)
-    p.add_argument("--model", required=True, help="model name, e.g. ResNet56_DoubleShared")
+    p.add_argument("--dataset", choices=DATASETS, help="default: read from the checkpoint (the authors' files need it)")
+    p.add_argument("--model", help="e.g. ResNet56_DoubleShared; default: read from the checkpoint")
     p.add_argument("--shared_rank", type=int, help="default: read from the checkpoint")
     p.add_argument("--unique_rank", type=int, help="default: read from the checkpoint")
     p.add_argument("--pretrained", required=True, help="checkpoint to export (the authors' or this project's)")
@@ -224,8 +225,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         if args.batch_size <= 0:
             raise ValueError(f"--batch_size must be a positive integer, got {args.batch_size}")
-        model = build_model(args.model, args.dataset, shared_rank=args.shared_rank, unique_rank=args.unique_rank,
-                            checkpoint=args.pretrained).eval()
+        model, _ = load_model(args.pretrained, model=args.model, dataset=args.dataset,
+                              shared_rank=args.shared_rank, unique_rank=args.unique_rank)
         example = torch.randn(args.batch_size, *model.cfg.input_size, generator=torch.Generator().manual_seed(0))
         report = export_model(model, args.out, example_input=example, fold=not args.no_fold, onnx=args.onnx)
     except (ValueError, ExportError, OSError) as e:  # CheckpointError is a ValueError

@@ -11,8 +11,8 @@ from typing import Optional, Union
 import torch
 import torch.nn as nn
 
-from .registry import (DATASETS, RANK_ARGS, datasets_of, get_model, list_models, model_defaults, model_rank_args,
-                       rank_flags)
+from .registry import (DATASETS, RANK_ARGS, canonical_name, datasets_of, get_model, list_models, model_defaults,
+                       model_rank_args, rank_flags, unknown_model)
 
 _PREFIXES = ("module.", "_orig_mod.")
 Source = Union[str, os.PathLike]
@@ -174,6 +174,7 @@ def resolve_model(ckpt: dict, path: str, *, model: Optional[str] = None, dataset
     if dataset is None:
         raise CheckpointError(f"checkpoint {path!r} records no dataset (an authors' file?): give the dataset "
                               f"({', '.join(DATASETS)})")
+    model = canonical_name(model) if model else model
     check_identity(ckpt, path, dataset=dataset, model=model)
     name = model or ckpt.get("model")
     if name is None:
@@ -223,10 +224,10 @@ def build_model(name: str, dataset: Optional[str] = None, *, shared_rank: Option
                 checkpoint: Union[Source, dict, None] = None) -> nn.Module:
     """The hub's entry points: model ``name`` with the weights of ``checkpoint`` (path or dict), in train mode.
     ``dataset`` may be omitted when the name or the file fixes it; ranks not given come from the file, else defaults."""
+    name = canonical_name(name)
     registered = datasets_of(name)
     if not registered:
-        raise ValueError(f"unknown model {name!r}; registered names: "
-                         f"{', '.join(sorted({n.split('/')[1] for n in list_models()}))}")
+        raise ValueError(unknown_model(name))
     obj = checkpoint if checkpoint is None or isinstance(checkpoint, dict) else read_checkpoint(checkpoint)
     recorded = obj.get("dataset") if obj is not None and isinstance(obj.get("dataset"), str) else None
     dataset = dataset or recorded or (registered[0] if len(registered) == 1 else None)

@@ -6,6 +6,7 @@ suffix is its variant (:data:`VARIANTS`); this module alone decides the ranks a 
 """
 from __future__ import annotations
 
+import difflib
 import fnmatch
 from dataclasses import dataclass
 from typing import Callable, NamedTuple, Optional
@@ -96,7 +97,7 @@ def list_models(dataset: Optional[str] = None, pattern: str = "*") -> list[str]:
 
 def datasets_of(name: str) -> list[str]:
     """The datasets ``name`` is registered for, in :data:`DATASETS` order."""
-    return [d for d in DATASETS if (d, name) in _REGISTRY]
+    return [d for d in DATASETS if (d, canonical_name(name)) in _REGISTRY]
 
 
 def _check_dataset(dataset: str) -> None:
@@ -104,13 +105,26 @@ def _check_dataset(dataset: str) -> None:
         raise ValueError(f"unknown dataset {dataset!r}; valid datasets: {', '.join(DATASETS)}")
 
 
+def canonical_name(name: str) -> str:
+    """The registered spelling of ``name``: the authors' README also writes ``ResNet56-DoubleShared``."""
+    return name.replace("-", "_")
+
+
+def unknown_model(name: str, dataset: Optional[str] = None) -> str:
+    """One line for a name not registered (for ``dataset``): the closest valid name first, then all of them."""
+    valid = list_models(dataset) if dataset else sorted({n.split("/")[1] for n in list_models()})
+    close = difflib.get_close_matches(canonical_name(name), valid, n=1, cutoff=0.6)
+    hint = f"; did you mean {close[0]}?" if close else ""
+    where = f" for {dataset}" if dataset else ""
+    return f"unknown model {name!r}{where}{hint} valid names: {', '.join(valid)}"
+
+
 def _entry(name: str, dataset: str) -> _Entry:
     _check_dataset(dataset)
     try:
-        return _REGISTRY[(dataset, name)]
+        return _REGISTRY[(dataset, canonical_name(name))]
     except KeyError:
-        raise ValueError(f"unknown model {name!r} for {dataset}; valid names: "
-                         f"{', '.join(list_models(dataset))}") from None
+        raise ValueError(unknown_model(name, dataset)) from None
 
 
 def model_rank_args(name: str, dataset: str) -> tuple:
@@ -141,6 +155,7 @@ def get_model(name: str, dataset: str, *, shared_rank: Optional[int] = None, uni
     ranks default to the model's. A rank the model does not take raises ValueError, unless ``ignore_unused_ranks``
     (the authors' scripts, and so ours, ignore such flags); so do unknown names and ranks that cannot build."""
     entry = _entry(name, dataset)
+    name = canonical_name(name)
     given = {k: v for k, v in zip(RANK_ARGS, (shared_rank, unique_rank)) if v is not None}
     extra = [k for k in given if k not in entry.rank_args]
     if extra and not ignore_unused_ranks:

@@ -318,3 +318,20 @@ def test_cli_end_to_end(tmp_path, capsys):
     assert E.main(cmd[3:-2] + ["--shared_rank", "16"]) == 1  # in-process: the same CLI, one-line error
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "pass --shared_rank=8 --unique_rank=2" in err
+
+
+@pytest.mark.slow
+def test_cli_reads_dataset_and_model_from_this_projects_checkpoint(tmp_path, capsys):
+    """This project's files record dataset, model and ranks: ``--pretrained`` and ``--out`` are enough. The authors'
+    spelling ``ResNet32-DoubleShared`` names the same model."""
+    torch.manual_seed(0)
+    model = get_model("ResNet32_DoubleShared", "cifar10", shared_rank=8, unique_rank=2).eval()
+    ckpt = _project_file(model, tmp_path / "r32.pth")
+    out = tmp_path / "r32.pt2"
+    assert E.main(["--pretrained", ckpt, "--out", str(out), "--no_fold"]) == 0
+    printed = capsys.readouterr().out
+    assert "exported cifar10 ResNet32_DoubleShared --shared_rank=8 --unique_rank=2" in printed
+    assert os.path.isfile(out)
+    assert E.main(["--pretrained", ckpt, "--out", str(out), "--no_fold", "--model", "ResNet32-DoubleShared"]) == 0
+    assert E.main(["--pretrained", ckpt, "--out", str(out), "--model", "ResNet56_DoubleShared"]) == 1
+    assert "ResNet32_DoubleShared" in capsys.readouterr().err

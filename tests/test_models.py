@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from models import get_model, list_models
+from models.pretrained import build_model
 from models.summary import count_macs, count_params, paper_table
 from reference import entries, entry_args
 
@@ -138,3 +139,13 @@ def test_models_package_imports_nothing_from_utils():
     root = Path(__file__).resolve().parent.parent
     done = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
+
+
+def test_authors_hyphen_spelling_and_closest_name():
+    """The authors' README writes ``--model=ResNet56-DoubleShared``; a misspelt name is answered with the closest."""
+    model = get_model("ResNet56-DoubleShared", "cifar10")
+    assert model.cfg.name == "ResNet56_DoubleShared"
+    with pytest.raises(ValueError, match="did you mean ResNet56_DoubleShared\\?"):
+        get_model("ResNet56_DoubleShard", "cifar10")
+    with pytest.raises(ValueError, match="did you mean ResNet34_SingleShared\\?"):
+        build_model("resnet34_singleshared")

@@ -1,15 +1,14 @@
-"""Checkpoint writing (this project's format): atomic saves, the checkpoint dict, RNG state for exact resumes.
-
-Reading a checkpoint and rebuilding its model is :mod:`models.pretrained` (one implementation for eval, resume, hub
-and export); the atomic writer is :mod:`models.atomic`, shared with the export.
-"""
+"""Checkpoint writing: atomic saves, the checkpoint dict, RNG state for exact resumes (reading: models.pretrained)."""
 from __future__ import annotations
 
 import fcntl
 import glob
+import io
 import os
+import random
 from typing import IO, Optional, Sequence, Union
 
+import numpy as np
 import torch
 import torch.nn as nn
 
@@ -17,25 +16,16 @@ from models.atomic import atomic_write_bytes  # noqa: F401  (part of this module
 from models.pretrained import unwrap_model
 from utils.engine import RunError
 
-# A checkpoint is the authors' four keys plus what resuming and rebuilding need; every value is something
-# ``torch.load(weights_only=True)`` can read (tensors, numbers, strings, None, lists/tuples/dicts of those):
-#
-#   net_state_dict        unwrapped model state_dict (no ``module.``/``_orig_mod.``), tensors on CPU
-#   optimizer_state_dict  SGD state (momentum buffers on CPU)
-#   acc                   test top-1 of the saved epoch, percent, 0-dim float32 CPU tensor (authors' key)
-#   epoch                 1-based epoch of the save (authors' key); resuming starts at epoch + 1
-#   format_version        FORMAT_VERSION
-#   model, dataset        registry name and dataset
-#   model_kwargs          the rank keywords the model was built with (``ModelCfg.build_kwargs()``)
-#   args                  the run's resolved arguments, a plain dict
-#   acc5, best_acc, best_acc5, best_epoch, stage, scaler_state_dict, rng_state
+# Every value loads under weights_only=True. The authors' keys: net_state_dict (unwrapped, CPU), optimizer_state_dict,
+# acc (test top-1 %, 0-dim float32), epoch (1-based; resume at epoch + 1). Ours: format_version, model, dataset,
+# model_kwargs (ModelCfg.build_kwargs()), args (plain dict), acc5, best_acc, best_acc5, best_epoch, stage,
+# scaler_state_dict, rng_state.
 
 FORMAT_VERSION = 1
 
 
 def _to_cpu(obj, copies: dict):
-    """CPU copies of the tensors in ``obj``; a tensor reached under several keys (a shared basis) is copied once, so
-    the file holds it once and loads it as one storage."""
+    """CPU copies of the tensors in ``obj``; one under several keys (a shared basis) is copied, and stored, once."""
     if isinstance(obj, torch.Tensor):
         key = (obj.device, obj.data_ptr(), obj.dtype, tuple(obj.shape), obj.stride(), obj.storage_offset())
         if key not in copies:
@@ -50,18 +40,12 @@ def _to_cpu(obj, copies: dict):
 
 def capture_rng_state() -> dict:
     """RNG states of torch (CPU and every CUDA device), numpy and Python ``random``, in weights_only-safe types."""
-    import random
-
-    import numpy as np
-
     kind, keys, pos, has_gauss, gauss = np.random.get_state()
     version, py_state, py_gauss = random.getstate()
-    state = {
-        "torch": torch.get_rng_state(),
-        "numpy": {"kind": str(kind), "keys": torch.from_numpy(keys.astype("int64")), "pos": int(pos),
-                  "has_gauss": int(has_gauss), "gauss": float(gauss)},
-        "python": {"version": int(version), "state": [int(v) for v in py_state], "gauss": py_gauss},
-    }
+    state = {"torch": torch.get_rng_state(),
+             "numpy": {"kind": str(kind), "keys": torch.from_numpy(keys.astype("int64")), "pos": int(pos),
+                       "has_gauss": int(has_gauss), "gauss": float(gauss)},
+             "python": {"version": int(version), "state": [int(v) for v in py_state], "gauss": py_gauss}}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = [s.cpu() for s in torch.cuda.get_rng_state_all()]
     return state
@@ -69,12 +53,7 @@ def capture_rng_state() -> dict:
 
 def restore_rng_state(state: Optional[dict]) -> None:
     """Inverse of :func:`capture_rng_state` (missing parts are left alone)."""
-    import random
-
-    import numpy as np
-
-    if not state:
-        return
+    state = state or {}
     if "torch" in state:
         torch.set_rng_state(state["torch"].cpu())
     if "numpy" in state:
@@ -87,37 +66,21 @@ def restore_rng_state(state: Optional[dict]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def serialize(obj) -> bytes:
-    """``torch.save`` into memory (so one serialisation can be written to several files)."""
-    import io
-
-    buffer = io.BytesIO()
-    torch.save(obj, buffer)
-    return buffer.getvalue()
-
-
 def save_checkpoint(obj: dict, path: Union[str, Sequence[str]]) -> None:
     """Atomically write ``obj`` (tensors moved to CPU) to one path or to each of several paths."""
-    data = serialize(_to_cpu(obj, {}))
+    buffer = io.BytesIO()  # serialised once for all paths
+    torch.save(_to_cpu(obj, {}), buffer)
     for p in [path] if isinstance(path, str) else path:
-        atomic_write_bytes(data, p)
+        atomic_write_bytes(buffer.getvalue(), p)
 
 
 def make_checkpoint(model: nn.Module, optimizer: Optional[torch.optim.Optimizer], *, epoch: int, acc: float,
                     **extra) -> dict:
-    """The checkpoint dict for ``model`` (unwrapped) at ``epoch`` with test top-1 ``acc`` (percent).
-
-    ``extra`` adds this project's keys (``acc5``, ``best_acc``, ``args``, ``stage``, ...); ``model``, ``dataset`` and
-    ``model_kwargs`` are filled in from ``model.cfg`` when the model has one.
-    """
+    """The checkpoint of ``model`` (unwrapped) at ``epoch`` with test top-1 ``acc`` (%); ``extra`` adds keys."""
     bare = unwrap_model(model)
-    ckpt = {
-        "net_state_dict": bare.state_dict(),
-        "optimizer_state_dict": optimizer.state_dict() if optimizer is not None else None,
-        "acc": torch.tensor(float(acc), dtype=torch.float32),
-        "epoch": int(epoch),
-        "format_version": FORMAT_VERSION,
-    }
+    ckpt = {"net_state_dict": bare.state_dict(),
+            "optimizer_state_dict": optimizer.state_dict() if optimizer is not None else None,
+            "acc": torch.tensor(float(acc), dtype=torch.float32), "epoch": int(epoch), "format_version": FORMAT_VERSION}
     cfg = getattr(bare, "cfg", None)
     if cfg is not None:
         ckpt.update(model=cfg.name, dataset=cfg.dataset, model_kwargs=dict(cfg.build_kwargs()))
@@ -128,7 +91,7 @@ def make_checkpoint(model: nn.Module, optimizer: Optional[torch.optim.Optimizer]
 
 
 def _plain(value):
-    """Arguments as weights_only-safe builtins (paths and other objects become strings)."""
+    """weights_only-safe builtins (paths and other objects become strings)."""
     if value is None or isinstance(value, (bool, int, float, str)):
         return value
     if isinstance(value, dict):
@@ -143,9 +106,7 @@ class OutputLocked(RunError):
 
 
 def lock_run_files(out_dir: str, stem: str) -> IO:
-    """Hold ``out_dir/.<stem>.lock`` for as long as the returned file stays open: the kernel releases it when the
-    process ends, however it ends, so a crashed run never leaves it stuck. Then remove the temporary files that a
-    killed writer of this run left behind (no live process can be writing them now)."""
+    """Hold ``.<stem>.lock`` while the returned file is open (freed at any exit); remove a killed writer's tmp files."""
     os.makedirs(out_dir, exist_ok=True)
     handle = open(os.path.join(out_dir, f".{stem}.lock"), "a")
     try:

@@ -1,9 +1,4 @@
-"""One training pass, one evaluation pass, and how the model is run (device, precision, wrappers, compile).
-
-The loops keep loss sums and top-1/top-5 counts on the device; the host reads them once per pass, once on the first
-batch (the authors' ``accuracy_loss:`` line), and every ``check_every`` steps, when a device-side record of
-non-finite losses is inspected and, under torchrun, the ranks agree on whether to stop.
-"""
+"""Training and evaluation passes and how the model is run; counters stay on the device, read every check_every."""
 from __future__ import annotations
 
 import contextlib
@@ -37,23 +32,15 @@ class NonFiniteLoss(RunError):
 
 class Interrupted(KeyboardInterrupt):
     """SIGINT/SIGTERM; ``exit_code`` is the shell's ``128 + signal``, ``message`` says what is on disk."""
-
     def __init__(self, signum: int, message: str = ""):
         super().__init__(message)
-        self.signum, self.message = int(signum), message
-
-    @property
-    def exit_code(self) -> int:
-        return 128 + self.signum
+        self.signum, self.message, self.exit_code = int(signum), message, 128 + int(signum)
 
 
 class StopSignals:
-    """While active, the first SIGINT/SIGTERM only sets :attr:`signum` (the loops stop at the next step); a second
-    one raises :class:`Interrupted` at once. Previous handlers come back on exit."""
-
+    """First SIGINT/SIGTERM sets :attr:`signum` (stop at the next step); a second raises :class:`Interrupted`."""
     def __init__(self) -> None:
         self.signum: Optional[int] = None
-        self._previous: dict = {}
 
     def _handle(self, signum, frame) -> None:
         if self.signum is not None:
@@ -64,8 +51,7 @@ class StopSignals:
         return self.signum is not None
 
     def __enter__(self) -> "StopSignals":
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            self._previous[sig] = signal.signal(sig, self._handle)
+        self._previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGINT, signal.SIGTERM)}
         return self
 
     def __exit__(self, *exc) -> None:
@@ -75,10 +61,7 @@ class StopSignals:
 
 @dataclass(frozen=True)
 class Schedule:
-    """Step LR over 1-based epochs: stage ``#{m in milestones : epoch > m}`` runs at ``lr * gamma**stage`` (a
-    milestone is the last epoch of its stage). ``restart``: a new stage starts from the best checkpoint's weights
-    with a fresh SGD (CIFAR-100). Shorter runs scale milestones as ``max(1, m * epochs // recipe_epochs)``."""
-
+    """Step LR: ``lr * gamma**#{m: epoch > m}``; ``restart`` begins a stage from the best weights with a fresh SGD."""
     lr: float
     milestones: tuple
     epochs: int
@@ -100,7 +83,7 @@ class Schedule:
 
 
 def json_line(record: dict) -> str:
-    """One line of strict JSON: a non-finite number (a diverged run) becomes null, never a bare ``NaN``."""
+    """Strict JSON on one line: a non-finite number (a diverged run) becomes null."""
     def clean(v):
         if isinstance(v, float) and not math.isfinite(v):
             return None
@@ -120,7 +103,6 @@ def seed_everything(seed: int) -> None:
 
 
 def resolve_device(name: str) -> torch.device:
-    """``auto`` -> CUDA when available, else CPU; an explicit CUDA device must exist."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
@@ -131,18 +113,12 @@ def resolve_device(name: str) -> torch.device:
 
 
 def progress_enabled() -> bool:
-    """Progress bars only for people watching a terminal (not in logs, not in CI), on rank 0."""
     return sys.stderr.isatty() and not os.environ.get("CI") and distributed.is_main_process()
 
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Precision and wrappers
-# ---------------------------------------------------------------------------------------------------------------------
 
 @dataclass
 class Precision:
     """Autocast dtype (None = the model's own dtype) and the GradScaler fp16 needs."""
-
     dtype: Optional[torch.dtype] = None
     scaler: Optional[torch.amp.GradScaler] = None
 
@@ -152,9 +128,8 @@ class Precision:
             return cls()
         if device.type == "cuda":
             with torch.cuda.device(device):  # the run's GPU, not whichever is current; emulated bf16 is slow
-                native_bf16 = torch.cuda.is_bf16_supported(including_emulation=False)
-            if not native_bf16:
-                return cls(torch.float16, torch.amp.GradScaler("cuda"))
+                if not torch.cuda.is_bf16_supported(including_emulation=False):
+                    return cls(torch.float16, torch.amp.GradScaler("cuda"))
         return cls(torch.bfloat16)
 
     @property
@@ -163,9 +138,7 @@ class Precision:
 
 
 class Autocast(nn.Module):
-    """Runs ``module`` under autocast inside its own forward, so DataParallel's replica threads (which do not inherit
-    the caller's autocast dtype) compute in the dtype the run chose."""
-
+    """Autocast inside forward, so DataParallel's replica threads (which do not inherit it) use the run's dtype."""
     def __init__(self, module: nn.Module, device_type: str, dtype: torch.dtype):
         super().__init__()
         self.module, self.device_type, self.dtype = module, device_type, dtype
@@ -177,8 +150,7 @@ class Autocast(nn.Module):
 
 def wrap_model(model: nn.Module, device: torch.device, precision: Precision, *, compile: bool = False,
                ddp: bool = False, data_parallel: bool = True) -> Callable:
-    """What the loops call: autocast inside, then DDP (torchrun) or DataParallel (several visible GPUs), then compile.
-    Checkpoints store ``model`` itself, so files never depend on these wrappers."""
+    """Autocast, then DDP (torchrun) or DataParallel (several GPUs), then compile; checkpoints store ``model``."""
     net = Autocast(model, device.type, precision.dtype) if precision.dtype is not None else model
     if ddp:
         net = nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
@@ -188,34 +160,21 @@ def wrap_model(model: nn.Module, device: torch.device, precision: Precision, *, 
     return torch.compile(net) if compile else net  # its errors surface as torch reports them
 
 
-# ---------------------------------------------------------------------------------------------------------------------
-# Passes
-# ---------------------------------------------------------------------------------------------------------------------
-
 def _topk_correct(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """``[top-1 hits, top-5 hits]`` of a batch, on the device (top-k clipped to the class count)."""
     hits = logits.topk(min(5, logits.shape[1]), dim=1).indices.eq(target.unsqueeze(1))
     return torch.stack([hits[:, 0].sum(), hits.any(dim=1).sum()])
 
 
 def _batches(loader, device: torch.device, channels_last: bool, desc: str, progress: bool) -> Iterator:
     fmt = torch.channels_last if channels_last else torch.preserve_format
-    bar = None
     if progress:
         from tqdm import tqdm
-        bar = tqdm(total=len(loader), desc=desc, leave=False, dynamic_ncols=True, file=sys.stderr)
-    try:
-        for x, y in loader:
-            yield x.to(device, non_blocking=True, memory_format=fmt), y.to(device, non_blocking=True)
-            if bar is not None:
-                bar.update(1)
-    finally:
-        if bar is not None:
-            bar.close()
+        loader = tqdm(loader, total=len(loader), desc=desc, leave=False, dynamic_ncols=True, file=sys.stderr)
+    for x, y in loader:
+        yield x.to(device, non_blocking=True, memory_format=fmt), y.to(device, non_blocking=True)
 
 
 def _totals(sums: torch.Tensor, correct: torch.Tensor, images: int, what: str) -> tuple:
-    """The pass's one read of the device counters, summed over ranks."""
     images_t = torch.tensor([float(images)], dtype=torch.float64, device=sums.device)
     totals = distributed.all_reduce(torch.cat([sums, correct.to(torch.float64), images_t])).tolist()
     if totals[-1] == 0:
@@ -224,7 +183,7 @@ def _totals(sums: torch.Tensor, correct: torch.Tensor, images: int, what: str) -
 
 
 def _ce(logits: torch.Tensor, y: torch.Tensor, precision: "Precision", **kw) -> torch.Tensor:
-    # in the model's own dtype (float64 training stays float64); from fp32 logits under autocast
+    """In the model's own dtype (float64 stays float64); from fp32 logits under autocast."""
     return F.cross_entropy(logits.float() if precision.dtype is not None else logits, y, **kw)
 
 
@@ -233,34 +192,25 @@ def train_one_epoch(net: Callable, model: nn.Module, loader, optimizer: torch.op
                     lambda_r: float = 0.0, precision: Optional[Precision] = None, channels_last: bool = False,
                     stop: Callable[[], bool] = lambda: False, print_first: bool = True, progress: bool = False,
                     desc: str = "train", check_every: int = 50) -> dict:
-    """One training pass (or what is left of it): loss = CE + ``lambda_r`` * R, SGD step per batch; ends early when
-    ``stop()`` says so. Under DDP every rank computes the same R from identical weights and DDP averages the gradients
-    of CE_rank + lambda R, so R's gradient counts once.
+    """One pass of CE + ``lambda_r`` * R (R identical on every rank, so DDP counts its gradient once) until ``stop()``.
 
-    Returns :func:`pass_stats` (batch-weighted means of CE and R, accuracies in percent on the augmented images, over
-    all ranks) plus ``steps`` done in this call and whether it ``stopped`` early.
-    """
+    Returns :func:`pass_stats` plus ``steps`` done in this call and whether it ``stopped`` early."""
     precision = precision or Precision()
+    scaler = precision.scaler or torch.amp.GradScaler("cpu", enabled=False)  # disabled: plain backward and step
     model.train()
     sums = torch.zeros(2, dtype=torch.float64, device=device)  # [CE * batch, R * batch]
     correct = torch.zeros(2, dtype=torch.long, device=device)
-    steps, images, checked, stopped = len(loader), 0, 0, False
+    steps, images, checked, stopped, step, start = len(loader), 0, 0, False, 0, time.perf_counter()
     losses = torch.zeros(max(steps, 1), dtype=torch.float32, device=device)  # step -> loss (no sync per step)
-    start = time.perf_counter()
-    step = 0
     for step, (x, y) in enumerate(_batches(loader, device, channels_last, desc, progress), 1):
         logits = net(x)
         ce = _ce(logits, y, precision)
         reg = regularizer() if regularizer is not None else None  # fp32, outside autocast: see models.regularizer
         loss = ce if reg is None else ce + lambda_r * reg
         optimizer.zero_grad(set_to_none=True)
-        if precision.scaler is not None:
-            precision.scaler.scale(loss).backward()
-            precision.scaler.step(optimizer)
-            precision.scaler.update()
-        else:
-            loss.backward()
-            optimizer.step()
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
         with torch.no_grad():
             sums[0] += ce.detach() * y.shape[0]
             if reg is not None:
@@ -268,13 +218,18 @@ def train_one_epoch(net: Callable, model: nn.Module, loader, optimizer: torch.op
             correct += _topk_correct(logits.detach(), y)
             losses[min(step, steps) - 1] = loss.detach()
         images += y.shape[0]
-        if step == 1 and print_first:  # the authors' first-batch lines
+        if step == 1 and print_first:
             print("accuracy_loss: %.6f" % ce.item())
             if reg is not None:
                 print("similarity loss: %.6f" % reg.item())
         # single process: stop() after every step; under torchrun the ranks agree every check_every steps
         if step % check_every == 0 or step == steps or (not distributed.current().enabled and stop()):
-            _check_finite(losses, checked, step, steps)
+            bad = ~torch.isfinite(losses[checked:step])  # the first non-finite loss since the last check, any rank
+            first = torch.where(bad.any(), bad.to(torch.uint8).argmax() + checked, torch.tensor(steps, device=device))
+            worst = int(distributed.all_reduce(first.reshape(1).to(torch.int64), "min").item())
+            if worst < steps and worst < step:
+                value = losses[worst].item() if not torch.isfinite(losses[worst]) else float("nan")  # another rank's
+                raise NonFiniteLoss(worst + 1, value, steps)
             checked = step
             if step < steps and distributed.any_rank(stop(), device):
                 stopped = True
@@ -291,24 +246,10 @@ def pass_stats(totals: list, seconds: float, has_reg: bool) -> dict:
             "totals": list(totals)}
 
 
-def _check_finite(losses: torch.Tensor, start: int, stop: int, steps: int) -> None:
-    """Raise :class:`NonFiniteLoss` for the first non-finite loss of steps ``start+1..stop`` on any rank."""
-    bad = ~torch.isfinite(losses[start:stop])
-    first = torch.where(bad.any(), bad.to(torch.uint8).argmax() + start, torch.tensor(steps, device=losses.device))
-    step = int(distributed.all_reduce(first.reshape(1).to(torch.int64), "min").item())
-    if step < steps and step < stop:
-        value = losses[step].item() if not torch.isfinite(losses[step]) else float("nan")  # another rank's
-        raise NonFiniteLoss(step + 1, value, steps)
-
-
 @torch.no_grad()
 def evaluate(net: Callable, model: nn.Module, loader, *, device: torch.device, precision: Optional[Precision] = None,
              channels_last: bool = False, progress: bool = False, desc: str = "test") -> dict:
-    """Top-1/top-5 (percent) and mean CE over the whole loader in eval mode; under DDP each rank scores its unpadded
-    shard and the counts are summed, so the result equals the single-process one (``net`` must not be DDP).
-
-    Returns ``{"top1", "top5", "loss", "images", "seconds"}``.
-    """
+    """``{"top1", "top5", "loss", "images", "seconds"}`` over the loader; under DDP shard counts are summed."""
     precision = precision or Precision()
     model.eval()
     loss_sum = torch.zeros(1, dtype=torch.float64, device=device)
@@ -325,18 +266,8 @@ def evaluate(net: Callable, model: nn.Module, loader, *, device: torch.device, p
 
 
 @contextlib.contextmanager
-def main_only_stdout():
-    """Ranks other than 0 print nothing on stdout (their numbers are rank 0's after the all-reduces)."""
-    if distributed.is_main_process():
-        yield
-        return
-    with open(os.devnull, "w") as sink, contextlib.redirect_stdout(sink):
-        yield
-
-
-@contextlib.contextmanager
 def run_context(device_flag: str, batch_size: Optional[int] = None):
-    """Device, torchrun process group (``cuda:LOCAL_RANK`` per process) and rank-0-only stdout, for one run."""
+    """Device, torchrun process group (``cuda:LOCAL_RANK`` per process) and rank-0-only stdout."""
     device = resolve_device(device_flag)
     world = distributed.env_world_size()
     if world > 1 and device.type == "cuda" and device_flag not in ("auto", "cuda"):
@@ -351,8 +282,10 @@ def run_context(device_flag: str, batch_size: Optional[int] = None):
         if info.enabled and device.type == "cuda":
             device = torch.device("cuda", info.local_rank)
         if device.type == "cuda":
-            torch.backends.cudnn.benchmark = True  # fixed input sizes: let cuDNN pick the fastest kernels
-        with main_only_stdout():
+            torch.backends.cudnn.benchmark = True  # fixed input sizes
+        with contextlib.ExitStack() as stack:
+            if not distributed.is_main_process():  # other ranks' numbers are rank 0's after the all-reduces
+                stack.enter_context(contextlib.redirect_stdout(stack.enter_context(open(os.devnull, "w"))))
             yield device
     finally:
         distributed.cleanup()

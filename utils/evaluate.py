@@ -14,8 +14,7 @@ from utils.start import describe
 
 
 def evaluate_checkpoint(args) -> dict:
-    """Load ``--pretrained``, fold (unless ``--no_fold``), print the authors' ``Eval_Acc_top1/5`` lines, the errors and
-    one JSON line. Under torchrun the set is sharded over the processes and the counts are summed."""
+    """Load ``--pretrained``, fold (unless ``--no_fold``), print the authors' ``Eval_*`` lines and one JSON."""
     with run_context(args.device) as device:
         seed_everything(args.seed)
         ckpt = distributed.from_main(lambda: read_checkpoint(args.pretrained))
@@ -39,11 +38,11 @@ def evaluate_checkpoint(args) -> dict:
                            f"model's {model.cfg.num_classes} outputs")
         params, described = sum(p.numel() for p in model.parameters()), describe(model)
         model.eval()
-        folded = False
+        folded = False  # a family without folding support is evaluated as trained
         if not args.no_fold:
             try:
                 model, folded = fold(model), True
-            except Exception as e:  # noqa: BLE001  (a family without folding support: evaluate as trained)
+            except Exception as e:  # noqa: BLE001
                 warn(f"inference folding failed ({type(e).__name__}: {e}); evaluating the unfolded model")
         model.to(device, memory_format=torch.channels_last if args.channels_last else torch.preserve_format)
         precision = Precision.make(args.amp, device)

@@ -1,6 +1,4 @@
-"""The model a run trains, and how the run begins -- fresh, from ``--pretrained``, or continuing with ``--resume`` --
-decided once, into a :class:`RunStart`, from checks made before anything is written.
-"""
+"""The model a run trains and how it begins (fresh, ``--pretrained`` or ``--resume``), checked before any write."""
 from __future__ import annotations
 
 import os
@@ -25,10 +23,10 @@ _CHANGEABLE = ("lr", "momentum", "weight_decay", "lambdaR", "batch_size", "epoch
 class RunState:
     """What continues from checkpoint to checkpoint besides weights and optimizer."""
 
-    epoch: int = 0  # last completed epoch; training continues at epoch + 1
+    epoch: int = 0  # last completed epoch
     best_acc: float = 0.0  # selection top-1 of the best checkpoint (validation with --val_split, else test)
     best_acc5: float = 0.0
-    best_epoch: Optional[int] = None  # epoch of the weights in the best file (None: no best file from this run)
+    best_epoch: Optional[int] = None  # None: no best file from this run
     stage: int = 0
 
 
@@ -60,14 +58,13 @@ def describe(model: nn.Module) -> str:
 
 
 def run_stem(args) -> str:
-    """The authors' checkpoint name: ``{CIFAR10|CIFAR100|ILSVRC}-{model}-S{s}-U{u}-L{lambdaR}-{devices}``;
-    ``L10`` for both 10 and 10.0 (the authors' files say ``L10.0`` when the flag was typed)."""
+    """The authors' checkpoint name, e.g. ``CIFAR10-ResNet20-S16-U1-L10-0`` (``L10`` for both 10 and 10.0)."""
     return (f"{FILE_PREFIX[args.dataset]}-{args.model}-S{args.shared_rank}-U{args.unique_rank}"
             f"-L{float(args.lambdaR):g}-{args.visible_device}")
 
 
 def decide_start(args, last_path: str, schedule: Schedule) -> RunStart:
-    """Read and check the checkpoint a run starts from (``--resume`` / ``--pretrained``), before anything is written."""
+    """Read and check the checkpoint a run starts from, before anything is written."""
     if args.resume is None and args.pretrained is None:
         return RunStart(state=RunState(args.starting_epoch, stage=schedule.stage(args.starting_epoch)))
     path = args.pretrained if args.resume is None else (last_path if args.resume == "auto" else args.resume)
@@ -76,10 +73,9 @@ def decide_start(args, last_path: str, schedule: Schedule) -> RunStart:
                        f"to find it; or drop --resume to start a new run)")
     ckpt = read_checkpoint(path)
     check_identity(ckpt, path, dataset=args.dataset, model=args.model)
-    acc = checkpoint_acc(ckpt) or 0.0
-    if args.resume is None:  # --pretrained: the authors' semantics (weights, optimizer, best accuracy)
-        keep = not args.val_split  # a test-set score is no bar for a run that selects on validation
-        acc5 = float(ckpt.get("best_acc5") or 0.0)
+    acc, acc5 = checkpoint_acc(ckpt) or 0.0, float(ckpt.get("best_acc5") or 0.0)
+    if args.resume is None:  # --pretrained, as the authors; a test-set score is no bar for a run selecting on val
+        keep = not args.val_split
         state = RunState(args.starting_epoch, acc if keep else 0.0, acc5 if keep else 0.0,
                          stage=schedule.stage(args.starting_epoch))
         return RunStart("pretrained", path, ckpt, state)
@@ -89,18 +85,7 @@ def decide_start(args, last_path: str, schedule: Schedule) -> RunStart:
     if split.get("n", 0) != args.val_split:
         raise RunError(f"checkpoint {path!r} belongs to a run with --val_split={split.get('n', 0)}: resume it with the "
                        f"same --val_split (the split decides which checkpoint is best)")
-    _compare_flags(ckpt, path, args)
-    state = RunState(ckpt["epoch"], float(ckpt.get("best_acc", acc)), float(ckpt.get("best_acc5") or 0.0),
-                     ckpt.get("best_epoch"), int(ckpt.get("stage", schedule.stage(ckpt["epoch"]))))
-    states = ckpt.get("rng_states") or [ckpt.get("rng_state")]
-    return RunStart("resume", path, ckpt, state, int(split.get("seed", VAL_SPLIT_SEED)), states,
-                    int(ckpt.get("epoch_step") or 0), ckpt.get("epoch_totals"))
-
-
-def _compare_flags(ckpt: dict, path: str, args) -> None:
-    """Refuse other ranks (another model); say which training flags differ from the interrupted run's."""
-    recorded = ckpt.get("model_kwargs") or {}
-    for flag, value in recorded.items():
+    for flag, value in (ckpt.get("model_kwargs") or {}).items():
         if getattr(args, flag, value) != value:
             raise RunError(f"checkpoint {path!r} was trained with --{flag}={value}, not {getattr(args, flag)}: resume "
                            f"with --{flag}={value} (other ranks are another model)")
@@ -109,3 +94,8 @@ def _compare_flags(ckpt: dict, path: str, args) -> None:
                if k in before and str(before[k]) != str(getattr(args, k))]
     if changed:
         warn(f"resuming with flags that differ from the interrupted run's: {', '.join(changed)}")
+    state = RunState(ckpt["epoch"], float(ckpt.get("best_acc", acc)), acc5, ckpt.get("best_epoch"),
+                     int(ckpt.get("stage", schedule.stage(ckpt["epoch"]))))
+    return RunStart("resume", path, ckpt, state, int(split.get("seed", VAL_SPLIT_SEED)),
+                    ckpt.get("rng_states") or [ckpt.get("rng_state")], int(ckpt.get("epoch_step") or 0),
+                    ckpt.get("epoch_totals"))

@@ -1,14 +1,6 @@
-"""A training run of the paper's recipes (SPEC sections 5-7): :func:`fit`.
-
-Order of a run: everything that can fail on user input (model, start checkpoint, data) is checked before the first
-file is written; then one epoch after another: train, score on the selection set (test, or held-out training images
-with ``--val_split``), write ``best`` (on a strict improvement, as the authors) and ``last`` atomically. How a run
-starts -- fresh, from ``--pretrained``, or continuing with ``--resume`` -- is decided once, into a :class:`RunStart`.
-
-SIGINT/SIGTERM set a flag: the current step finishes, is saved as a resumable mid-epoch checkpoint, and the run exits
-with one line and status 130/143 saying what is on disk; a second signal stops at once. A mid-epoch checkpoint is
-also written every ``--save_every_minutes``. Under torchrun only rank 0 writes, and all ranks stop at the same step.
-"""
+"""A training run of the paper's recipes (SPEC sections 5-7): :func:`fit`. Every user-input check happens before the
+first write; a signal ends the run after a resumable save (status 130/143), a second one at once; under torchrun only
+rank 0 writes and all ranks stop at the same step."""
 from __future__ import annotations
 
 import json
@@ -33,14 +25,12 @@ from utils.start import build_model, decide_start, describe, run_stem
 
 
 def make_optimizer(model: nn.Module, args, lr: float) -> torch.optim.SGD:
-    # one group over all parameters: weight decay reaches BN and biases too, as in the authors' recipe
+    """One group over all parameters: weight decay reaches BN and biases too, as in the authors' recipe."""
     return torch.optim.SGD(model.parameters(), lr=lr, momentum=args.momentum, weight_decay=args.weight_decay)
 
 
 def fit(args) -> dict:
-    """Train as the paper's recipe for ``args`` (see ``utils/cli.py``); returns the run's summary (also printed as a
-    JSON line): ``best_acc``/``best_acc5``/``best_epoch`` on the selection set, ``val_acc``, ``test_acc``,
-    ``best_checkpoint``, ``last_checkpoint``."""
+    """Train as the paper's recipe for ``args`` (``utils/cli.py``); returns the summary, also printed as a JSON line."""
     with run_context(args.device, args.batch_size) as device, StopSignals() as stop:
         return TrainingRun(args, device, stop).run()
 
@@ -53,10 +43,9 @@ class TrainingRun:
         info = distributed.current()
         self.world, self.rank, self.main = info.world_size, info.rank, info.is_main
         seed_everything(args.seed)
-        stem = run_stem(args)
-        self.out_dir, self.stem = args.output_dir, stem
-        self.best_path = os.path.join(self.out_dir, stem + ".pth")
-        self.last_path = os.path.join(self.out_dir, stem + "-last.pth")
+        self.out_dir, self.stem = args.output_dir, run_stem(args)
+        self.best_path = os.path.join(self.out_dir, self.stem + ".pth")
+        self.last_path = os.path.join(self.out_dir, self.stem + "-last.pth")
         if os.path.exists(self.out_dir) and not os.path.isdir(self.out_dir):
             raise RunError(f"--output_dir={self.out_dir!r} exists and is not a directory")
         self.schedule = Schedule.from_recipe(args.lr, args.schedule, args.epochs)
@@ -68,10 +57,13 @@ class TrainingRun:
         self._setup_model()
         self.saved = self.state.epoch if self.start.kind == "resume" else 0  # last epoch whose files are on disk
         self.saved_step = None  # (epoch, step, steps) of the last mid-epoch save
-        self.resume_at = (self.state.epoch + 1, self.start.step)  # a --resume of a mid-epoch save continues there
+        self.resume_at = (self.state.epoch + 1, self.start.step)
         self.last_scores = {"top1": checkpoint_acc(self.start.ckpt or {}) or 0.0, "top5": 0.0}
-        self.next_save = (time.monotonic() + 60 * args.save_every_minutes if args.save_every_minutes
-                          else float("inf"))
+        self._rearm_save_clock()
+
+    def _rearm_save_clock(self) -> None:
+        minutes = self.args.save_every_minutes
+        self.next_save = time.monotonic() + 60 * minutes if minutes else float("inf")
 
     def _setup_data(self) -> None:
         args = self.args
@@ -93,8 +85,7 @@ class TrainingRun:
             seed_everything(args.seed + 1_000_003 * self.rank)
         self.optimizer = make_optimizer(model, args, self.schedule.lr_at(self.state.epoch + 1))
         self.precision = Precision.make(args.amp, device)
-        regularizer = OrthogonalityRegularizer(model)
-        self.regularizer = regularizer if regularizer else None  # plain and NonShared models: CE only
+        self.regularizer = OrthogonalityRegularizer(model) or None  # plain and NonShared models: CE only
         self._restore()
         self.net = wrap_model(model, device, self.precision, compile=args.compile, ddp=self.world > 1)
         # evaluation runs without DDP: ranks may score different numbers of batches
@@ -102,35 +93,31 @@ class TrainingRun:
                          if self.world > 1 else self.net)
 
     def _restore(self) -> None:
-        """The one restore step: weights, optimizer, scaler and (for --resume) the random streams."""
-        start = self.start
+        """Weights, optimizer, scaler and (for --resume) the random streams of the start checkpoint."""
+        start, state = self.start, self.state
         if start.ckpt is None:
             return
         load_weights(self.model, start.ckpt)
-        self._load_optimizer(start.ckpt.get("optimizer_state_dict"), required=start.kind == "resume")
-        if start.kind == "pretrained":
-            print(f"Starting from {start.path} (top-1 {self.state.best_acc:.3f}) at epoch {self.state.epoch + 1}")
-            return
-        if self.precision.scaler is not None and start.ckpt.get("scaler_state_dict"):
-            self.precision.scaler.load_state_dict(start.ckpt["scaler_state_dict"])
-        print(f"Resuming from {start.path} (epoch {self.state.epoch}, stage {self.state.stage + 1}, best {self.select} "
-              f"top-1 {self.state.best_acc:.3f})")
-
-    def _load_optimizer(self, opt_state, required: bool) -> None:
-        problem = "has no optimizer state" if not opt_state else None
+        opt_state, problem = start.ckpt.get("optimizer_state_dict"), "has no optimizer state"
         if opt_state:
             try:
                 self.optimizer.load_state_dict(opt_state)
+                problem = None
             except (ValueError, KeyError, TypeError, RuntimeError) as e:
                 problem = f"holds optimizer state that does not fit this model ({e})"
-        if problem and required:
-            raise CheckpointError(f"checkpoint {self.start.path!r} {problem}: it cannot be resumed")
+        if problem and start.kind == "resume":
+            raise CheckpointError(f"checkpoint {start.path!r} {problem}: it cannot be resumed")
         if problem:
-            warn(f"{self.start.path} {problem}; starting with fresh SGD momentum")
+            warn(f"{start.path} {problem}; starting with fresh SGD momentum")
         for group in self.optimizer.param_groups:
-            group["lr"] = self.schedule.lr_at(self.state.epoch + 1)
-
-    # -----------------------------------------------------------------------------------------------------------------
+            group["lr"] = self.schedule.lr_at(state.epoch + 1)
+        if start.kind == "pretrained":
+            print(f"Starting from {start.path} (top-1 {state.best_acc:.3f}) at epoch {state.epoch + 1}")
+            return
+        if self.precision.scaler is not None and start.ckpt.get("scaler_state_dict"):
+            self.precision.scaler.load_state_dict(start.ckpt["scaler_state_dict"])
+        print(f"Resuming from {start.path} (epoch {state.epoch}, stage {state.stage + 1}, best {self.select} "
+              f"top-1 {state.best_acc:.3f})")
 
     def header(self) -> str:
         args, loaders, sch = self.args, self.loaders, self.schedule
@@ -175,8 +162,8 @@ class TrainingRun:
             self.writer = None
             return self.summary(self.score_on_test() if self.args.val_split else None)
         self.writer = self._prepare_output()
-        if self.start.rng_states:  # last, so that building things above does not shift the random streams
-            states = self.start.rng_states
+        states = self.start.rng_states
+        if states:  # last, so that building things above does not shift the random streams
             restore_rng_state(states[self.rank] if len(states) == self.world else states[0] if not self.rank else None)
         epoch = self.state.epoch + 1
         try:
@@ -206,10 +193,10 @@ class TrainingRun:
 
     def train_epoch(self, epoch: int) -> None:
         args, sch, state = self.args, self.schedule, self.state
-        stage = sch.stage(epoch)
+        stage, lr = sch.stage(epoch), sch.lr_at(epoch)
         if sch.restart and stage > state.stage:
             self.restart_stage(epoch)
-        state.stage, lr = stage, sch.lr_at(epoch)
+        state.stage = stage
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         began = time.perf_counter()
@@ -217,26 +204,22 @@ class TrainingRun:
         print(f"\nCuda {args.visible_device} {'Basis ' if self.regularizer is not None else ''}Epoch: {epoch}"
               + (f" (resumed at step {step})" if step else ""))
         tr = self.train_pass(epoch, lr, step)
-        print("Training_Acc_Top1 = %.3f" % tr["top1"])
-        print("Training_Acc_Top5 = %.3f" % tr["top5"])
+        print("Training_Acc_Top1 = %.3f\nTraining_Acc_Top5 = %.3f" % (tr["top1"], tr["top5"]))
         te = evaluate(self.eval_net, self.model, self.select_loader, device=self.device, precision=self.precision,
                       channels_last=args.channels_last, progress=progress_enabled(), desc=self.select)
         improved = te["top1"] > state.best_acc  # strictly greater, as the authors
         if improved:
             state.best_acc, state.best_acc5, state.best_epoch = te["top1"], te["top5"], epoch
-        state.epoch = epoch
+        state.epoch, self.last_scores = epoch, te
         periodic = args.dataset == "ilsvrc" and epoch % 5 == 0  # the authors' ILSVRC history files
         paths = ([self.best_path] if improved else []) + [self.last_path]
-        if periodic:
-            paths.append(os.path.join(self.out_dir, f"{self.stem}epoch{epoch}.pth"))
-        self.last_scores = te
+        paths += [os.path.join(self.out_dir, f"{self.stem}epoch{epoch}.pth")] if periodic else []
         self.save(self.checkpoint(epoch, te, lr), paths, epoch)
         self.print_test_lines(te, improved, periodic)
         self.log_epoch(epoch, stage, lr, tr, te, time.perf_counter() - began)
 
     def train_pass(self, epoch: int, lr: float, step: int) -> dict:
-        """The epoch's training pass from ``step`` on; pauses to save a mid-epoch checkpoint every
-        ``--save_every_minutes`` and on a signal (then stops)."""
+        """The epoch's training from ``step`` on, pausing for a mid-epoch save on the save clock or a signal."""
         totals, seconds = (self.start.totals if step else None), 0.0
         while True:
             self.loaders.train.set_epoch(epoch, start_step=step)
@@ -244,7 +227,8 @@ class TrainingRun:
             try:
                 r = train_one_epoch(self.net, self.model, self.loaders.train, self.optimizer, device=self.device,
                                     regularizer=self.regularizer, lambda_r=self.args.lambdaR, precision=self.precision,
-                                    channels_last=self.args.channels_last, stop=self._pause, print_first=step == 0,
+                                    channels_last=self.args.channels_last, print_first=step == 0,
+                                    stop=lambda: self.stop() or time.monotonic() >= self.next_save,
                                     progress=progress_enabled(), desc=f"epoch {epoch}/{self.schedule.epochs}")
             except NonFiniteLoss as e:
                 kept = (f"the last checkpoint ({self.last_path}) is intact" if self.saved or self.saved_step
@@ -263,61 +247,52 @@ class TrainingRun:
             if distributed.any_rank(self.stop(), self.device):
                 raise Interrupted(self.stop.signum or signal.SIGTERM)
 
-    def _pause(self) -> bool:
-        return self.stop() or time.monotonic() >= self.next_save
-
     def checkpoint(self, epoch: int, te: dict, lr: float) -> dict:
-        state, args = self.state, self.args
+        state, args, scaler = self.state, self.args, self.precision.scaler
         rng_states = distributed.all_gather_object(capture_rng_state())
-        scores = ({"val_acc": te["top1"], "val_acc5": te["top5"]} if args.val_split
-                  else {"test_acc": te["top1"], "test_acc5": te["top5"]})
+        split = {"n": args.val_split, "seed": self.start.split_seed} if args.val_split else None
         return make_checkpoint(
-            self.model, self.optimizer, epoch=epoch, acc=te["top1"], acc5=te["top5"], **scores, selection=self.select,
-            val_split={"n": args.val_split, "seed": self.start.split_seed} if args.val_split else None,
+            self.model, self.optimizer, epoch=epoch, acc=te["top1"], acc5=te["top5"], selection=self.select,
+            **{f"{self.select}_acc": te["top1"], f"{self.select}_acc5": te["top5"]}, val_split=split,
             best_acc=state.best_acc, best_acc5=state.best_acc5, best_epoch=state.best_epoch, stage=state.stage, lr=lr,
-            scaler_state_dict=self.precision.scaler.state_dict() if self.precision.scaler else None,
-            rng_state=rng_states[0], rng_states=rng_states if self.world > 1 else None, world_size=self.world,
-            args=vars(args), epoch_step=0, epoch_totals=None)
+            scaler_state_dict=scaler.state_dict() if scaler else None, rng_state=rng_states[0],
+            rng_states=rng_states if self.world > 1 else None, world_size=self.world, args=vars(args), epoch_step=0,
+            epoch_totals=None)
 
     def save(self, ckpt: dict, paths: list, epoch: Optional[int] = None) -> None:
         if self.main:
             try:
                 save_checkpoint(ckpt, paths)
             except OSError as e:
-                kept = f"{self.last_path} still holds {self._on_disk()}" if self._on_disk() else \
-                    "no checkpoint of this run had been written"
+                part = self.saved_step if self.saved_step and self.saved_step[0] > self.saved else None
+                held = (f"the first {part[1]} steps of epoch {part[0]}" if part
+                        else f"epoch {self.saved}" if self.saved else None)
+                kept = f"{self.last_path} still holds {held}" if held else "no checkpoint of this run had been written"
                 raise RunError(f"could not write checkpoint {paths[0]!r} ({e.strerror or e}); {kept}") from None
         self.saved = epoch or self.saved
-        self.next_save = time.monotonic() + 60 * self.args.save_every_minutes if self.args.save_every_minutes \
-            else float("inf")
-
-    def _on_disk(self) -> Optional[str]:
-        if self.saved_step and self.saved_step[0] > self.saved:
-            return f"the first {self.saved_step[1]} steps of epoch {self.saved_step[0]}"
-        return f"epoch {self.saved}" if self.saved else None
+        self._rearm_save_clock()
 
     def print_test_lines(self, te: dict, improved: bool, periodic: bool) -> None:
         """The authors' lines (CIFAR: on improvement only; ILSVRC: every epoch); ``Val`` ones with --val_split."""
         label = "Val" if self.args.val_split else "Test"
-        best = "Best_Acc" if label == "Test" else "Best_Val_Acc"
+        best = "Best_Val_Acc" if self.args.val_split else "Best_Acc"
+        b1, b5 = self.state.best_acc, self.state.best_acc5
         if self.args.dataset == "ilsvrc":
             print("%s_Acc_Top1/5 = %.3f\t%.3f" % (label, te["top1"], te["top5"]))
             if improved:
-                print("Saving Best..")
-                print("%s_top1/5 = %.3f\t%.3f" % (best, self.state.best_acc, self.state.best_acc5))
+                print("Saving Best..\n%s_top1/5 = %.3f\t%.3f" % (best, b1, b5))
             if periodic:
                 print("Saving..")
         elif improved:
-            print("%s_top1 = %.3f" % (best, self.state.best_acc))
-            print("%s_top5 = %.3f" % (best, self.state.best_acc5))
+            print("%s_top1 = %.3f\n%s_top5 = %.3f" % (best, b1, best, b5))
 
     def log_epoch(self, epoch: int, stage: int, lr: float, tr: dict, te: dict, seconds: float) -> None:
         state, sel = self.state, self.select
-        print("Time:  %.3f" % seconds)
         reg = f" R {tr['reg']:.5f}" if tr["reg"] is not None else ""
+        print("Time:  %.3f" % seconds)
         print(f"[epoch {epoch}/{self.schedule.epochs}] stage {stage + 1} lr {lr:.5g} | "
-              f"train loss {tr['loss']:.4f}{reg} "
-              f"top1 {tr['top1']:.2f} | {sel} loss {te['loss']:.4f} top1 {te['top1']:.2f} top5 {te['top5']:.2f} | "
+              f"train loss {tr['loss']:.4f}{reg} top1 {tr['top1']:.2f} | "
+              f"{sel} loss {te['loss']:.4f} top1 {te['top1']:.2f} top5 {te['top5']:.2f} | "
               f"best {state.best_acc:.2f} (epoch {state.best_epoch}) | {seconds:.1f}s {tr['img_per_s']:.0f} img/s")
         if self.writer is not None:
             scalars = {"train/loss": tr["loss"], "train/top1": tr["top1"], "train/top5": tr["top5"],
@@ -330,28 +305,26 @@ class TrainingRun:
 
     def restart_stage(self, epoch: int) -> None:
         """CIFAR-100: a new stage starts from the best weights so far, with a fresh SGD (no momentum)."""
-        state, args = self.state, self.args
+        state, lr = self.state, self.schedule.lr_at(epoch)
 
-        def pick() -> Optional[str]:
+        def pick() -> Optional[str]:  # the best this run has seen
             if state.best_epoch is not None and os.path.isfile(self.best_path):
                 return self.best_path
-            return self.start.path if self.start.kind == "pretrained" else None  # the best this run has seen
+            return self.start.path if self.start.kind == "pretrained" else None
 
         source = distributed.from_main(pick)  # decided where the files are, so that every rank does the same
         if source is not None:
             load_weights(self.model, distributed.from_main(lambda: read_checkpoint(source)))
         what = (f"the best checkpoint ({source}, top-1 {state.best_acc:.3f})" if source
                 else "the current weights (no best checkpoint yet)")
-        lr = self.schedule.lr_at(epoch)
         print(f"Stage {self.schedule.stage(epoch) + 1} from epoch {epoch}: restarting from {what} with a fresh SGD at "
               f"lr {lr:g}")
-        self.optimizer = make_optimizer(self.model, args, lr)
+        self.optimizer = make_optimizer(self.model, self.args, lr)
         if self.precision.scaler is not None:
             self.precision.scaler = torch.amp.GradScaler("cuda")
 
     def score_on_test(self) -> dict:
-        """--val_split: the checkpoint chosen on validation, scored once on the test set (stored in its file); a
-        finished run that has the score already prints it without recomputing or rewriting anything."""
+        """--val_split: the checkpoint chosen on validation, scored once on the test set and stored in its file."""
         state = self.state
         path = self.best_path if state.best_epoch is not None else self.last_path
         ckpt = distributed.from_main(lambda: read_checkpoint(path))
@@ -369,22 +342,21 @@ class TrainingRun:
                 "epoch": ckpt["epoch"]}
 
     def summary(self, final: Optional[dict]) -> dict:
-        state = self.state
-        if final is not None:
-            scores = {"val_acc": state.best_acc, "val_acc5": state.best_acc5, "test_acc": final["test_acc"],
-                      "test_acc5": final["test_acc5"]}
-            labels = ("Best_Val_Acc_top1", "Best_Val_Acc_top5", "Test_Acc_top1", "Test_Acc_top5")
-        else:
-            scores = {"val_acc": None, "val_acc5": None, "test_acc": state.best_acc, "test_acc5": state.best_acc5}
-            labels = ("Best_Acc_top1", "Best_Acc_top5")
-        for label, value in zip(labels, (state.best_acc, state.best_acc5, scores["test_acc"], scores["test_acc5"])):
+        state, val = self.state, self.args.val_split
+        best = (state.best_acc, state.best_acc5)
+        test = (final["test_acc"], final["test_acc5"]) if final is not None else best
+        labels = ("Best_Val_Acc_top1", "Best_Val_Acc_top5", "Test_Acc_top1", "Test_Acc_top5") if final is not None \
+            else ("Best_Acc_top1", "Best_Acc_top5")
+        for label, value in zip(labels, (*best, *test)):
             print("%s = %.3f" % (label, value))
         if final is not None:
-            chosen = (f"the checkpoint chosen on {self.args.val_split} held-out training images"
-                      if state.best_epoch is not None else "the last checkpoint (no epoch scored above 0% on them)")
+            chosen = (f"the checkpoint chosen on {val} held-out training images" if state.best_epoch is not None
+                      else "the last checkpoint (no epoch scored above 0% on them)")
             print(f"The test set was scored once, on {chosen} (epoch {final['epoch']})")
+        vals = best if final is not None else (None, None)
         result = {"best_acc": state.best_acc, "best_acc5": state.best_acc5, "best_epoch": state.best_epoch,
-                  "epochs": self.schedule.epochs, "selection": self.select, **scores,
+                  "epochs": self.schedule.epochs, "selection": self.select, "val_acc": vals[0], "val_acc5": vals[1],
+                  "test_acc": test[0], "test_acc5": test[1],
                   "best_checkpoint": self.best_path if state.best_epoch is not None else None,
                   "last_checkpoint": self.last_path}
         print(json_line(result))

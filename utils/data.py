@@ -1,13 +1,7 @@
-"""Datasets and loaders for CIFAR-10, CIFAR-100 and ILSVRC2012 (recipes in SPEC section 5).
+"""CIFAR-10/100 and ILSVRC2012 datasets and loaders (SPEC section 5); :func:`build_loaders` is the entry point.
 
-* CIFAR: the python-pickle batches, read by :func:`load_cifar`, served either by a ``DataLoader`` with the
-  reference's torchvision transforms (CPU) or by :class:`utils.gpu_loader.GpuCifarLoader` (CUDA, the default there).
-* ILSVRC2012: ``ImageFolder`` trees ``<root>/train`` and ``<root>/val``.
-
-Training order and augmentation are functions of ``(seed, epoch)`` and ``(seed, epoch, sample index)`` alone: the
-sampler yields ``(epoch, index)`` pairs and every sample is transformed under its own seed, so the batches do not
-depend on the number of workers, and a run resumed at any step sees the batches an uninterrupted run sees.
-:func:`build_loaders` is the one entry point for the scripts.
+Order and augmentation are functions of ``(seed, epoch, sample index)`` alone, so batches do not depend on the
+number of workers and a run resumed at any step sees the batches an uninterrupted run sees.
 """
 from __future__ import annotations
 
@@ -26,22 +20,17 @@ from models.registry import DATASETS, NUM_CLASSES
 
 PathLike = Union[str, os.PathLike]
 
-# Per-channel mean / std of ToTensor()-scaled images (SPEC section 5).
-MEAN_STD = {
-    # ImageNet statistics, not CIFAR-10's own: the published CIFAR-10 checkpoints were trained with them (SPEC
-    # section 10 item 1), so they evaluate at their reported accuracy only with these.
+MEAN_STD = {  # of ToTensor()-scaled images; cifar10 uses ImageNet's, as its published checkpoints need (SPEC 10.1)
     "cifar10": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
     "cifar100": ((0.507, 0.487, 0.441), (0.267, 0.256, 0.276)),
     "ilsvrc": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
 }
 CIFAR_URLS = {"cifar10": "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",
               "cifar100": "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz"}
-# dataset: (directory, train files, test files, label key)
-_CIFAR_LAYOUT = {"cifar10": ("cifar-10-batches-py", tuple(f"data_batch_{i}" for i in range(1, 6)), ("test_batch",),
-                             "labels"),
-                 "cifar100": ("cifar-100-python", ("train",), ("test",), "fine_labels")}
-VAL_SPLIT_SEED = 20240229
-"""Seed of the held-out split (``--val_split``): fixed, independent of ``--seed``, recorded in the checkpoints."""
+_CIFAR_LAYOUT = {  # dataset: (directory, train files, test files, label key)
+    "cifar10": ("cifar-10-batches-py", tuple(f"data_batch_{i}" for i in range(1, 6)), ("test_batch",), "labels"),
+    "cifar100": ("cifar-100-python", ("train",), ("test",), "fine_labels")}
+VAL_SPLIT_SEED = 20240229  # seed of the --val_split hold-out: independent of --seed, recorded in the checkpoints
 
 
 class DatasetError(Exception):
@@ -50,24 +39,18 @@ class DatasetError(Exception):
 
 def mix_seed(*parts: int) -> int:
     """A 63-bit seed from integers; (0, 1) and (1, 0) differ, as ``seed + epoch`` would not."""
-    x = 0x9E3779B97F4A7C15
+    x, mask = 0x9E3779B97F4A7C15, (1 << 64) - 1
     for p in parts:
-        x = ((x ^ (int(p) & ((1 << 64) - 1))) * 0xBF58476D1CE4E5B9) & ((1 << 64) - 1)
+        x = ((x ^ (int(p) & mask)) * 0xBF58476D1CE4E5B9) & mask
         x ^= x >> 31
     return x & ((1 << 63) - 1)
 
 
-# --------------------------------------------------------------------------------------------------------------------
-# CIFAR files. Our own reader (torchvision's CIFAR10 insists on the official md5 and unpickles anything): this one
-# rebuilds numpy arrays only, as torch.load(weights_only=True) does for checkpoints.
-# --------------------------------------------------------------------------------------------------------------------
-
 class _CifarUnpickler(pickle.Unpickler):
-    _ALLOWED = {("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "_reconstruct"),
-                ("numpy._core.multiarray", "_reconstruct"), ("numpy.core.multiarray", "scalar"),
-                ("numpy._core.multiarray", "scalar"), ("numpy.core.numeric", "_frombuffer"),
-                ("numpy._core.numeric", "_frombuffer"), ("_codecs", "encode"), ("builtins", "bytearray"),
-                ("builtins", "bytes")}
+    """Rebuilds numpy arrays only (torchvision's reader unpickles anything and insists on the official md5)."""
+    _ALLOWED = {(f"numpy.{c}.{m}", n) for c in ("core", "_core") for m, n in (
+        ("multiarray", "_reconstruct"), ("multiarray", "scalar"), ("numeric", "_frombuffer"))} | {("numpy", "ndarray"),
+        ("numpy", "dtype"), ("_codecs", "encode"), ("builtins", "bytearray"), ("builtins", "bytes")}
     _PY2_NAMES = {"__builtin__": "builtins", "copy_reg": "copyreg"}  # protocol-2 pickles name python-2 modules
 
     def find_class(self, module: str, name: str):
@@ -77,37 +60,34 @@ class _CifarUnpickler(pickle.Unpickler):
         return super().find_class(module, name)
 
 
+def _first_line(e: BaseException) -> str:
+    return str(e).splitlines()[0] if str(e) else "no detail"
+
+
 def _read_cifar_file(path: str, label_key: str, num_classes: int) -> Tuple[np.ndarray, np.ndarray]:
     """One pickle batch -> (uint8 [N, 3072] CHW rows, int64 [N] labels); DatasetError naming the file."""
-    fix = "replace it with the file from the official archive"
+    def bad(what: str) -> DatasetError:
+        return DatasetError(f"CIFAR file {path!r}{what}; replace it with the file from the official archive")
     try:
         with open(path, "rb") as f:
             obj = _CifarUnpickler(f, encoding="latin1").load()
     except Exception as e:  # noqa: BLE001  (not a pickle, truncated, a refused global, unreadable)
-        raise DatasetError(f"CIFAR file {path!r} is not a readable CIFAR python-pickle batch ({type(e).__name__}: "
-                           f"{_first_line(e)}); {fix}") from None
+        raise bad(f" is not a readable CIFAR python-pickle batch ({type(e).__name__}: {_first_line(e)})") from None
     if not isinstance(obj, dict):
-        raise DatasetError(f"CIFAR file {path!r} holds a {type(obj).__name__}, not a dict with 'data' and "
-                           f"{label_key!r}; {fix}")
+        raise bad(f" holds a {type(obj).__name__}, not a dict with 'data' and {label_key!r}")
     obj = {(k.decode("latin1") if isinstance(k, bytes) else k): v for k, v in obj.items()}
     missing = [k for k in ("data", label_key) if k not in obj]
     if missing:
         raise DatasetError(f"CIFAR file {path!r} lacks key {missing[0]!r} (has {sorted(map(str, obj))}); is it "
-                           f"from the other CIFAR dataset? {fix}")
+                           f"from the other CIFAR dataset? replace it with the file from the official archive")
     data, labels = np.asarray(obj["data"]), np.asarray(obj[label_key])
     if data.ndim != 2 or data.shape[1] != 3072 or not np.issubdtype(data.dtype, np.integer) or (
             data.size and (data.min() < 0 or data.max() > 255)):
-        raise DatasetError(f"CIFAR file {path!r}: 'data' is {data.dtype} {tuple(data.shape)}, expected uint8 "
-                           f"[N, 3072]; {fix}")
+        raise bad(f": 'data' is {data.dtype} {tuple(data.shape)}, expected uint8 [N, 3072]")
     if labels.shape != data.shape[:1] or not (labels.size == 0 or np.issubdtype(labels.dtype, np.integer)) or (
             labels.size and (labels.min() < 0 or labels.max() >= num_classes)):
-        raise DatasetError(f"CIFAR file {path!r}: {label_key!r} is not {data.shape[0]} labels in 0..{num_classes - 1}"
-                           f"; {fix}")
+        raise bad(f": {label_key!r} is not {data.shape[0]} labels in 0..{num_classes - 1}")
     return data.astype(np.uint8), labels.astype(np.int64)
-
-
-def _first_line(e: BaseException) -> str:
-    return str(e).splitlines()[0] if str(e) else "no detail"
 
 
 def _try_download(root: str, dataset: str) -> Optional[str]:
@@ -122,11 +102,7 @@ def _try_download(root: str, dataset: str) -> Optional[str]:
 
 
 def load_cifar(root: PathLike, dataset: str, train: bool, *, download: bool = True) -> Tuple[torch.Tensor, ...]:
-    """``(uint8 [N, 32, 32, 3] HWC images, int64 [N] labels)`` of one split, without md5 checks.
-
-    When none of the split's files exist and ``download``, tries once to fetch the official archive; files that
-    exist are never overwritten. Raises DatasetError for a missing (after that) or malformed file.
-    """
+    """``(uint8 [N, 32, 32, 3] HWC images, int64 [N] labels)`` of one split; downloads once if no file exists."""
     if dataset not in _CIFAR_LAYOUT:
         raise ValueError(f"load_cifar: dataset must be 'cifar10' or 'cifar100', got {dataset!r}")
     root = os.fspath(root)
@@ -176,13 +152,8 @@ def imagenet_transforms(train: bool):
     return T.Compose(ops + [T.ToTensor(), T.Normalize(*MEAN_STD["ilsvrc"])])
 
 
-# --------------------------------------------------------------------------------------------------------------------
-# Order and augmentation as functions of (seed, epoch, index)
-# --------------------------------------------------------------------------------------------------------------------
-
 class EpochSampler(DistributedSampler):
-    """``DistributedSampler`` (permutation from ``seed + epoch``, this rank's padded shard) yielding ``(epoch,
-    index)`` pairs, from position ``start`` on (a run resumed mid-epoch)."""
+    """``DistributedSampler`` yielding ``(epoch, index)`` pairs from position ``start`` on (resumed mid-epoch)."""
 
     def __init__(self, dataset: Dataset, *, seed: int, rank: int = 0, world_size: int = 1):
         super().__init__(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed)
@@ -196,8 +167,7 @@ class EpochSampler(DistributedSampler):
 
 
 class SeededSamples(Dataset):
-    """Item ``(epoch, i)`` is ``dataset[i]`` computed under torch seed ``mix_seed(seed, epoch, i)``: torchvision's
-    random transforms draw from torch's global RNG, so every sample's augmentation is fixed whatever the worker."""
+    """Item ``(epoch, i)`` is ``dataset[i]`` under torch seed ``mix_seed(seed, epoch, i)``, whatever the worker."""
 
     def __init__(self, dataset: Dataset, seed: int):
         self.dataset, self.seed = dataset, int(seed)
@@ -216,14 +186,12 @@ class TrainLoader(DataLoader):
     """A training ``DataLoader`` over :class:`SeededSamples` with an :class:`EpochSampler`."""
 
     def set_epoch(self, epoch: int, start_step: int = 0) -> None:
-        """The next pass is ``epoch``'s, from batch ``start_step`` on."""
         self.sampler.set_epoch(int(epoch))
         self.sampler.start = int(start_step) * self.batch_size
 
 
 def _worker_signals(_: int) -> None:
-    """Ctrl-C and ``timeout``/Slurm's SIGTERM reach the whole process group: workers leave the first one to the main
-    process, which stops them cleanly (no worker tracebacks); a second SIGTERM (torch's own clean-up) ends them."""
+    """Workers leave the first Ctrl-C/SIGTERM to the main process, which stops them cleanly; a second ends them."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, lambda *_: signal.signal(signal.SIGTERM, signal.SIG_DFL))
 
@@ -235,7 +203,7 @@ def _train_loader(dataset: Dataset, batch_size: int, seed: int, workers: int, pi
 
 
 def _eval_loader(dataset: Dataset, batch_size: int, workers: int, pin: bool, rank: int, world: int) -> DataLoader:
-    """File order; under DDP this rank's unpadded shard (no image counted twice; ranks may differ by one image)."""
+    """File order; under DDP this rank's unpadded shard (no image counted twice)."""
     if world > 1:
         whole = len(dataset)
         dataset = Subset(dataset, range(rank, whole, world))
@@ -257,13 +225,8 @@ def val_split_indices(n: int, n_val: int, seed: int = VAL_SPLIT_SEED) -> Tuple[t
     return perm[n_val:].sort().values, perm[:n_val].sort().values
 
 
-# --------------------------------------------------------------------------------------------------------------------
-# Entry point
-# --------------------------------------------------------------------------------------------------------------------
-
 class Loaders(NamedTuple):
     """``train`` is None for evaluation, ``val`` None without ``--val_split``."""
-
     train: object
     val: object
     test: object
@@ -301,12 +264,11 @@ def _datasets(dataset: str, root: PathLike, train: bool, val_split: int, split_s
         test = _imagefolder(root, "val", train=False)
         if not train:
             return None, None, test, len(test.classes)
-        train_set = _imagefolder(root, "train", train=True)
+        train_set, val = _imagefolder(root, "train", train=True), None
         if train_set.classes != test.classes:
             raise DatasetError(f"ILSVRC train/ has {len(train_set.classes)} class folders and val/ has "
                                f"{len(test.classes)} (or other names) under {os.fspath(root)!r}: give both the same "
                                f"class folders")
-        val = None
         if val_split:
             train_idx, val_idx = val_split_indices(len(train_set), val_split, split_seed)
             held_out = copy.copy(train_set)  # shares the file list; only the transform differs
@@ -316,8 +278,7 @@ def _datasets(dataset: str, root: PathLike, train: bool, val_split: int, split_s
     test = load_cifar(root, dataset, False, download=download)
     if not train:
         return None, None, test, NUM_CLASSES[dataset]
-    images, labels = load_cifar(root, dataset, True, download=download)
-    val = None
+    (images, labels), val = load_cifar(root, dataset, True, download=download), None
     if val_split:
         train_idx, val_idx = val_split_indices(images.shape[0], val_split, split_seed)
         val, images, labels = (images[val_idx], labels[val_idx]), images[train_idx], labels[train_idx]
@@ -328,18 +289,11 @@ def build_loaders(dataset: str, dataset_path: PathLike, batch_size: int, *, num_
                   device: Union[str, torch.device] = "cpu", seed: int = 0, gpu_pipeline: Optional[bool] = None,
                   channels_last: bool = False, train: bool = True, download: bool = True, val_split: int = 0,
                   split_seed: int = VAL_SPLIT_SEED, rank: int = 0, world_size: int = 1) -> Loaders:
-    """The loaders of one dataset, as the scripts use them.
+    """The loaders of one dataset, as the scripts use them; each yields ``(x, y)``, training ones have set_epoch.
 
-    Args:
-        batch_size: per process (train and test; ``drop_last=False``).
-        device: where training runs: selects ``pin_memory`` and, for CIFAR, the GPU-resident pipeline.
-        gpu_pipeline: CIFAR only; None = :class:`~utils.gpu_loader.GpuCifarLoader` on CUDA, else a DataLoader.
-        train: False for evaluation (the training files are not read).
-        val_split: hold out this many training images (fixed by ``split_seed``), served like the test set.
-        rank, world_size: DDP shard: training shards padded to equal length, val/test shards unpadded.
-
-    Every loader yields ``(x, y)`` and has ``len()`` (batches) and ``dataset``; training loaders have
-    ``set_epoch(epoch, start_step=0)``.
+    ``batch_size`` is per process; ``device`` selects pin_memory and, for CIFAR with ``gpu_pipeline`` None, the
+    GPU-resident pipeline on CUDA; ``train=False`` reads no training files; ``val_split`` holds out that many
+    training images (fixed by ``split_seed``); DDP training shards are padded to equal length, val/test ones not.
     """
     if dataset not in DATASETS:
         raise ValueError(f"unknown dataset {dataset!r}; expected one of {', '.join(DATASETS)}")
@@ -352,11 +306,7 @@ def build_loaders(dataset: str, dataset_path: PathLike, batch_size: int, *, num_
         size = None if part is None else part[0].shape[0] if isinstance(part, tuple) else len(part)
         if size == 0:  # found before anything is written or trained
             raise DatasetError(f"the {dataset} {name} set under {os.fspath(dataset_path)!r} holds no images")
-    if dataset == "ilsvrc":
-        make_eval = lambda ds: _eval_loader(ds, batch_size, num_workers, pin, **shard)  # noqa: E731
-        return Loaders(_maybe(lambda ds: _train_loader(ds, batch_size, seed, num_workers, pin, **shard), train_set),
-                       _maybe(make_eval, val_set), make_eval(test_set), classes)
-    if device.type == "cuda" if gpu_pipeline is None else gpu_pipeline:
+    if dataset != "ilsvrc" and (device.type == "cuda" if gpu_pipeline is None else gpu_pipeline):
         from utils.gpu_loader import GpuCifarLoader
 
         def make(pair, augment):
@@ -364,14 +314,11 @@ def build_loaders(dataset: str, dataset_path: PathLike, batch_size: int, *, num_
                                   train=augment, device=device, seed=seed, channels_last=channels_last,
                                   rank=rank, world_size=world_size)
     else:
-        def make(pair, augment):
-            ds = CifarDataset(*pair, cifar_transforms(dataset, augment))
+        def make(part, augment):
+            if dataset != "ilsvrc":
+                part = CifarDataset(*part, cifar_transforms(dataset, augment))
             if augment:
-                return _train_loader(ds, batch_size, seed, num_workers, pin, **shard)
-            return _eval_loader(ds, batch_size, num_workers, pin, **shard)
-    return Loaders(_maybe(lambda p: make(p, True), train_set), _maybe(lambda p: make(p, False), val_set),
-                   make(test_set, False), classes)
-
-
-def _maybe(make, part):
-    return None if part is None else make(part)
+                return _train_loader(part, batch_size, seed, num_workers, pin, **shard)
+            return _eval_loader(part, batch_size, num_workers, pin, **shard)
+    return Loaders(None if train_set is None else make(train_set, True),
+                   None if val_set is None else make(val_set, False), make(test_set, False), classes)

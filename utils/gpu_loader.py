@@ -1,9 +1,8 @@
 """CIFAR batches from a device-resident uint8 copy: crop, flip and normalise as a few batched tensor ops.
 
-The DataLoader path spends most of a CIFAR epoch on per-image PIL work; here the whole training set lives on the GPU
-(150 MB for CIFAR-10), and each epoch draws one permutation and all crop/flip offsets at once, from a generator seeded
-with ``(seed, epoch)``, so an epoch (and a resumed one, from any step) is reproducible. The batches have the same
-distribution as ``RandomCrop(32, padding=4)`` + ``RandomHorizontalFlip`` + ``ToTensor`` + ``Normalize`` (tested).
+Per-image PIL work dominates a DataLoader CIFAR epoch; here each epoch draws its permutation and all crop/flip
+offsets at once from ``(seed, epoch)`` (reproducible, resumable at any step), with the distribution of
+``RandomCrop(32, padding=4)`` + ``RandomHorizontalFlip`` + ``ToTensor`` + ``Normalize`` (tested).
 """
 from __future__ import annotations
 
@@ -17,29 +16,25 @@ from utils.data import mix_seed
 
 
 def _crop_flip(images: torch.Tensor, dy: torch.Tensor, dx: torch.Tensor, flip: torch.Tensor) -> torch.Tensor:
-    """Output pixel (y, x) of image n is input (y + dy, x' + dx), x' = W-1-x where flipped, 0 outside: exactly
-    ``RandomCrop(pad)`` at offset (dy + pad, dx + pad), then a flip. One gather."""
+    """``RandomCrop(pad)`` at offset (dy + pad, dx + pad), then a flip where ``flip``, 0 outside: one gather."""
     n, c, h, w = images.shape
-    dev = images.device
-    src_y = torch.arange(h, device=dev).unsqueeze(0) + dy.unsqueeze(1)                       # [N, H]
-    xs = torch.arange(w, device=dev).unsqueeze(0)
-    src_x = torch.where(flip.unsqueeze(1), (w - 1) - xs, xs) + dx.unsqueeze(1)                # [N, W]
+    src_y = torch.arange(h, device=images.device).unsqueeze(0) + dy.unsqueeze(1)  # [N, H]
+    xs = torch.arange(w, device=images.device).unsqueeze(0)
+    src_x = torch.where(flip.unsqueeze(1), (w - 1) - xs, xs) + dx.unsqueeze(1)  # [N, W]
     valid = ((src_y >= 0) & (src_y < h)).unsqueeze(2) & ((src_x >= 0) & (src_x < w)).unsqueeze(1)  # [N, H, W]
-    flat = src_y.clamp(0, h - 1).unsqueeze(2) * w + src_x.clamp(0, w - 1).unsqueeze(1)        # [N, H, W]
+    flat = src_y.clamp(0, h - 1).unsqueeze(2) * w + src_x.clamp(0, w - 1).unsqueeze(1)
     out = images.reshape(n, c, h * w).gather(2, flat.view(n, 1, h * w).expand(n, c, h * w))
     return out.view(n, c, h, w).masked_fill_(~valid.unsqueeze(1), 0)
 
 
 def _draw_crop_flip(n: int, pad: int, device, generator: Optional[torch.Generator]):
     """Offsets uniform in [-pad, pad] per axis and a fair coin for the flip."""
-    dy = torch.randint(-pad, pad + 1, (n,), device=device, generator=generator)
-    dx = torch.randint(-pad, pad + 1, (n,), device=device, generator=generator)
+    dy, dx = (torch.randint(-pad, pad + 1, (n,), device=device, generator=generator) for _ in range(2))
     return dy, dx, torch.randint(0, 2, (n,), device=device, generator=generator).bool()
 
 
 def random_crop_flip(images: torch.Tensor, pad: int = 4, generator: Optional[torch.Generator] = None) -> torch.Tensor:
-    """Batched ``RandomCrop(H, padding=pad)`` (zero fill, in the input's value space) + ``RandomHorizontalFlip()`` on
-    NCHW images of any dtype; draws are made on the generator's device."""
+    """Batched ``RandomCrop(H, padding=pad)`` (zero fill) + ``RandomHorizontalFlip()`` on NCHW images of any dtype."""
     dev = generator.device if generator is not None else images.device
     dy, dx, flip = (t.to(images.device) for t in _draw_crop_flip(images.shape[0], pad, dev, generator))
     return _crop_flip(images, dy, dx, flip)
@@ -51,64 +46,45 @@ def normalize(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> to
 
 
 class GpuCifarLoader:
-    """Device-resident CIFAR loader.
+    """Device-resident loader of uint8 HWC CIFAR ``images`` and ``labels``; ``train`` shuffles and augments.
 
-    Args:
-        images: ``uint8 [N, 32, 32, 3]`` (HWC, from :func:`utils.data.load_cifar`), copied to ``device`` once.
-        labels: ``int64 [N]``.
-        batch_size: per rank; the last batch may be smaller.
-        mean, std: per-channel normalisation of ToTensor-scaled pixels.
-        train: shuffle + augment; else file order, no augmentation.
-        rank, world_size: DDP shard. Ranks draw the same permutation and offsets (on the CPU, so that different GPU
-            models agree) and take positions ``rank, rank + W, ...``: together their ``k``-th batches are the
-            single-process batch ``k`` of ``W * batch_size``. Training shards wrap around to equal length.
+    Under DDP all ranks draw the same permutation and offsets (on the CPU, so GPU models agree) and take positions
+    ``rank, rank + W, ...``: their ``k``-th batches together are single-process batch ``k`` of ``W * batch_size``.
     """
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int, *, mean: Sequence[float],
                  std: Sequence[float], train: bool = True, device="cpu", seed: int = 0, pad: int = 4,
                  channels_last: bool = False, rank: int = 0, world_size: int = 1):
         self.device = torch.device(device)
-        self.images = images.to(self.device).permute(0, 3, 1, 2).contiguous()   # [N, 3, H, W] uint8
+        self.images = images.to(self.device).permute(0, 3, 1, 2).contiguous()  # [N, 3, H, W] uint8
         self.labels = labels.to(self.device, torch.int64)
-        self.mean = torch.tensor(mean, dtype=torch.float32, device=self.device).view(-1, 1, 1)
-        self.std = torch.tensor(std, dtype=torch.float32, device=self.device).view(-1, 1, 1)
+        self.mean, self.std = (torch.tensor(v, dtype=torch.float32, device=self.device).view(-1, 1, 1)
+                               for v in (mean, std))
         self.batch_size, self.train, self.seed, self.pad = int(batch_size), train, int(seed), int(pad)
-        self.channels_last = channels_last
-        self.rank, self.world_size = int(rank), int(world_size)
+        self.channels_last, self.rank, self.world_size = channels_last, int(rank), int(world_size)
         self.epoch, self.start_step = 0, 0
         n, w = self.images.shape[0], self.world_size
         self.shard_samples = (math.ceil(n / w) if train else len(range(self.rank, n, w))) if w > 1 else n
-        self.dataset = TensorDataset(self.images, self.labels)   # len(loader.dataset) == N; no copy
+        self.dataset = TensorDataset(self.images, self.labels)  # len(loader.dataset) == N; no copy
 
     def set_epoch(self, epoch: int, start_step: int = 0) -> None:
-        """The next pass is ``epoch``'s (order and augmentation from ``(seed, epoch)``), from batch ``start_step``."""
         self.epoch, self.start_step = int(epoch), int(start_step)
 
     def __len__(self) -> int:
         return math.ceil(self.shard_samples / self.batch_size) - (self.start_step if self.train else 0)
 
     def _batch(self, idx: torch.Tensor, aug) -> Tuple[torch.Tensor, torch.Tensor]:
-        images = self.images[idx]
-        if aug is not None:
-            images = _crop_flip(images, *aug)
-        x = normalize(images, self.mean, self.std)
+        x = normalize(self.images[idx] if aug is None else _crop_flip(self.images[idx], *aug), self.mean, self.std)
         return (x.contiguous(memory_format=torch.channels_last) if self.channels_last else x), self.labels[idx]
 
-    def _positions(self, total: int) -> Optional[torch.Tensor]:
-        """This rank's positions in the epoch's sequence (None: all of it)."""
-        if self.world_size == 1:
-            return None
-        return torch.arange(self.rank, total, self.world_size) % self.images.shape[0]
-
     def __iter__(self):
-        n, bs = self.images.shape[0], self.batch_size
+        n, bs, w = self.images.shape[0], self.batch_size, self.world_size
+        pos = None if w == 1 else torch.arange(self.rank, self.shard_samples * w if self.train else n, w) % n
         if not self.train:
-            pos = self._positions(n)
             order = torch.arange(n, device=self.device) if pos is None else pos.to(self.device)
             for s in range(0, order.numel(), bs):
                 yield self._batch(order[s:s + bs], None)
             return
-        pos = self._positions(self.shard_samples * self.world_size)
         draw_on = self.device if pos is None else torch.device("cpu")
         g = torch.Generator(device=draw_on).manual_seed(mix_seed(self.seed, self.epoch))
         order = torch.randperm(n, device=draw_on, generator=g)

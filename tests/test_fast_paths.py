@@ -88,12 +88,36 @@ def test_compile_training_step_on_cpu():
     start = [p.detach().clone() for p in eager.parameters()]
     stats = _step(model, net, Precision())
     ref = _step(eager, eager, Precision())
-    assert isinstance(net, torch._dynamo.eval_frame.OptimizedModule)
+    assert isinstance(net.compiled, torch._dynamo.eval_frame.OptimizedModule)
     assert abs(stats["loss"] - ref["loss"]) < 1e-3
     # Compiled kernels round differently and BatchNorm on 4 images amplifies it: compare the update direction.
     delta = torch.cat([(p - q).flatten() for p, q in zip(model.parameters(), eager.parameters())])
     step = torch.cat([(q - p0).flatten() for q, p0 in zip(eager.parameters(), start)])
     assert delta.norm() < 0.05 * step.norm()
+    torch._dynamo.utils.counters.clear()
+    net(torch.randn(3, 3, 32, 32))  # the short last batch: the batch dimension is dynamic, no recompile
+    assert net.compiled is not None and torch._dynamo.utils.counters["stats"].get("unique_graphs", 0) == 0
+
+
+def test_a_later_compile_failure_falls_back_to_eager_with_one_warning(monkeypatch, capsys):
+    calls = []
+
+    def compiled(x):
+        calls.append(x.shape[0])
+        if len(calls) > 1:
+            raise RuntimeError("inductor: cannot lower this\nmore lines of the backend's report")
+        return model(x)
+
+    monkeypatch.setattr(torch, "compile", lambda net, **kw: compiled)
+    model = get_model("ResNet20", "cifar10").eval()
+    net = wrap_model(model, torch.device("cpu"), Precision(), compile=True)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        for _ in range(3):
+            torch.testing.assert_close(net(x), model(x))
+    assert calls == [2, 2]  # compiled once fine, failed once, then eager only
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "torch.compile failed (RuntimeError: inductor: cannot lower this)" in err
 
 
 @pytest.mark.slow

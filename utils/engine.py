@@ -157,7 +157,25 @@ def wrap_model(model: nn.Module, device: torch.device, precision: Precision, *, 
     elif data_parallel and device.type == "cuda" and torch.cuda.device_count() > 1:
         print(f"Let's use {torch.cuda.device_count()} GPUs!")
         net = nn.DataParallel(net, device_ids=list(range(torch.cuda.device_count())), output_device=device)
-    return torch.compile(net) if compile else net  # its errors surface as torch reports them
+    return CompiledOrEager(net) if compile else net
+
+
+class CompiledOrEager:
+    """``torch.compile`` with the batch dimension dynamic from the start (one graph per mode, not one more for the
+    short last batch); a compile failure at any call, first or later, costs one warning line and runs eager."""
+
+    def __init__(self, net: Callable):
+        self.eager, self.compiled = net, torch.compile(net, dynamic=True)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.compiled is not None:
+            try:
+                return self.compiled(x)
+            except Exception as e:  # noqa: BLE001  (torch raises many types; eager then shows a real error again)
+                self.compiled = None
+                warn(f"torch.compile failed ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+                     f"running eager from here")
+        return self.eager(x)
 
 
 def _topk_correct(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

@@ -1,19 +1,12 @@
 """Training-step and evaluation throughput of a shared-basis model against its plain baseline and against the
-straightforward implementation (the authors' form), with each optimisation switched off in turn.
+straightforward implementation (the authors' form: two basis convs + cat, per-step Python regulariser loop, fp32,
+eager, NCHW), with each optimisation switched off in turn. Configurations are timed in interleaved rounds (medians,
+after warm-up) on a fixed random batch, so machine load drifts affect all alike and data loading is excluded.
 
     python -m utils.benchmark --dataset cifar10 --model ResNet56_DoubleShared --shared_rank 16 --unique_rank 1
 
-Training step = zero_grad, forward, cross-entropy + lambdaR * R, backward, SGD step, on a fixed random batch (so
-data loading is excluded). Every configuration is timed in interleaved rounds in one process (medians over rounds,
-after warm-up; CUDA events on GPU) so that drifting machine load affects all of them alike. Ratios are against the
-straightforward path: two basis convs + cat, the regulariser as the authors' per-step Python loop with masks, fp32,
-eager, contiguous (NCHW) tensors.
-
-``--data`` instead times whole CIFAR epochs through the library's own pipeline (``utils.data.build_loaders``,
-``utils.engine.train_one_epoch`` and ``evaluate``): train pass + the per-epoch test pass, on a random dataset in the
-official file layout (or ``--dataset_path``), for the straightforward path (authors' form, fp32, eager, DataLoader
-with ``--num_workers`` workers) and the fast path (fused, batched regulariser, GPU-resident loader on CUDA, plus
-``--amp/--channels_last/--compile``), and estimates the paper's 300-epoch CIFAR run (50000 train / 10000 test images)::
+``--data`` instead times whole CIFAR epochs (train + test pass) through ``utils.data`` and ``utils.engine`` on random
+data in the official layout, straightforward path against fast path, and estimates the paper's 300-epoch run::
 
     python -m utils.benchmark --data --device cuda --batch_size 256 --amp --channels_last --compile
 """
@@ -55,36 +48,51 @@ class Config:
     gpu_pipeline: bool = True  # --data: the GPU-resident loader when on CUDA (else the DataLoader)
 
 
-def _timer(device: torch.device) -> Callable[[Callable[[], None]], float]:
-    def cpu(fn):
+def _time(fn: Callable[[], None], device: torch.device) -> float:
+    """Seconds ``fn()`` takes, by CUDA events on GPU."""
+    if device.type != "cuda":
         t = time.perf_counter()
         fn()
         return time.perf_counter() - t
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda.synchronize()
+    start.record()
+    fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / 1e3
 
-    def cuda(fn):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        return start.elapsed_time(end) / 1e3
 
-    return cuda if device.type == "cuda" else cpu
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _model(name: str, cfg: Config, args, device: torch.device) -> nn.Module:
+    torch.manual_seed(0)
+    model = get_model(name, args.dataset, shared_rank=args.shared_rank, unique_rank=args.unique_rank,
+                      ignore_unused_ranks=True).to(device)
+    set_fused(model, cfg.fused)
+    return model.to(memory_format=torch.channels_last if cfg.channels_last else torch.contiguous_format)
+
+
+def _regularizer(model: nn.Module, batched: bool):
+    """The library's batched regulariser, or the authors' per-step loop with masks (None for plain models)."""
+    reg = OrthogonalityRegularizer(model)
+    if not reg:
+        return None
+    return reg if batched else (lambda: orthogonality_penalty_reference(model, reg.include_unique))
 
 
 class Runner:
-    """Builds one configuration and exposes ``step()`` (train) or ``step()`` (eval) closures."""
+    """One configuration on a fixed batch; ``step()`` is a training step or a forward pass."""
 
     def __init__(self, cfg: Config, args, device: torch.device, train: bool) -> None:
-        torch.manual_seed(0)
-        model = _build(args.plain_model if cfg.plain else args.model, args).to(device)
-        set_fused(model, cfg.fused)
+        model = _model(args.plain_model if cfg.plain else args.model, cfg, args, device)
         fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
-        model = model.to(memory_format=fmt)
-        size = model.cfg.input_size
         bs = args.batch_size if train else args.eval_batch_size
         g = torch.Generator().manual_seed(1)
-        self.x = torch.randn(bs, *size, generator=g).to(device).contiguous(memory_format=fmt)
+        self.x = torch.randn(bs, *model.cfg.input_size, generator=g).to(device).contiguous(memory_format=fmt)
         self.y = torch.randint(0, model.cfg.num_classes, (bs,), generator=g).to(device)
         self.images = bs
         precision = Precision.make(cfg.amp, device)
@@ -95,14 +103,10 @@ class Runner:
             self.reg = _regularizer(model, cfg.batched_reg)
             self.opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
             self.scaler = torch.amp.GradScaler(device.type, enabled=precision.scaler is not None)
-            forward = _maybe_compile(model, cfg.compile)
-            self.step = lambda: self._train_step(forward)
         else:
-            model.eval()
-            if cfg.folded:
-                model = fold(model)
-            forward = _maybe_compile(model, cfg.compile)
-            self.step = lambda: self._eval_step(forward)
+            model = fold(model.eval()) if cfg.folded else model.eval()
+        forward = wrap_model(model, device, Precision(), compile=cfg.compile, data_parallel=False)
+        self.step = (lambda: self._train_step(forward)) if train else (lambda: self._eval_step(forward))
         self.model = model
 
     def _train_step(self, forward) -> None:
@@ -121,37 +125,22 @@ class Runner:
             forward(self.x)
 
 
-def _maybe_compile(model: nn.Module, enabled: bool):
-    return wrap_model(model, next(model.parameters()).device, Precision(), compile=enabled, data_parallel=False)
-
-
-def _build(name: str, args) -> nn.Module:
-    return get_model(name, args.dataset, shared_rank=args.shared_rank, unique_rank=args.unique_rank,
-                     ignore_unused_ranks=True)
-
-
-def _regularizer(model: nn.Module, batched: bool):
-    """The library's batched regulariser, or the authors' per-step loop with masks (None for plain models)."""
-    reg = OrthogonalityRegularizer(model)
-    if not reg:
-        return None
-    return reg if batched else (lambda: orthogonality_penalty_reference(model, reg.include_unique))
+def _interleaved(steps: dict, warmup: int, reps: int, time_one: Callable) -> dict:
+    """``{label: [time_one(step) per round]}`` after ``warmup`` untimed calls of each step."""
+    for step in steps.values():
+        for _ in range(warmup):
+            step()
+    times = {label: [] for label in steps}
+    for _ in range(reps):
+        for label, step in steps.items():  # interleaved: every configuration sees the same machine state
+            times[label].append(time_one(step))
+    return times
 
 
 def measure(configs: list[Config], args, device: torch.device, train: bool) -> dict:
-    timer = _timer(device)
-    runners = {}
-    for c in configs:
-        r = Runner(c, args, device, train)
-        for _ in range(args.warmup):
-            r.step()
-        runners[c.label] = r
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    times = {c.label: [] for c in configs}
-    for _ in range(args.reps):
-        for c in configs:  # interleaved: every configuration sees the same machine state
-            times[c.label].append(timer(runners[c.label].step))
+    runners = {c.label: Runner(c, args, device, train) for c in configs}
+    times = _interleaved({k: r.step for k, r in runners.items()}, args.warmup, args.reps,
+                         lambda step: _time(step, device))
     peak = {}
     if device.type == "cuda":
         for c in configs:
@@ -171,16 +160,11 @@ def _report(title: str, results: dict, baseline: str) -> None:
         print(f"{label:44} {t * 1e3:9.1f} {images / t:9.0f} {t / base:18.2f}x {peak_s}")
 
 
-# --------------------------------------------------------------------------------------------------------------------
-# --data: whole epochs through the real data pipeline and training loop
-# --------------------------------------------------------------------------------------------------------------------
-
 PAPER_EPOCHS, PAPER_TRAIN, PAPER_TEST = 300, 50000, 10000   # the paper's CIFAR run: 300 epochs over 50k/10k images
 
 
 def write_random_cifar(root: str, dataset: str, n_train: int, n_test: int, seed: int = 0) -> str:
-    """Random uint8 images and labels in the official python-pickle layout under ``root`` (readable by
-    ``utils.data.load_cifar``); returns ``root``. Contents are noise: this is for timing, not for learning."""
+    """Random (timing-only) uint8 images and labels in the official pickle layout under ``root``; returns ``root``."""
     from models.registry import NUM_CLASSES
     from utils.data import _CIFAR_LAYOUT
     (subdir, train_files, test_files, label_key), num_classes = _CIFAR_LAYOUT[dataset], NUM_CLASSES[dataset]
@@ -196,22 +180,12 @@ def write_random_cifar(root: str, dataset: str, n_train: int, n_test: int, seed:
     return root
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 class EpochRunner:
     """One configuration as the training script runs it: model, loaders, optimizer, regulariser, precision."""
 
     def __init__(self, cfg: Config, args, device: torch.device, dataset_path: str) -> None:
         from utils.data import build_loaders
-
-        torch.manual_seed(0)
-        model = _build(args.model, args).to(device)
-        set_fused(model, cfg.fused)
-        if cfg.channels_last:
-            model = model.to(memory_format=torch.channels_last)
+        model = _model(args.model, cfg, args, device)
         self.reg = _regularizer(model, cfg.batched_reg)
         self.model, self.device, self.cfg = model, device, cfg
         self.precision = Precision.make(cfg.amp, device)
@@ -254,13 +228,8 @@ def measure_epochs(args, device: torch.device) -> None:
         print(f"--data: {n_train} train / {n_test} test images{' from ' + path if args.dataset_path else ''}, "
               f"{args.data_warmup} warm-up + {args.data_epochs} timed epochs per configuration (interleaved), "
               f"{args.num_workers} DataLoader workers")
-        for r in runners.values():
-            for _ in range(args.data_warmup):
-                r.epoch()
-        times = {label: [] for label in runners}
-        for _ in range(args.data_epochs):
-            for label, r in runners.items():
-                times[label].append(r.epoch())
+        times = _interleaved({k: r.epoch for k, r in runners.items()}, args.data_warmup, args.data_epochs,
+                             lambda epoch: epoch())
     print("\nWhole epochs (train + test pass)")
     print(f"{'configuration':34} {'pipeline':15} {'train s':>8} {'test s':>7} {'train img/s':>12} "
           f"{'epoch img/s':>12} {'300 epochs':>11}")
@@ -280,30 +249,27 @@ def measure_epochs(args, device: torch.device) -> None:
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m utils.benchmark", description=__doc__.split("\n\n")[0])
     p.add_argument("--dataset", default="cifar10", choices=["cifar10", "cifar100", "ilsvrc"])
-    p.add_argument("--model", default="ResNet56_DoubleShared")
-    p.add_argument("--plain_model", default=None, help="baseline (default: the model name without its variant)")
-    p.add_argument("--shared_rank", type=int, default=16)
-    p.add_argument("--unique_rank", type=int, default=1)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--batch_size", type=int, default=None, help="training batch (default 64 on CPU, 256 on CUDA)")
-    p.add_argument("--eval_batch_size", type=int, default=256)
-    p.add_argument("--amp", action="store_true", help="autocast (bf16, or fp16 + GradScaler where bf16 is missing)")
-    p.add_argument("--channels_last", action="store_true")
-    p.add_argument("--compile", action="store_true", help="torch.compile the fast path")
-    p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--reps", type=int, default=15)
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    p.add_argument("--skip_train", action="store_true")
-    p.add_argument("--skip_eval", action="store_true")
     d = p.add_argument_group("--data: whole epochs through utils.data + utils.engine (train pass + test pass)")
-    d.add_argument("--data", action="store_true", help="time whole epochs instead of fixed-batch steps")
-    d.add_argument("--dataset_path", default=None, help="an existing CIFAR directory (default: write random data)")
-    d.add_argument("--data_images", type=int, default=None, help="training images (default 50000 on CUDA, 2048 on CPU)")
-    d.add_argument("--data_test_images", type=int, default=None, help="test images (default: train / 5)")
-    d.add_argument("--data_epochs", type=int, default=2, help="timed epochs per configuration")
-    d.add_argument("--data_warmup", type=int, default=1, help="untimed warm-up epochs (compilation, cuDNN)")
-    d.add_argument("--num_workers", type=int, default=min(8, os.cpu_count() or 1),
-                   help="DataLoader workers (the straightforward path; the fast path too on CPU)")
+    for g, name, kind, default, text in (
+            (p, "model", str, "ResNet56_DoubleShared", None),
+            (p, "plain_model", str, None, "baseline (default: the model name without its variant)"),
+            (p, "shared_rank", int, 16, None), (p, "unique_rank", int, 1, None),
+            (p, "batch_size", int, None, "training batch (default 64 on CPU, 256 on CUDA)"),
+            (p, "eval_batch_size", int, 256, None), (p, "warmup", int, 3, None), (p, "reps", int, 15, None),
+            (p, "threads", int, None, "torch CPU threads (default: torch's choice)"),
+            (d, "dataset_path", str, None, "an existing CIFAR directory (default: write random data)"),
+            (d, "data_images", int, None, "training images (default 50000 on CUDA, 2048 on CPU)"),
+            (d, "data_test_images", int, None, "test images (default: train / 5)"),
+            (d, "data_epochs", int, 2, "timed epochs per configuration"),
+            (d, "data_warmup", int, 1, "untimed warm-up epochs (compilation, cuDNN)"),
+            (d, "num_workers", int, min(8, os.cpu_count() or 1), "DataLoader workers (straightforward path; CPU)")):
+        g.add_argument(f"--{name}", type=kind, default=default, help=text)
+    for g, name, text in ((p, "amp", "autocast (bf16, or fp16 + GradScaler where bf16 is missing)"),
+                          (p, "channels_last", None), (p, "compile", "torch.compile the fast path"),
+                          (p, "skip_train", None), (p, "skip_eval", None),
+                          (d, "data", "time whole epochs instead of fixed-batch steps")):
+        g.add_argument(f"--{name}", action="store_true", help=text)
     return p
 
 
@@ -322,20 +288,15 @@ def main(argv=None) -> None:
         args.plain_model = args.model.split("_")[0]
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
+    model = f"{args.dataset} {args.model} (s={args.shared_rank}, u={args.unique_rank})"
+    where = (f"device {device}{' ' + torch.cuda.get_device_name(device) if device.type == 'cuda' else ''}, "
+             f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads")
     if args.data:
-        print(f"{args.dataset} {args.model} (s={args.shared_rank}, u={args.unique_rank}); device {device}"
-              f"{' ' + torch.cuda.get_device_name(device) if device.type == 'cuda' else ''}, "
-              f"torch {torch.__version__}, "
-              f"{torch.get_num_threads()} CPU threads, batch {args.batch_size}; "
-              f"fast path: fused, batched regulariser"
+        print(f"{model}; {where}, batch {args.batch_size}; fast path: fused, batched regulariser"
               f"{''.join(' + ' + k for k in ('amp', 'channels_last', 'compile') if getattr(args, k))}")
-        measure_epochs(args, device)
-        return
-    print(f"{args.dataset} {args.model} (s={args.shared_rank}, u={args.unique_rank}) vs {args.plain_model}; "
-          f"device {device}{' ' + torch.cuda.get_device_name(device) if device.type == 'cuda' else ''}, "
-          f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads, train batch {args.batch_size}, "
-          f"eval batch {args.eval_batch_size}, {args.reps} interleaved rounds after {args.warmup} warm-up")
-
+        return measure_epochs(args, device)
+    print(f"{model} vs {args.plain_model}; {where}, train batch {args.batch_size}, eval batch {args.eval_batch_size}, "
+          f"{args.reps} interleaved rounds after {args.warmup} warm-up")
     fast = Config("fast path (all on)", amp=args.amp, channels_last=args.channels_last, compile=args.compile)
     switches = [("fused", "one conv over [unique || shared]"), ("batched_reg", "batched regulariser")]
     switches += [(k, k) for k in ("amp", "channels_last", "compile") if getattr(args, k)]

@@ -1,13 +1,6 @@
-"""The command line shared by the six scripts (``train_*.py``, ``eval_*.py``).
-
-Every flag of the authors' scripts is accepted with the same meaning and default (SPEC section 6; :data:`DEFAULTS`,
-with the training recipes). Added flags: ``--epochs --seed --num_workers
---output_dir --device --resume --amp --channels_last --compile`` (all scripts), ``--val_split --sync_bn`` (training),
-``--no_fold`` (evaluation). Multi-GPU/multi-node runs need no flag: start the script with ``torchrun``.
-
-Errors a user can fix (unknown model, bad numbers, missing dataset, unusable checkpoint) end the script with one line
-``<script>: error: <what and how to fix it>`` on stderr and a non-zero status (2 for bad flags, 1 otherwise), never a
-traceback. SIGINT/SIGTERM end a training run with one line and status 130/143 (see :func:`run`).
+"""The command line of the six scripts: the authors' flags with their meanings and defaults (SPEC section 6), plus
+added ones. User errors end with one stderr line ``<script>: error: ...`` and status 2 (flags) or 1, never a traceback;
+SIGINT/SIGTERM end training with one line and status 130/143. Multi-GPU: start the script with ``torchrun``.
 """
 from __future__ import annotations
 
@@ -20,16 +13,14 @@ from typing import Callable, Optional, Sequence
 
 RANK_FLAGS = ("shared_rank", "unique_rank")
 _AUTHORS = dict(lr=0.1, momentum=0.9, lambdaR=10.0, unique_rank=1, batch_size=256, dataset_path="./data/")
-# Per dataset: the authors' flag defaults (SPEC section 6) and training recipes, model-name glob -> schedule, first
-# match wins (a milestone is the last epoch of its stage; restart: each new stage starts from the best weights with
-# a fresh SGD, as the authors' CIFAR-100 script).
+# Per dataset: the authors' defaults and recipes (model glob -> schedule, first match wins; a milestone ends a stage;
+# restart: each stage starts from the best weights with a fresh SGD, as the authors' CIFAR-100 script).
 DEFAULTS = {
     "cifar10": dict(_AUTHORS, weight_decay=5e-4, shared_rank=16, model="ResNet56_DoubleShared",
                     recipes={"*": dict(epochs=300, milestones=[150, 225], restart=False)}),
     "cifar100": dict(_AUTHORS, weight_decay=5e-4, shared_rank=16, model="ResNet34_SingleShared",
                      recipes={"*": dict(epochs=300, milestones=[150, 225], restart=True)}),
-    # The authors' README command uses --batch_size=512. They define schedules for the shared models only (their
-    # plain ResNet18/34 and MobileNetV2 runs crash); the plain models take their family's schedule here.
+    # The authors schedule only the shared models (their plain runs crash); plain models take their family's here.
     "ilsvrc": dict(_AUTHORS, weight_decay=1e-4, shared_rank=32, model="ResNet34_DoubleShared",
                    dataset_path="/media/data/ILSVRC2012/",
                    recipes={"MobileNetV2*": dict(epochs=300, milestones=[150, 225, 285], restart=False),
@@ -40,7 +31,7 @@ DEFAULTS = {
 class _Parser(argparse.ArgumentParser):
     """argparse, but errors are one line (no usage block), so logs and tests see a single message."""
 
-    def error(self, message: str):  # noqa: D401  (argparse API)
+    def error(self, message: str):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
@@ -65,31 +56,25 @@ def _number(kind: type, lowest: float, name: str, strict: bool = False,
     return parse
 
 
+def _matching(pattern: str, name: str, expected: str) -> Callable[[str], str]:
+    """An argparse type: ``text`` if it matches ``pattern`` in full."""
+    def parse(text: str) -> str:
+        if not re.fullmatch(pattern, text):
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
+        return text
+    parse.__name__ = name
+    return parse
+
+
 _positive_int = _number(int, 0, "positive integer", strict=True)
 _nonneg_int = _number(int, 0, "non-negative integer")
-# A group-1 basis of more than 9 x C_in filters spans nothing more; 4096 is above that for every model here, and a
-# typo such as 100000 would otherwise end in an allocation failure.
+# 4096 is above any group-1 basis that spans something here; a typo such as 100000 would fail allocating
 _rank = _number(int, 0, "rank from 1 to 4096", strict=True, highest=4096)
 _nonneg_float = _number(float, 0.0, "finite non-negative number")
-
-
-def _device(text: str) -> str:
-    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", text):
-        raise argparse.ArgumentTypeError(f"expected auto, cpu, cuda or cuda:N, got {text!r}")
-    return text
-
-
-_device.__name__ = "device"
-
-
-def _visible_device(text: str) -> str:
-    # CUDA_VISIBLE_DEVICES: indices, GPU-/MIG- UUIDs; it is also part of checkpoint file names, so no path characters
-    if not re.fullmatch(r"[A-Za-z0-9_:-]+(,[A-Za-z0-9_:-]+)*", text):
-        raise argparse.ArgumentTypeError(f"expected comma-separated GPU indices such as 0,1,2,3, got {text!r}")
-    return text
-
-
-_visible_device.__name__ = "device list"
+_device = _matching(r"auto|cpu|cuda(:\d+)?", "device", "auto, cpu, cuda or cuda:N")
+# GPU indices or GPU-/MIG- UUIDs; part of checkpoint file names, so no path characters
+_VISIBLE = r"[A-Za-z0-9_:-]+(,[A-Za-z0-9_:-]+)*"
+_visible_device = _matching(_VISIBLE, "device list", "comma-separated GPU indices such as 0,1,2,3")
 
 
 def _common_parser(defaults: dict) -> argparse.ArgumentParser:
@@ -97,14 +82,12 @@ def _common_parser(defaults: dict) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(add_help=False)
     g = p.add_argument_group("model and data (the authors' flags)")
     from models import list_models
-
     g.add_argument("--model", type=str, help=f"model name, one of: {', '.join(list_models(defaults['dataset']))}")
     g.add_argument("--shared_rank", type=_rank, help="rank s of each shared filter basis (group 1)")
     g.add_argument("--unique_rank", type=_rank, help="rank u of each layer's own basis (group 1)")
     g.add_argument("--batch_size", type=_positive_int, default=256, help="batch size, train and test")
     g.add_argument("--visible_device", type=_visible_device, default=None,
-                   help="CUDA_VISIBLE_DEVICES, e.g. 0,1,2,3 (several GPUs -> DataParallel; default 0, or the "
-                        "environment's CUDA_VISIBLE_DEVICES when set)")
+                   help="CUDA_VISIBLE_DEVICES, e.g. 0,1,2,3 (several: DataParallel; default: the environment's or 0)")
     g.add_argument("--pretrained", type=str, default=None, help="checkpoint to start from / to evaluate")
     g.add_argument("--dataset_path", type=str, help="dataset root")
     g = p.add_argument_group("added")
@@ -112,25 +95,28 @@ def _common_parser(defaults: dict) -> argparse.ArgumentParser:
     g.add_argument("--num_workers", type=_nonneg_int, default=min(8, os.cpu_count() or 1),
                    help="data-loading worker processes (the authors fixed 8)")
     g.add_argument("--seed", type=int, default=0, help="seed for torch, numpy, random and data order")
-    g.add_argument("--amp", action="store_true",
-                   help="mixed precision: bf16 autocast where supported (CPU, recent GPUs), else fp16 + GradScaler")
+    g.add_argument("--amp", action="store_true", help="mixed precision: bf16 autocast where supported, else fp16")
     g.add_argument("--channels_last", action="store_true", help="NHWC memory format for model and inputs")
     g.add_argument("--compile", action="store_true", help="torch.compile the model (falls back to eager on failure)")
     p.set_defaults(**defaults)
     return p
 
 
+def _parser(prog: str, defaults: dict) -> argparse.ArgumentParser:
+    """The script's parser; ``--help`` shows the running script's docstring."""
+    return _Parser(prog=prog, parents=[_common_parser(defaults)], formatter_class=_HelpFormatter,
+                   description=getattr(sys.modules.get("__main__"), "__doc__", None))
+
+
 def _train_parser(prog: str, dataset: str) -> argparse.ArgumentParser:
-    defaults = dict(DEFAULTS[dataset], dataset=dataset)
-    p = _Parser(prog=prog, parents=[_common_parser(defaults)], description=_script_doc(),
-                formatter_class=_HelpFormatter)
+    p = _parser(prog, dict(DEFAULTS[dataset], dataset=dataset))
     g = p.add_argument_group("optimisation (the authors' flags)")
     g.add_argument("--lr", type=_nonneg_float, help="initial learning rate")
     g.add_argument("--momentum", type=_nonneg_float, help="SGD momentum")
     g.add_argument("--weight_decay", type=_nonneg_float, help="weight decay (all parameters)")
     g.add_argument("--lambdaR", type=_nonneg_float, help="weight of the orthogonality regulariser")
     g.add_argument("--starting_epoch", type=_nonneg_int, default=0,
-                   help="with --pretrained: the epoch the checkpoint ended at (training continues at the next)")
+                   help="with --pretrained: the epoch the checkpoint ended at")
     g = p.add_argument_group("added")
     g.add_argument("--epochs", type=_positive_int, default=None,
                    help="total epochs (default: the recipe's); LR milestones scale proportionally")
@@ -139,44 +125,31 @@ def _train_parser(prog: str, dataset: str) -> argparse.ArgumentParser:
     g.add_argument("--resume", nargs="?", const="auto", default=None, metavar="PATH",
                    help="continue an interrupted run from its last checkpoint (or from PATH)")
     g.add_argument("--val_split", type=_nonneg_int, default=0, metavar="N",
-                   help="hold out N training images (a fixed split, recorded in the checkpoints) to choose the best "
-                        "checkpoint; the test set is then scored once, on that checkpoint, at the end. 0: choose on "
-                        "the test set, as the paper")
+                   help="choose the best checkpoint on N held-out training images, test it once at the end (0: "
+                        "choose on the test set, as the paper)")
     g.add_argument("--save_every_minutes", type=_nonneg_float, default=30.0, metavar="N",
-                   help="also save a resumable mid-epoch checkpoint (-last.pth) every N minutes, so that a killed job "
-                        "loses at most N minutes (0: only at epoch ends and on SIGINT/SIGTERM)")
+                   help="also save a resumable mid-epoch -last.pth every N minutes (0: at epoch ends and on signals)")
     g.add_argument("--sync_bn", action="store_true",
                    help="under torchrun: BatchNorm statistics over the global batch (SyncBatchNorm)")
     return p
 
 
 def _eval_parser(prog: str, dataset: str) -> argparse.ArgumentParser:
-    defaults = {k: v for k, v in DEFAULTS[dataset].items() if k in ("batch_size", "dataset_path")}
-    defaults.update(dataset=dataset)
-    p = _Parser(prog=prog, parents=[_common_parser(defaults)], description=_script_doc(),
-                formatter_class=_HelpFormatter)
-    # Model and ranks default to the checkpoint's record (then to the authors' defaults): None = not given.
+    p = _parser(prog, {k: DEFAULTS[dataset][k] for k in ("batch_size", "dataset_path")} | dict(dataset=dataset))
+    # model and ranks: None = not given, then the checkpoint's record, then the authors' defaults
     fallback = {k: DEFAULTS[dataset][k] for k in ("model", *RANK_FLAGS)}
     p.set_defaults(model=None, shared_rank=None, unique_rank=None, fallback=fallback)
     g = p.add_argument_group("added (evaluation)")
     g.add_argument("--no_fold", action="store_true",
-                   help="evaluate the factorised model as trained instead of its inference-folded form (models.fold: "
-                        "the same outputs up to float rounding, plain-convolution speed)")
+                   help="evaluate the factorised model as trained, not its folded form (models.fold: same outputs)")
     for action in p._actions:
         if action.dest in fallback:
             action.help = f"{action.help} (default: what the checkpoint records, else {fallback[action.dest]})"
     return p
 
 
-def _script_doc() -> Optional[str]:
-    """The running script's docstring (shown by ``--help``)."""
-    main = sys.modules.get("__main__")
-    return getattr(main, "__doc__", None)
-
-
 def _check_model(parser: argparse.ArgumentParser, dataset: str, name: Optional[str]) -> None:
     from models import list_models
-
     valid = list_models(dataset)
     if name is not None and name not in valid:
         parser.error(f"unknown --model {name!r} for {dataset}; valid names: {', '.join(valid)}")
@@ -190,25 +163,16 @@ def _under_torchrun() -> bool:
 
 
 def _resolve_visible_device(args: argparse.Namespace) -> None:
-    """Apply ``--visible_device`` before anything initialises CUDA. Without the flag the GPUs the environment chose
-    (``CUDA_VISIBLE_DEVICES``) are kept and name the checkpoints; under torchrun every process keeps what it sees;
-    otherwise GPU 0, the authors' default."""
+    """Apply ``--visible_device`` before CUDA starts; else keep the environment's, under torchrun too; else GPU 0."""
     env = os.environ.get("CUDA_VISIBLE_DEVICES")
     if args.visible_device is not None:
         os.environ["CUDA_VISIBLE_DEVICES"] = args.visible_device
     elif env:
-        args.visible_device = env if re.fullmatch(r"[A-Za-z0-9_:-]+(,[A-Za-z0-9_:-]+)*", env) else "0"
+        args.visible_device = env if re.fullmatch(_VISIBLE, env) else "0"
+    elif not _under_torchrun():
+        os.environ["CUDA_VISIBLE_DEVICES"] = args.visible_device = "0"
     else:
-        if not _under_torchrun():
-            os.environ["CUDA_VISIBLE_DEVICES"] = "0"
         args.visible_device = "0"
-
-
-def _pick_recipe(recipes: dict, model: str) -> dict:
-    for pattern, recipe in recipes.items():
-        if fnmatch.fnmatch(model, pattern):
-            return dict(recipe)
-    raise KeyError(model)
 
 
 def parse_train_args(dataset: str, argv: Optional[Sequence[str]] = None, prog: Optional[str] = None):
@@ -220,15 +184,13 @@ def parse_train_args(dataset: str, argv: Optional[Sequence[str]] = None, prog: O
     if args.resume is not None and args.pretrained is not None:
         parser.error("--resume and --pretrained are exclusive (--resume continues this run; --pretrained starts "
                      "from another checkpoint)")
-    try:
-        recipe = _pick_recipe(args.recipes, args.model)
-    except KeyError:
+    recipe = next((dict(r) for glob, r in args.recipes.items() if fnmatch.fnmatch(args.model, glob)), None)
+    if recipe is None:
         parser.error(f"no training recipe for {args.model} on {args.dataset}")
     recipe["recipe_epochs"] = recipe.pop("epochs")
     args.schedule = recipe
     del args.recipes
-    if args.epochs is None:
-        args.epochs = recipe["recipe_epochs"]
+    args.epochs = args.epochs or recipe["recipe_epochs"]
     if args.starting_epoch >= args.epochs:
         parser.error(f"--starting_epoch={args.starting_epoch} leaves nothing to train (--epochs={args.epochs})")
     if args.lr == 0:
@@ -250,8 +212,7 @@ def parse_eval_args(dataset: str, argv: Optional[Sequence[str]] = None, prog: Op
 
 
 def run(main: Callable, args, prog: Optional[str] = None) -> int:
-    """Call ``main(args)``; a user error becomes one stderr line and status 1, an interrupt one line and the
-    shell's status (130, 143). Under torchrun, ranks other than 0 prefix their line with ``[rank N]``."""
+    """Call ``main(args)``: a user error is one stderr line and status 1, an interrupt one line and 130/143."""
     from models.pretrained import CheckpointError
     from utils.data import DatasetError
     from utils.distributed import DistError
@@ -261,7 +222,7 @@ def run(main: Callable, args, prog: Optional[str] = None) -> int:
     rank = os.environ.get("RANK", "0") if _under_torchrun() else "0"
     tag = f"{prog}: " if rank == "0" else f"{prog} [rank {rank}]: "
     try:
-        sys.stdout.reconfigure(line_buffering=True)  # logs piped through tee show up as they happen
+        sys.stdout.reconfigure(line_buffering=True)  # so that logs piped through tee show up as they happen
     except (AttributeError, ValueError):
         pass
     try:
@@ -272,8 +233,8 @@ def run(main: Callable, args, prog: Optional[str] = None) -> int:
         return 1
     except KeyboardInterrupt as e:
         sys.stdout.flush()
-        message = getattr(e, "message", "") or "interrupted (the last completed epoch, if any, is in the -last.pth " \
-                                               "checkpoint; rerun with --resume)"
+        message = getattr(e, "message", "") or ("interrupted (the last completed epoch, if any, is in the -last.pth "
+                                                "checkpoint; rerun with --resume)")
         print(f"{tag}{_one_line(message)}", file=sys.stderr)
         return e.exit_code if isinstance(e, Interrupted) else 130
     return 0
@@ -287,16 +248,14 @@ def _one_line(e) -> str:
 
 
 def train_main(dataset: str, argv: Optional[Sequence[str]] = None) -> int:
-    """Entry point of the training scripts: parse, then :func:`utils.engine.fit`."""
+    """Entry point of the training scripts."""
     args = parse_train_args(dataset, argv)
     from utils.train import fit
-
     return run(fit, args)
 
 
 def eval_main(dataset: str, argv: Optional[Sequence[str]] = None) -> int:
-    """Entry point of the evaluation scripts: parse, then :func:`utils.engine.evaluate_checkpoint`."""
+    """Entry point of the evaluation scripts."""
     args = parse_eval_args(dataset, argv)
     from utils.evaluate import evaluate_checkpoint
-
     return run(evaluate_checkpoint, args)

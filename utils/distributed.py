@@ -1,8 +1,6 @@
 """torchrun support: join the process group from the environment, rank helpers, reductions of metric tensors.
 
-Without torchrun's variables (or with ``WORLD_SIZE=1``) every function here is the identity, so a single-process run
-is the run it always was. Backend: NCCL on CUDA, gloo on CPU. ``--sync_bn`` uses ``nn.SyncBatchNorm``, which runs on
-GPUs only (the CPU tests bring their own stand-in, see ``tests/cpu_sync_bn.py``).
+Without torchrun (or with ``WORLD_SIZE=1``) every function is the identity. Backend: NCCL on CUDA, gloo on CPU.
 """
 from __future__ import annotations
 
@@ -17,9 +15,8 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-
 SYNC_BN_DEVICES = ("cuda",)
-"""Device types where ``nn.SyncBatchNorm`` runs (torch's kernels are GPU-only; the CPU tests add "cpu")."""
+"""Device types where ``nn.SyncBatchNorm`` runs (GPU-only kernels; the CPU tests add "cpu", tests/cpu_sync_bn.py)."""
 
 
 class DistError(RuntimeError):
@@ -46,16 +43,13 @@ _INFO = DistInfo()
 
 def _env_int(name: str) -> Optional[int]:
     text = os.environ.get(name, "")
-    if not text:
-        return None
     try:
-        return int(text)
+        return int(text) if text else None
     except ValueError:
         raise DistError(f"environment variable {name}={text!r} is not an integer (it is set by torchrun)") from None
 
 
 def env_world_size() -> int:
-    """``WORLD_SIZE`` as torchrun set it (1 outside torchrun)."""
     return _env_int("WORLD_SIZE") or 1
 
 
@@ -117,10 +111,9 @@ def _active() -> bool:
 
 
 def all_reduce(tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
-    """Reduce ``tensor`` over ranks in place (``sum``, ``min`` or ``max``); identity in a single process."""
+    """Reduce ``tensor`` over ranks in place (``sum``, ``min`` or ``max``)."""
     if _active():
-        dist.all_reduce(tensor, op={"sum": dist.ReduceOp.SUM, "min": dist.ReduceOp.MIN,
-                                    "max": dist.ReduceOp.MAX}[op])
+        dist.all_reduce(tensor, op={"sum": dist.ReduceOp.SUM, "min": dist.ReduceOp.MIN, "max": dist.ReduceOp.MAX}[op])
     return tensor
 
 
@@ -129,26 +122,18 @@ def any_rank(flag: bool, device: torch.device) -> bool:
     return bool(all_reduce(torch.tensor([float(flag)], device=device), "max").item())
 
 
-def broadcast_object(obj: Any = None) -> Any:
-    """Rank 0's ``obj`` on every rank (so a checkpoint needs to exist only where rank 0 runs)."""
-    if not _active():
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
 def from_main(fn: Callable[[], Any]) -> Any:
     """``fn()`` run on rank 0 (where the files are), its result -- or the error it raised -- on every rank."""
     if not _active():
         return fn()
-    out = None
+    box = [None]
     if _INFO.is_main:
         try:
-            out = (fn(), None)
+            box = [(fn(), None)]
         except Exception as e:  # noqa: BLE001  (raised again below, on every rank, so that none waits forever)
-            out = (None, e)
-    value, error = broadcast_object(out)
+            box = [(None, e)]
+    dist.broadcast_object_list(box, src=0)
+    value, error = box[0]
     if error is not None:
         raise error
     return value

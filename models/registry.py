@@ -114,9 +114,9 @@ def unknown_model(name: str, dataset: Optional[str] = None) -> str:
     """One line for a name not registered (for ``dataset``): the closest valid name first, then all of them."""
     valid = list_models(dataset) if dataset else sorted({n.split("/")[1] for n in list_models()})
     close = difflib.get_close_matches(canonical_name(name), valid, n=1, cutoff=0.6)
-    hint = f"; did you mean {close[0]}?" if close else ""
+    hint = f" (did you mean {close[0]}?)" if close else ""
     where = f" for {dataset}" if dataset else ""
-    return f"unknown model {name!r}{where}{hint} valid names: {', '.join(valid)}"
+    return f"unknown model {name!r}{where}{hint}; valid names: {', '.join(valid)}"
 
 
 def _entry(name: str, dataset: str) -> _Entry:

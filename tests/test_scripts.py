@@ -547,3 +547,15 @@ def test_val_split_run_resume_and_final_test_score(data, tmp_path, capsys, monke
     assert code == 0 and "Nothing to do" in again and value(again, "Test_Acc_top1") == value(full, "Test_Acc_top1")
     assert {k: v for k, v in digest(tmp_path / "resumed").items() if k.endswith(".pth")} == \
         {k: v for k, v in before.items() if k.endswith(".pth")}
+
+
+def test_authors_hyphen_model_spelling_and_closest_name(capsys):
+    from utils import cli
+
+    args = cli.parse_train_args("cifar10", ["--model=ResNet56-DoubleShared"], prog="train_cifar10.py")
+    assert args.model == "ResNet56_DoubleShared"
+    with pytest.raises(SystemExit) as e:
+        cli.parse_eval_args("cifar10", ["--pretrained=x.pth", "--model=ResNet56_DubleShared"])
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert e.value.code == 2
+    assert "unknown --model 'ResNet56_DubleShared' for cifar10 (did you mean ResNet56_DoubleShared?); valid" in err

@@ -148,11 +148,12 @@ def _eval_parser(prog: str, dataset: str) -> argparse.ArgumentParser:
     return p
 
 
-def _check_model(parser: argparse.ArgumentParser, dataset: str, name: Optional[str]) -> None:
-    from models import list_models
-    valid = list_models(dataset)
-    if name is not None and name not in valid:
-        parser.error(f"unknown --model {name!r} for {dataset}; valid names: {', '.join(valid)}")
+def _check_model(parser: argparse.ArgumentParser, dataset: str, name: Optional[str]) -> Optional[str]:
+    """The registered spelling of ``--model`` (the authors' README writes ``ResNet56-DoubleShared``), or exit."""
+    from models import canonical_name, list_models, unknown_model
+    if name is not None and canonical_name(name) not in list_models(dataset):
+        parser.error(unknown_model(name, dataset).replace("unknown model", "unknown --model", 1))
+    return canonical_name(name) if name is not None else None
 
 
 def _under_torchrun() -> bool:
@@ -180,7 +181,7 @@ def parse_train_args(dataset: str, argv: Optional[Sequence[str]] = None, prog: O
     prog = prog or os.path.basename(sys.argv[0])
     parser = _train_parser(prog, dataset)
     args = parser.parse_args(argv)
-    _check_model(parser, args.dataset, args.model)
+    args.model = _check_model(parser, args.dataset, args.model)
     if args.resume is not None and args.pretrained is not None:
         parser.error("--resume and --pretrained are exclusive (--resume continues this run; --pretrained starts "
                      "from another checkpoint)")
@@ -206,7 +207,7 @@ def parse_eval_args(dataset: str, argv: Optional[Sequence[str]] = None, prog: Op
     args = parser.parse_args(argv)
     if not args.pretrained:
         parser.error("--pretrained=<checkpoint> is required (there is nothing to evaluate without weights)")
-    _check_model(parser, args.dataset, args.model)
+    args.model = _check_model(parser, args.dataset, args.model)
     _resolve_visible_device(args)
     return args
 

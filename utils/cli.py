@@ -8,6 +8,7 @@ import argparse
 import fnmatch
 import os
 import re
+import signal
 import sys
 from typing import Callable, Optional, Sequence
 
@@ -212,8 +213,9 @@ def parse_eval_args(dataset: str, argv: Optional[Sequence[str]] = None, prog: Op
     return args
 
 
-def run(main: Callable, args, prog: Optional[str] = None) -> int:
-    """Call ``main(args)``: a user error is one stderr line and status 1, an interrupt one line and 130/143."""
+def run(main: Callable, args, prog: Optional[str] = None, exiting: bool = False) -> int:
+    """Call ``main(args)``: a user error is one stderr line and status 1, an interrupt one line and 130/143
+    (``exiting``: the process ends after, so later signals are ignored)."""
     from models.pretrained import CheckpointError
     from utils.data import DatasetError
     from utils.distributed import DistError
@@ -237,6 +239,9 @@ def run(main: Callable, args, prog: Optional[str] = None) -> int:
         message = getattr(e, "message", "") or ("interrupted (the last completed epoch, if any, is in the -last.pth "
                                                 "checkpoint; rerun with --resume)")
         print(f"{tag}{_one_line(message)}", file=sys.stderr)
+        if exiting:  # the process ends now: a further Ctrl-C would only interrupt the workers' shutdown
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                signal.signal(sig, signal.SIG_IGN)
         return e.exit_code if isinstance(e, Interrupted) else 130
     return 0
 
@@ -252,11 +257,11 @@ def train_main(dataset: str, argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of the training scripts."""
     args = parse_train_args(dataset, argv)
     from utils.train import fit
-    return run(fit, args)
+    return run(fit, args, exiting=argv is None)
 
 
 def eval_main(dataset: str, argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of the evaluation scripts."""
     args = parse_eval_args(dataset, argv)
     from utils.evaluate import evaluate_checkpoint
-    return run(evaluate_checkpoint, args)
+    return run(evaluate_checkpoint, args, exiting=argv is None)

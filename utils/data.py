@@ -10,6 +10,7 @@ import itertools
 import os
 import pickle
 import signal
+import sys
 from typing import NamedTuple, Optional, Tuple, Union
 
 import numpy as np
@@ -194,6 +195,8 @@ def _worker_signals(_: int) -> None:
     """Workers leave the first Ctrl-C/SIGTERM to the main process, which stops them cleanly; a second ends them."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, lambda *_: signal.signal(signal.SIGTERM, signal.SIG_DFL))
+    hook = sys.excepthook  # multiprocessing's batch-handover thread reports a main process that hung up mid-batch
+    sys.excepthook = lambda kind, *rest: None if issubclass(kind, (EOFError, ConnectionError)) else hook(kind, *rest)
 
 
 def _train_loader(dataset: Dataset, batch_size: int, seed: int, workers: int, pin: bool, rank: int, world: int):

@@ -9,6 +9,7 @@ import random
 import signal
 import sys
 import time
+import weakref
 from dataclasses import dataclass
 from typing import Callable, Iterator, Optional
 
@@ -41,11 +42,12 @@ class StopSignals:
     """First SIGINT/SIGTERM sets :attr:`signum` (stop at the next step); a second raises :class:`Interrupted`."""
     def __init__(self) -> None:
         self.signum: Optional[int] = None
+        self.ending = False  # set while the run winds down: a further signal is the same stop, not a traceback
 
     def _handle(self, signum, frame) -> None:
-        if self.signum is not None:
+        if self.signum is not None and not self.ending:
             raise Interrupted(signum)
-        self.signum = signum
+        self.signum = self.signum or signum
 
     def __call__(self) -> bool:
         return self.signum is not None
@@ -183,12 +185,25 @@ def _topk_correct(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return torch.stack([hits[:, 0].sum(), hits.any(dim=1).sum()])
 
 
+_WORKER_ITERATORS: "weakref.WeakSet" = weakref.WeakSet()  # DataLoader iterators that may hold worker processes
+
+
+def stop_loader_workers() -> None:
+    """Shut down the workers of every DataLoader iterator still alive, now rather than in ``__del__``, where a late
+    Ctrl-C would print an ignored-exception traceback (an exception's traceback keeps an interrupted pass's alive)."""
+    for batches in list(_WORKER_ITERATORS):
+        getattr(batches, "_shutdown_workers", lambda: None)()  # torch's own clean shutdown, as __del__ calls it
+
+
 def _batches(loader, device: torch.device, channels_last: bool, desc: str, progress: bool) -> Iterator:
     fmt = torch.channels_last if channels_last else torch.preserve_format
+    batches = iter(loader)
+    if getattr(loader, "num_workers", 0):
+        _WORKER_ITERATORS.add(batches)
     if progress:
         from tqdm import tqdm
-        loader = tqdm(loader, total=len(loader), desc=desc, leave=False, dynamic_ncols=True, file=sys.stderr)
-    for x, y in loader:
+        batches = tqdm(batches, total=len(loader), desc=desc, leave=False, dynamic_ncols=True, file=sys.stderr)
+    for x, y in batches:
         yield x.to(device, non_blocking=True, memory_format=fmt), y.to(device, non_blocking=True)
 
 

@@ -19,8 +19,8 @@ from utils.checkpoint import (atomic_write_bytes, capture_rng_state, lock_run_fi
                               save_checkpoint)
 from utils.data import build_loaders, images_in
 from utils.engine import (Interrupted, NonFiniteLoss, Precision, RunError, Schedule, StopSignals, evaluate,
-                          json_line, pass_stats, progress_enabled, run_context, seed_everything, train_one_epoch, warn,
-                          wrap_model)
+                          json_line, pass_stats, progress_enabled, run_context, seed_everything, stop_loader_workers,
+                          train_one_epoch, warn, wrap_model)
 from utils.start import build_model, decide_start, describe, run_stem
 
 
@@ -32,7 +32,11 @@ def make_optimizer(model: nn.Module, args, lr: float) -> torch.optim.SGD:
 def fit(args) -> dict:
     """Train as the paper's recipe for ``args`` (``utils/cli.py``); returns the summary, also printed as a JSON line."""
     with run_context(args.device, args.batch_size) as device, StopSignals() as stop:
-        return TrainingRun(args, device, stop).run()
+        try:
+            return TrainingRun(args, device, stop).run()
+        finally:
+            stop.ending = True
+            stop_loader_workers()  # while our handlers still catch a late Ctrl-C
 
 
 class TrainingRun:

@@ -5,6 +5,7 @@ SIGINT/SIGTERM end training with one line and status 130/143. Multi-GPU: start t
 from __future__ import annotations
 
 import argparse
+import contextlib
 import fnmatch
 import os
 import re
@@ -45,52 +46,43 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescrip
         return super()._get_help_string(action)
 
 
-def _number(kind: type, lowest: float, name: str, strict: bool = False,
-            highest: float = float("inf")) -> Callable[[str], float]:
-    """An argparse type: ``kind(text)`` from ``lowest`` (excluded when ``strict``) to ``highest``, finite, not nan."""
+def _argtype(name: str, convert: Callable, ok: Callable, expected: Optional[str] = None) -> Callable[[str], object]:
+    """An argparse type: ``convert(text)`` where ``ok`` of it; argparse names ``name`` in "invalid <name> value"."""
     def parse(text: str):
-        value = kind(text)
-        if not (value > lowest if strict else value >= lowest) or not value <= highest or value == float("inf"):
-            raise argparse.ArgumentTypeError(f"must be a {name}, got {text}")
+        value = convert(text)
+        if not ok(value):
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}" if expected
+                                             else f"must be a {name}, got {text}")
         return value
-    parse.__name__ = name  # argparse names it in "invalid <name> value"
-    return parse
-
-
-def _matching(pattern: str, name: str, expected: str) -> Callable[[str], str]:
-    """An argparse type: ``text`` if it matches ``pattern`` in full."""
-    def parse(text: str) -> str:
-        if not re.fullmatch(pattern, text):
-            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
-        return text
     parse.__name__ = name
     return parse
 
 
-_positive_int = _number(int, 0, "positive integer", strict=True)
-_nonneg_int = _number(int, 0, "non-negative integer")
+_positive_int = _argtype("positive integer", int, lambda v: v > 0)
+_nonneg_int = _argtype("non-negative integer", int, lambda v: v >= 0)
 # 4096 is above any group-1 basis that spans something here; a typo such as 100000 would fail allocating
-_rank = _number(int, 0, "rank from 1 to 4096", strict=True, highest=4096)
-_nonneg_float = _number(float, 0.0, "finite non-negative number")
-_device = _matching(r"auto|cpu|cuda(:\d+)?", "device", "auto, cpu, cuda or cuda:N")
+_rank = _argtype("rank from 1 to 4096", int, lambda v: 0 < v <= 4096)
+_nonneg_float = _argtype("finite non-negative number", float, lambda v: 0 <= v < float("inf"))  # nan fails too
+_device = _argtype("device", str, re.compile(r"auto|cpu|cuda(:\d+)?").fullmatch, "auto, cpu, cuda or cuda:N")
 # GPU indices or GPU-/MIG- UUIDs; part of checkpoint file names, so no path characters
-_VISIBLE = r"[A-Za-z0-9_:-]+(,[A-Za-z0-9_:-]+)*"
-_visible_device = _matching(_VISIBLE, "device list", "comma-separated GPU indices such as 0,1,2,3")
+_VISIBLE = re.compile(r"[A-Za-z0-9_:-]+(,[A-Za-z0-9_:-]+)*")
+_visible_device = _argtype("device list", str, _VISIBLE.fullmatch, "comma-separated GPU indices such as 0,1,2,3")
 
 
-def _common_parser(defaults: dict) -> argparse.ArgumentParser:
-    """Flags of both the training and the evaluation scripts."""
-    p = argparse.ArgumentParser(add_help=False)
-    g = p.add_argument_group("model and data (the authors' flags)")
+def _parser(prog: str, defaults: dict) -> argparse.ArgumentParser:
+    """Flags of both the training and the evaluation scripts; ``--help`` shows the running script's docstring."""
     from models import list_models
-    g.add_argument("--model", type=str, help=f"model name, one of: {', '.join(list_models(defaults['dataset']))}")
+    p = _Parser(prog=prog, formatter_class=_HelpFormatter,
+                description=getattr(sys.modules.get("__main__"), "__doc__", None))
+    g = p.add_argument_group("model and data (the authors' flags)")
+    g.add_argument("--model", help=f"model name, one of: {', '.join(list_models(defaults['dataset']))}")
     g.add_argument("--shared_rank", type=_rank, help="rank s of each shared filter basis (group 1)")
     g.add_argument("--unique_rank", type=_rank, help="rank u of each layer's own basis (group 1)")
-    g.add_argument("--batch_size", type=_positive_int, default=256, help="batch size, train and test")
-    g.add_argument("--visible_device", type=_visible_device, default=None,
+    g.add_argument("--batch_size", type=_positive_int, help="batch size, train and test")
+    g.add_argument("--visible_device", type=_visible_device,
                    help="CUDA_VISIBLE_DEVICES, e.g. 0,1,2,3 (several: DataParallel; default: the environment's or 0)")
-    g.add_argument("--pretrained", type=str, default=None, help="checkpoint to start from / to evaluate")
-    g.add_argument("--dataset_path", type=str, help="dataset root")
+    g.add_argument("--pretrained", help="checkpoint to start from / to evaluate")
+    g.add_argument("--dataset_path", help="dataset root")
     g = p.add_argument_group("added")
     g.add_argument("--device", type=_device, default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
     g.add_argument("--num_workers", type=_nonneg_int, default=min(8, os.cpu_count() or 1),
@@ -103,12 +95,6 @@ def _common_parser(defaults: dict) -> argparse.ArgumentParser:
     return p
 
 
-def _parser(prog: str, defaults: dict) -> argparse.ArgumentParser:
-    """The script's parser; ``--help`` shows the running script's docstring."""
-    return _Parser(prog=prog, parents=[_common_parser(defaults)], formatter_class=_HelpFormatter,
-                   description=getattr(sys.modules.get("__main__"), "__doc__", None))
-
-
 def _train_parser(prog: str, dataset: str) -> argparse.ArgumentParser:
     p = _parser(prog, dict(DEFAULTS[dataset], dataset=dataset))
     g = p.add_argument_group("optimisation (the authors' flags)")
@@ -119,15 +105,14 @@ def _train_parser(prog: str, dataset: str) -> argparse.ArgumentParser:
     g.add_argument("--starting_epoch", type=_nonneg_int, default=0,
                    help="with --pretrained: the epoch the checkpoint ended at")
     g = p.add_argument_group("added")
-    g.add_argument("--epochs", type=_positive_int, default=None,
+    g.add_argument("--epochs", type=_positive_int,
                    help="total epochs (default: the recipe's); LR milestones scale proportionally")
-    g.add_argument("--output_dir", type=str, default="./checkpoint",
+    g.add_argument("--output_dir", default="./checkpoint",
                    help="where best/last checkpoints, args JSON and TensorBoard logs go")
-    g.add_argument("--resume", nargs="?", const="auto", default=None, metavar="PATH",
+    g.add_argument("--resume", nargs="?", const="auto", metavar="PATH",
                    help="continue an interrupted run from its last checkpoint (or from PATH)")
-    g.add_argument("--val_split", type=_nonneg_int, default=0, metavar="N",
-                   help="choose the best checkpoint on N held-out training images, test it once at the end (0: "
-                        "choose on the test set, as the paper)")
+    g.add_argument("--val_split", type=_nonneg_int, default=0, metavar="N", help="choose the best checkpoint on N "
+                   "held-out training images, test it once at the end (0: choose on the test set, as the paper)")
     g.add_argument("--save_every_minutes", type=_nonneg_float, default=30.0, metavar="N",
                    help="also save a resumable mid-epoch -last.pth every N minutes (0: at epoch ends and on signals)")
     g.add_argument("--sync_bn", action="store_true",
@@ -167,44 +152,38 @@ def _under_torchrun() -> bool:
 def _resolve_visible_device(args: argparse.Namespace) -> None:
     """Apply ``--visible_device`` before CUDA starts; else keep the environment's, under torchrun too; else GPU 0."""
     env = os.environ.get("CUDA_VISIBLE_DEVICES")
-    if args.visible_device is not None:
-        os.environ["CUDA_VISIBLE_DEVICES"] = args.visible_device
-    elif env:
-        args.visible_device = env if re.fullmatch(_VISIBLE, env) else "0"
-    elif not _under_torchrun():
-        os.environ["CUDA_VISIBLE_DEVICES"] = args.visible_device = "0"
-    else:
-        args.visible_device = "0"
+    if args.visible_device is None:
+        args.visible_device = env if env and _VISIBLE.fullmatch(env) else "0"
+        if env or _under_torchrun():
+            return  # the environment's choice stands
+    os.environ["CUDA_VISIBLE_DEVICES"] = args.visible_device
 
 
 def parse_train_args(dataset: str, argv: Optional[Sequence[str]] = None, prog: Optional[str] = None):
     """Parse and validate a training command line for ``dataset`` (defaults and recipe from :data:`DEFAULTS`)."""
-    prog = prog or os.path.basename(sys.argv[0])
-    parser = _train_parser(prog, dataset)
+    parser = _train_parser(prog or os.path.basename(sys.argv[0]), dataset)
     args = parser.parse_args(argv)
     args.model = _check_model(parser, args.dataset, args.model)
     if args.resume is not None and args.pretrained is not None:
         parser.error("--resume and --pretrained are exclusive (--resume continues this run; --pretrained starts "
                      "from another checkpoint)")
-    recipe = next((dict(r) for glob, r in args.recipes.items() if fnmatch.fnmatch(args.model, glob)), None)
+    recipes = vars(args).pop("recipes")
+    recipe = next((dict(r) for glob, r in recipes.items() if fnmatch.fnmatch(args.model, glob)), None)
     if recipe is None:
         parser.error(f"no training recipe for {args.model} on {args.dataset}")
     recipe["recipe_epochs"] = recipe.pop("epochs")
-    args.schedule = recipe
-    del args.recipes
-    args.epochs = args.epochs or recipe["recipe_epochs"]
+    args.schedule, args.epochs = recipe, args.epochs or recipe["recipe_epochs"]
     if args.starting_epoch >= args.epochs:
         parser.error(f"--starting_epoch={args.starting_epoch} leaves nothing to train (--epochs={args.epochs})")
     if args.lr == 0:
-        print(f"{prog}: warning: --lr=0, the weights will not change", file=sys.stderr)
+        print(f"{parser.prog}: warning: --lr=0, the weights will not change", file=sys.stderr)
     _resolve_visible_device(args)
     return args
 
 
 def parse_eval_args(dataset: str, argv: Optional[Sequence[str]] = None, prog: Optional[str] = None):
     """Parse and validate an evaluation command line (``--pretrained`` is required)."""
-    prog = prog or os.path.basename(sys.argv[0])
-    parser = _eval_parser(prog, dataset)
+    parser = _eval_parser(prog or os.path.basename(sys.argv[0]), dataset)
     args = parser.parse_args(argv)
     if not args.pretrained:
         parser.error("--pretrained=<checkpoint> is required (there is nothing to evaluate without weights)")
@@ -224,10 +203,8 @@ def run(main: Callable, args, prog: Optional[str] = None, exiting: bool = False)
     prog = prog or os.path.basename(sys.argv[0])
     rank = os.environ.get("RANK", "0") if _under_torchrun() else "0"
     tag = f"{prog}: " if rank == "0" else f"{prog} [rank {rank}]: "
-    try:
+    with contextlib.suppress(AttributeError, ValueError):
         sys.stdout.reconfigure(line_buffering=True)  # so that logs piped through tee show up as they happen
-    except (AttributeError, ValueError):
-        pass
     try:
         main(args)
     except (CheckpointError, DatasetError, RunError, DistError) as e:

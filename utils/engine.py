@@ -180,9 +180,15 @@ class CompiledOrEager:
         return self.eager(x)
 
 
-def _topk_correct(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    hits = logits.topk(min(5, logits.shape[1]), dim=1).indices.eq(target.unsqueeze(1))
-    return torch.stack([hits[:, 0].sum(), hits.any(dim=1).sum()])
+def _count(counts: torch.Tensor, logits: torch.Tensor, y: torch.Tensor, ce_sum: torch.Tensor,
+           reg_sum: Optional[torch.Tensor] = None) -> None:
+    """Adds to ``[CE sum, R sum, top-1 hits, top-5 hits, images]`` on the device, so that no step waits for a sync."""
+    hits = logits.topk(min(5, logits.shape[1]), dim=1).indices.eq(y.unsqueeze(1))
+    counts[0] += ce_sum
+    if reg_sum is not None:
+        counts[1] += reg_sum
+    counts[2:4] += torch.stack([hits[:, 0].sum(), hits.any(dim=1).sum()])
+    counts[4] += y.shape[0]
 
 
 _WORKER_ITERATORS: "weakref.WeakSet" = weakref.WeakSet()  # DataLoader iterators that may hold worker processes
@@ -207,12 +213,12 @@ def _batches(loader, device: torch.device, channels_last: bool, desc: str, progr
         yield x.to(device, non_blocking=True, memory_format=fmt), y.to(device, non_blocking=True)
 
 
-def _totals(sums: torch.Tensor, correct: torch.Tensor, images: int, what: str) -> tuple:
-    images_t = torch.tensor([float(images)], dtype=torch.float64, device=sums.device)
-    totals = distributed.all_reduce(torch.cat([sums, correct.to(torch.float64), images_t])).tolist()
+def _stats(counts: torch.Tensor, seconds: float, has_reg: bool, what: str) -> dict:
+    """:func:`pass_stats` of the counts summed over all ranks."""
+    totals = distributed.all_reduce(counts).tolist()
     if totals[-1] == 0:
         raise RunError(f"the {what} set is empty")
-    return totals
+    return pass_stats(totals, seconds, has_reg)
 
 
 def _ce(logits: torch.Tensor, y: torch.Tensor, precision: "Precision", **kw) -> torch.Tensor:
@@ -231,9 +237,8 @@ def train_one_epoch(net: Callable, model: nn.Module, loader, optimizer: torch.op
     precision = precision or Precision()
     scaler = precision.scaler or torch.amp.GradScaler("cpu", enabled=False)  # disabled: plain backward and step
     model.train()
-    sums = torch.zeros(2, dtype=torch.float64, device=device)  # [CE * batch, R * batch]
-    correct = torch.zeros(2, dtype=torch.long, device=device)
-    steps, images, checked, stopped, step, start = len(loader), 0, 0, False, 0, time.perf_counter()
+    counts = torch.zeros(5, dtype=torch.float64, device=device)  # see _count
+    steps, checked, stopped, step, start = len(loader), 0, False, 0, time.perf_counter()
     losses = torch.zeros(max(steps, 1), dtype=torch.float32, device=device)  # step -> loss (no sync per step)
     for step, (x, y) in enumerate(_batches(loader, device, channels_last, desc, progress), 1):
         logits = net(x)
@@ -245,12 +250,9 @@ def train_one_epoch(net: Callable, model: nn.Module, loader, optimizer: torch.op
         scaler.step(optimizer)
         scaler.update()
         with torch.no_grad():
-            sums[0] += ce.detach() * y.shape[0]
-            if reg is not None:
-                sums[1] += reg.detach() * y.shape[0]
-            correct += _topk_correct(logits.detach(), y)
+            batch = y.shape[0]
+            _count(counts, logits.detach(), y, ce.detach() * batch, None if reg is None else reg.detach() * batch)
             losses[min(step, steps) - 1] = loss.detach()
-        images += y.shape[0]
         if step == 1 and print_first:
             print("accuracy_loss: %.6f" % ce.item())
             if reg is not None:
@@ -267,8 +269,8 @@ def train_one_epoch(net: Callable, model: nn.Module, loader, optimizer: torch.op
             if step < steps and distributed.any_rank(stop(), device):
                 stopped = True
                 break
-    totals = _totals(sums, correct, images, "training")
-    return dict(pass_stats(totals, time.perf_counter() - start, regularizer is not None), steps=step, stopped=stopped)
+    stats = _stats(counts, time.perf_counter() - start, regularizer is not None, "training")
+    return dict(stats, steps=step, stopped=stopped)
 
 
 def pass_stats(totals: list, seconds: float, has_reg: bool) -> dict:
@@ -282,20 +284,15 @@ def pass_stats(totals: list, seconds: float, has_reg: bool) -> dict:
 @torch.no_grad()
 def evaluate(net: Callable, model: nn.Module, loader, *, device: torch.device, precision: Optional[Precision] = None,
              channels_last: bool = False, progress: bool = False, desc: str = "test") -> dict:
-    """``{"top1", "top5", "loss", "images", "seconds"}`` over the loader; under DDP shard counts are summed."""
+    """:func:`pass_stats` (``top1``, ``top5``, ``loss``, ``images``, ``seconds`` ...) over the loader; under DDP the
+    shards' counts are summed."""
     precision = precision or Precision()
     model.eval()
-    loss_sum = torch.zeros(1, dtype=torch.float64, device=device)
-    correct = torch.zeros(2, dtype=torch.long, device=device)
-    images, start = 0, time.perf_counter()
+    counts, start = torch.zeros(5, dtype=torch.float64, device=device), time.perf_counter()
     for x, y in _batches(loader, device, channels_last, desc, progress):
         logits = net(x)
-        loss_sum += _ce(logits, y, precision, reduction="sum")
-        correct += _topk_correct(logits, y)
-        images += y.shape[0]
-    loss, c1, c5, n = _totals(loss_sum, correct, images, desc)
-    return {"top1": 100.0 * c1 / n, "top5": 100.0 * c5 / n, "loss": loss / n, "images": int(n),
-            "seconds": time.perf_counter() - start}
+        _count(counts, logits, y, _ce(logits, y, precision, reduction="sum"))
+    return _stats(counts, time.perf_counter() - start, False, desc)
 
 
 @contextlib.contextmanager

@@ -6,11 +6,12 @@ import torch
 from models import fold
 from models.pretrained import load_weights, read_checkpoint, resolve_model
 from models.registry import rank_flags
+from models.summary import count_params
 from utils import distributed
 from utils.data import build_loaders
 from utils.engine import (Precision, RunError, evaluate, json_line, progress_enabled, run_context, seed_everything,
                           warn, wrap_model)
-from utils.start import describe
+from utils.start import check_classes, describe
 
 
 def evaluate_checkpoint(args) -> dict:
@@ -33,10 +34,8 @@ def evaluate_checkpoint(args) -> dict:
         loaders = build_loaders(args.dataset, args.dataset_path, args.batch_size, num_workers=args.num_workers,
                                 device=device, seed=args.seed, channels_last=args.channels_last, train=False,
                                 rank=info.rank, world_size=info.world_size)
-        if loaders.num_classes > model.cfg.num_classes:
-            raise RunError(f"the dataset under {args.dataset_path!r} has {loaders.num_classes} classes, more than the "
-                           f"model's {model.cfg.num_classes} outputs")
-        params, described = sum(p.numel() for p in model.parameters()), describe(model)
+        check_classes(loaders, model, args.dataset_path)
+        params, described = count_params(model), describe(model)
         model.eval()
         folded = False  # a family without folding support is evaluated as trained
         if not args.no_fold:
@@ -52,9 +51,8 @@ def evaluate_checkpoint(args) -> dict:
               f"| {'folded for inference' if folded else 'unfolded'}")
         te = evaluate(net, model, loaders.test, device=device, precision=precision, channels_last=args.channels_last,
                       progress=progress_enabled())
-        for label, value in (("Acc_top1", te["top1"]), ("Acc_top5", te["top5"]), ("Err_top1", 100 - te["top1"]),
-                             ("Err_top5", 100 - te["top5"])):
-            print("Eval_%s = %.3f" % (label, value))
+        print("Eval_Acc_top1 = %.3f\nEval_Acc_top5 = %.3f\nEval_Err_top1 = %.3f\nEval_Err_top5 = %.3f"
+              % (te["top1"], te["top5"], 100 - te["top1"], 100 - te["top5"]))
         result = {"dataset": args.dataset, "model": model.cfg.name, "model_kwargs": model.cfg.build_kwargs(),
                   "params": params, "checkpoint": args.pretrained, "checkpoint_epoch": ckpt.get("epoch"),
                   "folded": folded, "images": te["images"], "top1": te["top1"], "top5": te["top5"],

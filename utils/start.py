@@ -22,7 +22,6 @@ _CHANGEABLE = ("lr", "momentum", "weight_decay", "lambdaR", "batch_size", "epoch
 @dataclass
 class RunState:
     """What continues from checkpoint to checkpoint besides weights and optimizer."""
-
     epoch: int = 0  # last completed epoch
     best_acc: float = 0.0  # selection top-1 of the best checkpoint (validation with --val_split, else test)
     best_acc5: float = 0.0
@@ -33,7 +32,6 @@ class RunState:
 @dataclass
 class RunStart:
     """How this run begins: ``kind`` is ``fresh``, ``pretrained`` or ``resume``."""
-
     kind: str = "fresh"
     path: Optional[str] = None
     ckpt: Optional[dict] = None
@@ -50,6 +48,13 @@ def build_model(args) -> nn.Module:
                          ignore_unused_ranks=True)
     except ValueError as e:
         raise RunError(f"cannot build {args.model} for {args.dataset}: {e}") from None
+
+
+def check_classes(loaders, model: nn.Module, dataset_path: str) -> None:
+    """Labels beyond the model's outputs would fail mid-pass with an index error; say so before the first step."""
+    if loaders.num_classes > model.cfg.num_classes:
+        raise RunError(f"the dataset under {dataset_path!r} has {loaders.num_classes} classes, more than the model's "
+                       f"{model.cfg.num_classes} outputs")
 
 
 def describe(model: nn.Module) -> str:

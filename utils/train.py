@@ -13,6 +13,7 @@ import torch
 import torch.nn as nn
 
 from models import OrthogonalityRegularizer
+from models.summary import count_params
 from models.pretrained import CheckpointError, checkpoint_acc, load_weights, read_checkpoint
 from utils import distributed
 from utils.checkpoint import (atomic_write_bytes, capture_rng_state, lock_run_files, make_checkpoint, restore_rng_state,
@@ -21,12 +22,7 @@ from utils.data import build_loaders, images_in
 from utils.engine import (Interrupted, NonFiniteLoss, Precision, RunError, Schedule, StopSignals, evaluate,
                           json_line, pass_stats, progress_enabled, run_context, seed_everything, stop_loader_workers,
                           train_one_epoch, warn, wrap_model)
-from utils.start import build_model, decide_start, describe, run_stem
-
-
-def make_optimizer(model: nn.Module, args, lr: float) -> torch.optim.SGD:
-    """One group over all parameters: weight decay reaches BN and biases too, as in the authors' recipe."""
-    return torch.optim.SGD(model.parameters(), lr=lr, momentum=args.momentum, weight_decay=args.weight_decay)
+from utils.start import build_model, check_classes, decide_start, describe, run_stem
 
 
 def fit(args) -> dict:
@@ -69,15 +65,18 @@ class TrainingRun:
         minutes = self.args.save_every_minutes
         self.next_save = time.monotonic() + 60 * minutes if minutes else float("inf")
 
+    def _new_optimizer(self, lr: float) -> torch.optim.SGD:
+        """One group over all parameters: weight decay reaches BN and biases too, as in the authors' recipe."""
+        return torch.optim.SGD(self.model.parameters(), lr=lr, momentum=self.args.momentum,
+                               weight_decay=self.args.weight_decay)
+
     def _setup_data(self) -> None:
         args = self.args
         self.loaders = build_loaders(args.dataset, args.dataset_path, args.batch_size // self.world,
                                      num_workers=args.num_workers, device=self.device, seed=args.seed,
                                      channels_last=args.channels_last, val_split=args.val_split,
                                      split_seed=self.start.split_seed, rank=self.rank, world_size=self.world)
-        if self.loaders.num_classes > self.model.cfg.num_classes:
-            raise RunError(f"the dataset under {args.dataset_path!r} has {self.loaders.num_classes} classes, more than "
-                           f"the model's {self.model.cfg.num_classes} outputs")
+        check_classes(self.loaders, self.model, args.dataset_path)
         self.select_loader = self.loaders.val if args.val_split else self.loaders.test
 
     def _setup_model(self) -> None:
@@ -87,8 +86,10 @@ class TrainingRun:
         model.to(device, memory_format=torch.channels_last if args.channels_last else torch.preserve_format)
         if self.rank:  # the same initial weights everywhere; dropout streams differ per rank
             seed_everything(args.seed + 1_000_003 * self.rank)
-        self.optimizer = make_optimizer(model, args, self.schedule.lr_at(self.state.epoch + 1))
+        self.optimizer = self._new_optimizer(self.schedule.lr_at(self.state.epoch + 1))
         self.precision = Precision.make(args.amp, device)
+        self.pass_kw = dict(device=device, precision=self.precision, channels_last=args.channels_last,
+                            progress=progress_enabled())  # of both training and evaluation passes
         self.regularizer = OrthogonalityRegularizer(model) or None  # plain and NonShared models: CE only
         self._restore()
         self.net = wrap_model(model, device, self.precision, compile=args.compile, ddp=self.world > 1)
@@ -130,9 +131,8 @@ class TrainingRun:
             sizes += f"{images_in(loaders.val)} val (held out, split seed {self.start.split_seed}) / "
         ddp = (f" | DDP {self.world} processes x batch {args.batch_size // self.world}"
                f"{' sync BN' if args.sync_bn else ''}" if self.world > 1 else "")
-        params = sum(p.numel() for p in self.model.parameters())
-        return (f"{args.dataset} {describe(self.model)} | {params:,} params | {self.device} {self.precision.label}{ddp}"
-                f" | {sch.epochs} epochs, lr {sch.lr} x{sch.gamma} after epochs {list(sch.milestones)}"
+        return (f"{args.dataset} {describe(self.model)} | {count_params(self.model):,} params | {self.device} "
+                f"{self.precision.label}{ddp} | {sch.epochs} epochs, lr {sch.lr} x{sch.gamma} after epochs {list(sch.milestones)}"
                 f"{' (restart from best)' if sch.restart else ''} | {sizes}{images_in(loaders.test)} test images "
                 f"| best checkpoint chosen on {self.select}")
 
@@ -146,7 +146,7 @@ class TrainingRun:
             if args.resume is None and os.path.exists(self.last_path):
                 warn(f"{self.last_path} exists and will be overwritten by this new run (use --resume to continue it)")
             resolved = dict(vars(args), device=str(self.device), milestones=list(self.schedule.milestones),
-                            params=sum(p.numel() for p in self.model.parameters()), world_size=self.world,
+                            params=count_params(self.model), world_size=self.world,
                             split_seed=self.start.split_seed if args.val_split else None)
             atomic_write_bytes((json.dumps(resolved, indent=2, sort_keys=True, default=str) + "\n").encode(),
                                os.path.join(self.out_dir, self.stem + "-args.json"))
@@ -209,8 +209,7 @@ class TrainingRun:
               + (f" (resumed at step {step})" if step else ""))
         tr = self.train_pass(epoch, lr, step)
         print("Training_Acc_Top1 = %.3f\nTraining_Acc_Top5 = %.3f" % (tr["top1"], tr["top5"]))
-        te = evaluate(self.eval_net, self.model, self.select_loader, device=self.device, precision=self.precision,
-                      channels_last=args.channels_last, progress=progress_enabled(), desc=self.select)
+        te = evaluate(self.eval_net, self.model, self.select_loader, desc=self.select, **self.pass_kw)
         improved = te["top1"] > state.best_acc  # strictly greater, as the authors
         if improved:
             state.best_acc, state.best_acc5, state.best_epoch = te["top1"], te["top5"], epoch
@@ -229,11 +228,10 @@ class TrainingRun:
             self.loaders.train.set_epoch(epoch, start_step=step)
             steps = step + len(self.loaders.train)
             try:
-                r = train_one_epoch(self.net, self.model, self.loaders.train, self.optimizer, device=self.device,
-                                    regularizer=self.regularizer, lambda_r=self.args.lambdaR, precision=self.precision,
-                                    channels_last=self.args.channels_last, print_first=step == 0,
+                r = train_one_epoch(self.net, self.model, self.loaders.train, self.optimizer, print_first=step == 0,
+                                    regularizer=self.regularizer, lambda_r=self.args.lambdaR, **self.pass_kw,
                                     stop=lambda: self.stop() or time.monotonic() >= self.next_save,
-                                    progress=progress_enabled(), desc=f"epoch {epoch}/{self.schedule.epochs}")
+                                    desc=f"epoch {epoch}/{self.schedule.epochs}")
             except NonFiniteLoss as e:
                 kept = (f"the last checkpoint ({self.last_path}) is intact" if self.saved or self.saved_step
                         else "nothing was saved")
@@ -323,7 +321,7 @@ class TrainingRun:
                 else "the current weights (no best checkpoint yet)")
         print(f"Stage {self.schedule.stage(epoch) + 1} from epoch {epoch}: restarting from {what} with a fresh SGD at "
               f"lr {lr:g}")
-        self.optimizer = make_optimizer(self.model, self.args, lr)
+        self.optimizer = self._new_optimizer(lr)
         if self.precision.scaler is not None:
             self.precision.scaler = torch.amp.GradScaler("cuda")
 
@@ -334,8 +332,7 @@ class TrainingRun:
         ckpt = distributed.from_main(lambda: read_checkpoint(path))
         if ckpt.get("test_acc") is None or ckpt.get("epoch") != (state.best_epoch or state.epoch):
             load_weights(self.model, ckpt)
-            te = evaluate(self.eval_net, self.model, self.loaders.test, device=self.device, precision=self.precision,
-                          channels_last=self.args.channels_last, progress=progress_enabled(), desc="test")
+            te = evaluate(self.eval_net, self.model, self.loaders.test, desc="test", **self.pass_kw)
             ckpt.update(test_acc=te["top1"], test_acc5=te["top5"])
             self.save(ckpt, [path])
             if self.writer is not None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import math
 import os
 import sys
 import warnings
@@ -51,8 +52,7 @@ def _worst(run, batches: list, refs: list) -> tuple[float, float]:
         out, ref = run(x).detach().float().cpu(), ref.detach().float().cpu()
         abs_diff = (out - ref).abs().max().item()
         diffs.append((abs_diff, abs_diff / max(ref.abs().max().item(), 1e-12)))
-    nan = [d for d in diffs if d[1] != d[1]]
-    return nan[0] if nan else max(diffs, key=lambda d: d[1])
+    return max(diffs, key=lambda d: (math.isnan(d[1]), d[1]))
 
 
 def _export(model: nn.Module, example: torch.Tensor, dynamic: bool):
@@ -92,12 +92,10 @@ def _export_onnx(program, model: nn.Module, example: torch.Tensor, dynamic: bool
 def _check_onnx(path: str, batches: list, refs: list) -> tuple[Optional[float], Optional[float]]:
     """Validate the file with onnx.checker and, when onnxruntime is installed, run it against ``refs``."""
     import onnx
-
     onnx.checker.check_model(onnx.load(path))
     if importlib.util.find_spec("onnxruntime") is None:
         return None, None
     import onnxruntime
-
     session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
     name = session.get_inputs()[0].name
     return _worst(lambda x: torch.from_numpy(session.run(None, {name: x.cpu().numpy()})[0]), batches, refs)

@@ -57,7 +57,6 @@ class TrainingRun:
         self._setup_model()
         self.saved = self.state.epoch if self.start.kind == "resume" else 0  # last epoch whose files are on disk
         self.saved_step = None  # (epoch, step, steps) of the last mid-epoch save
-        self.resume_at = (self.state.epoch + 1, self.start.step)
         self.last_scores = {"top1": checkpoint_acc(self.start.ckpt or {}) or 0.0, "top5": 0.0}
         self._rearm_save_clock()
 
@@ -132,9 +131,9 @@ class TrainingRun:
         ddp = (f" | DDP {self.world} processes x batch {args.batch_size // self.world}"
                f"{' sync BN' if args.sync_bn else ''}" if self.world > 1 else "")
         return (f"{args.dataset} {describe(self.model)} | {count_params(self.model):,} params | {self.device} "
-                f"{self.precision.label}{ddp} | {sch.epochs} epochs, lr {sch.lr} x{sch.gamma} after epochs {list(sch.milestones)}"
-                f"{' (restart from best)' if sch.restart else ''} | {sizes}{images_in(loaders.test)} test images "
-                f"| best checkpoint chosen on {self.select}")
+                f"{self.precision.label}{ddp} | {sch.epochs} epochs, lr {sch.lr} x{sch.gamma} after epochs "
+                f"{list(sch.milestones)}{' (restart from best)' if sch.restart else ''} | {sizes}"
+                f"{images_in(loaders.test)} test images | best checkpoint chosen on {self.select}")
 
     def _prepare_output(self):
         """Rank 0: the output folder, ``-args.json`` (resolved flags) and the TensorBoard writer."""
@@ -204,7 +203,7 @@ class TrainingRun:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         began = time.perf_counter()
-        step = self.resume_at[1] if epoch == self.resume_at[0] else 0
+        step, self.start.step = self.start.step, 0  # a mid-epoch --resume continues its first epoch only
         print(f"\nCuda {args.visible_device} {'Basis ' if self.regularizer is not None else ''}Epoch: {epoch}"
               + (f" (resumed at step {step})" if step else ""))
         tr = self.train_pass(epoch, lr, step)
@@ -276,8 +275,7 @@ class TrainingRun:
 
     def print_test_lines(self, te: dict, improved: bool, periodic: bool) -> None:
         """The authors' lines (CIFAR: on improvement only; ILSVRC: every epoch); ``Val`` ones with --val_split."""
-        label = "Val" if self.args.val_split else "Test"
-        best = "Best_Val_Acc" if self.args.val_split else "Best_Acc"
+        label, best = ("Val", "Best_Val_Acc") if self.args.val_split else ("Test", "Best_Acc")
         b1, b5 = self.state.best_acc, self.state.best_acc5
         if self.args.dataset == "ilsvrc":
             print("%s_Acc_Top1/5 = %.3f\t%.3f" % (label, te["top1"], te["top5"]))

@@ -61,8 +61,7 @@ class TrainingRun:
         self._rearm_save_clock()
 
     def _rearm_save_clock(self) -> None:
-        minutes = self.args.save_every_minutes
-        self.next_save = time.monotonic() + 60 * minutes if minutes else float("inf")
+        self.next_save = time.monotonic() + (60 * self.args.save_every_minutes or float("inf"))  # 0: no clock
 
     def _new_optimizer(self, lr: float) -> torch.optim.SGD:
         """One group over all parameters: weight decay reaches BN and biases too, as in the authors' recipe."""

@@ -79,8 +79,7 @@ def _export_onnx(program, model: nn.Module, example: torch.Tensor, dynamic: bool
         except Exception as e:  # noqa: BLE001
             errors = [f"dynamo: {_why(e)}"]
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
+        with warnings.catch_warnings(action="ignore"):  # the legacy exporter's deprecation notice
             torch.onnx.export(model, (example,), path, dynamo=False, input_names=["input"], output_names=["logits"],
                               dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}} if dynamic else None)
         return "legacy"

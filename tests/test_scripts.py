@@ -93,12 +93,12 @@ def shared_runs(data, tmp_path_factory):
     stop_after_2 = (
         "import os, runpy, signal, sys\n"
         "import utils.train as t\n"
-        "orig = t.TrainingRun.print_test_lines\n"
-        "def stop(self, te, improved, periodic):\n"
-        "    orig(self, te, improved, periodic)\n"
-        "    if self.state.epoch == 2:\n"
+        "orig = t.TrainingRun.save\n"
+        "def stop(self, ckpt, paths, epoch=None):\n"
+        "    orig(self, ckpt, paths, epoch)\n"
+        "    if epoch == 2:\n"
         "        os.kill(os.getpid(), signal.SIGINT)\n"
-        "t.TrainingRun.print_test_lines = stop\n"
+        "t.TrainingRun.save = stop\n"
         "sys.argv = sys.argv[1:]\n"
         "runpy.run_path(sys.argv[0], run_name='__main__')\n")
     interrupted = run(["-c", stop_after_2, "train_cifar10.py", *flags, f"--output_dir={root / 'resumed'}"], rc=130)
@@ -115,9 +115,13 @@ def test_cifar10_train_then_eval(data, tmp_path):
     p = run(["train_cifar10.py", "--model=ResNet20", "--epochs=2", "--batch_size=16", "--lambdaR=10",
              f"--dataset_path={data['c10']}", f"--output_dir={out}", *COMMON])
     # the authors' lines (ResNet20 has no shared bases: "Epoch", not "Basis Epoch")
-    for line in ("Cuda 0 Epoch: 1", "Cuda 0 Epoch: 2", "Training_Acc_Top1 = ", "Training_Acc_Top5 = ",
+    for line in ("\nEpoch: 1", "\nEpoch: 2", "Training_Acc_Top1 = ", "Training_Acc_Top5 = ",
                  "accuracy_loss: ", "Time:  ", "Best_Acc_top5 = "):
         assert line in p.stdout
+    assert "Cuda" not in p.stdout and "ETA " in p.stdout  # the authors' "Cuda N" prefix only on GPUs
+    improved = [e == b for e, b in re.findall(r"\[epoch (\d+)/2\].*\| best [\d.]+ \(epoch (\w+)\)", p.stdout)]
+    assert len(improved) == 2  # the final best is printed once: not again when the last epoch just printed it
+    assert p.stdout.count("Best_Acc_top1 = ") == sum(improved) + (not improved[-1])
     assert "similarity loss" not in p.stdout
     result = json_line(p.stdout)
     stem = "CIFAR10-ResNet20-S16-U1-L10-0"  # --lambdaR=10 gives L10 (the authors' script wrote L10.0)
@@ -205,7 +209,7 @@ def test_cifar100_train_stages_then_eval(data, tmp_path):
     # SharedOnly takes only --shared_rank: the given --unique_rank is ignored, as in the authors' scripts
     p = run(["train_cifar100.py", "--model=ResNet34_SharedOnly", "--shared_rank=1", "--unique_rank=7", "--epochs=3",
              "--batch_size=16", f"--dataset_path={data['c100']}", f"--output_dir={out}", *COMMON])
-    assert "Cuda 0 Basis Epoch: 1" in p.stdout and "similarity loss: " in p.stdout
+    assert "\nBasis Epoch: 1" in p.stdout and "similarity loss: " in p.stdout
     assert re.search(r"^Stage 2 from epoch 2: restarting from .* with a fresh SGD at lr 0\.01$", p.stdout, re.M)
     assert re.search(r"^Stage 3 from epoch 3: restarting from .* with a fresh SGD at lr 0\.001$", p.stdout, re.M)
     last = out / "CIFAR100-ResNet34_SharedOnly-S1-U7-L10-0-last.pth"
@@ -288,7 +292,7 @@ def test_ilsvrc_train_then_eval(data, tmp_path):
              "--lambdaR=10", "--epochs=1", "--batch_size=8", f"--dataset_path={data['in']}", f"--output_dir={out}",
              *COMMON])
     top1, top5 = re.findall(r"^Test_Acc_Top1/5 = (\S+)\t(\S+)$", p.stdout, re.M)[-1]
-    assert "Cuda 0 Basis Epoch: 1" in p.stdout and "similarity loss: " in p.stdout
+    assert "\nBasis Epoch: 1" in p.stdout and "similarity loss: " in p.stdout
     assert "lr 0.1 x0.1 after epochs [1, 1, 1]" in p.stdout  # MobileNetV2 schedule (150/225/285 of 300), 1 epoch
     last = out / "ILSVRC-MobileNetV2_Shared-S32-U1-L10-0-last.pth"
     ckpt = load(last)
@@ -522,17 +526,17 @@ def test_val_split_run_resume_and_final_test_score(data, tmp_path, capsys, monke
     assert value(ev, "Eval_Acc_top5") == value(full, "Test_Acc_top5")
 
     # interrupted after epoch 2, resumed after the default split seed changed: the recorded split is used
-    real = TrainingRun.print_test_lines
+    real = TrainingRun.save
 
-    def stop(self, te, improved, periodic):
-        real(self, te, improved, periodic)
-        if self.state.epoch == 2:
+    def stop(self, ckpt, paths, epoch=None):
+        real(self, ckpt, paths, epoch)
+        if epoch == 2:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(TrainingRun, "print_test_lines", stop)
+    monkeypatch.setattr(TrainingRun, "save", stop)
     code, _, err = train(tmp_path / "resumed")
     assert code == 130 and "epoch 2 (the last completed)" in err
-    monkeypatch.setattr(TrainingRun, "print_test_lines", real)
+    monkeypatch.setattr(TrainingRun, "save", real)
     monkeypatch.setattr(D, "VAL_SPLIT_SEED", 12345)
     code, _, err = train(tmp_path / "resumed", "--resume", "--val_split=7")
     assert code == 1 and "--val_split=6" in err

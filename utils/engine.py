@@ -191,26 +191,51 @@ def _count(counts: torch.Tensor, logits: torch.Tensor, y: torch.Tensor, ce_sum: 
     counts[4] += y.shape[0]
 
 
-_WORKER_ITERATORS: "weakref.WeakSet" = weakref.WeakSet()  # DataLoader iterators that may hold worker processes
+_WORKERS: "weakref.WeakSet" = weakref.WeakSet()  # DataLoader iterators of passes that may not have ended
+_BARS: "weakref.WeakSet" = weakref.WeakSet()  # their progress bars
 
 
-def stop_loader_workers() -> None:
-    """Shut down the workers of every DataLoader iterator still alive, now rather than in ``__del__``, where a late
-    Ctrl-C would print an ignored-exception traceback (an exception's traceback keeps an interrupted pass's alive)."""
-    for batches in list(_WORKER_ITERATORS):
+def end_passes() -> None:
+    """Close the progress bars and shut down the DataLoader workers of passes still alive (an exception's traceback
+    keeps an interrupted pass alive): now, so that the run's last line does not land on a bar and a late Ctrl-C does
+    not land in torch's ``__del__`` (an ignored-exception traceback)."""
+    for bar in list(_BARS):
+        bar.close()
+    for batches in list(_WORKERS):
         getattr(batches, "_shutdown_workers", lambda: None)()  # torch's own clean shutdown, as __del__ calls it
 
 
-def _batches(loader, device: torch.device, channels_last: bool, desc: str, progress: bool) -> Iterator:
+def progress_bar(loader, desc: str, progress: bool):
+    """A tqdm bar on stderr for one pass over ``loader`` (None without ``progress``)."""
+    if not progress:
+        return None
+    from tqdm import tqdm
+    bar = tqdm(total=len(loader), desc=desc, leave=False, dynamic_ncols=True, file=sys.stderr)
+    _BARS.add(bar)
+    return bar
+
+
+def say(text: str) -> None:
+    """Print a line on stdout above the open progress bars (tqdm redraws them below it)."""
+    if len(_BARS):
+        from tqdm import tqdm
+        tqdm.write(text, file=sys.stdout)
+    else:
+        print(text)
+
+
+def _batches(loader, device: torch.device, channels_last: bool, bar=None) -> Iterator:
     fmt = torch.channels_last if channels_last else torch.preserve_format
     batches = iter(loader)
     if getattr(loader, "num_workers", 0):
-        _WORKER_ITERATORS.add(batches)
-    if progress:
-        from tqdm import tqdm
-        batches = tqdm(batches, total=len(loader), desc=desc, leave=False, dynamic_ncols=True, file=sys.stderr)
+        _LIVE.add(batches)
     for x, y in batches:
         yield x.to(device, non_blocking=True, memory_format=fmt), y.to(device, non_blocking=True)
+        if bar is not None:
+            bar.update()
+    if bar is not None:
+        bar.close()
+        _BARS.discard(bar)
 
 
 def _stats(counts: torch.Tensor, seconds: float, has_reg: bool, what: str) -> dict:
@@ -230,17 +255,20 @@ def train_one_epoch(net: Callable, model: nn.Module, loader, optimizer: torch.op
                     device: torch.device, regularizer: Optional[Callable[[], torch.Tensor]] = None,
                     lambda_r: float = 0.0, precision: Optional[Precision] = None, channels_last: bool = False,
                     stop: Callable[[], bool] = lambda: False, print_first: bool = True, progress: bool = False,
-                    desc: str = "train", check_every: int = 50) -> dict:
+                    desc: str = "train", check_every: int = 50,
+                    on_check: Optional[Callable[[int, float, Optional[float]], None]] = None) -> dict:
     """One pass of CE + ``lambda_r`` * R (R identical on every rank, so DDP counts its gradient once) until ``stop()``.
 
-    Returns :func:`pass_stats` plus ``steps`` done in this call and whether it ``stopped`` early."""
+    Every ``check_every`` steps (when the pass syncs anyway) the bar shows the loss and ``on_check(step, loss, R)`` is
+    called. Returns :func:`pass_stats` plus ``steps`` done in this call and whether it ``stopped`` early."""
     precision = precision or Precision()
     scaler = precision.scaler or torch.amp.GradScaler("cpu", enabled=False)  # disabled: plain backward and step
     model.train()
     counts = torch.zeros(5, dtype=torch.float64, device=device)  # see _count
     steps, checked, stopped, step, start = len(loader), 0, False, 0, time.perf_counter()
     losses = torch.zeros(max(steps, 1), dtype=torch.float32, device=device)  # step -> loss (no sync per step)
-    for step, (x, y) in enumerate(_batches(loader, device, channels_last, desc, progress), 1):
+    bar = progress_bar(loader, desc, progress)
+    for step, (x, y) in enumerate(_batches(loader, device, channels_last, bar), 1):
         logits = net(x)
         ce = _ce(logits, y, precision)
         reg = regularizer() if regularizer is not None else None  # fp32, outside autocast: see models.regularizer
@@ -254,9 +282,9 @@ def train_one_epoch(net: Callable, model: nn.Module, loader, optimizer: torch.op
             _count(counts, logits.detach(), y, ce.detach() * batch, None if reg is None else reg.detach() * batch)
             losses[min(step, steps) - 1] = loss.detach()
         if step == 1 and print_first:
-            print("accuracy_loss: %.6f" % ce.item())
+            say("accuracy_loss: %.6f" % ce.item())
             if reg is not None:
-                print("similarity loss: %.6f" % reg.item())
+                say("similarity loss: %.6f" % reg.item())
         # single process: stop() after every step; under torchrun the ranks agree every check_every steps
         if step % check_every == 0 or step == steps or (not distributed.current().enabled and stop()):
             bad = ~torch.isfinite(losses[checked:step])  # the first non-finite loss since the last check, any rank
@@ -266,11 +294,22 @@ def train_one_epoch(net: Callable, model: nn.Module, loader, optimizer: torch.op
                 value = losses[worst].item() if not torch.isfinite(losses[worst]) else float("nan")  # another rank's
                 raise NonFiniteLoss(worst + 1, value, steps)
             checked = step
+            _show(bar, on_check, step, loss, reg)
             if step < steps and distributed.any_rank(stop(), device):
                 stopped = True
                 break
     stats = _stats(counts, time.perf_counter() - start, regularizer is not None, "training")
     return dict(stats, steps=step, stopped=stopped)
+
+
+def _show(bar, on_check: Optional[Callable], step: int, loss: torch.Tensor, reg: Optional[torch.Tensor]) -> None:
+    if bar is None and on_check is None:
+        return
+    values = (loss.item(), None if reg is None else reg.item())
+    if bar is not None:
+        bar.set_postfix_str(f"loss {values[0]:.4f}" + ("" if reg is None else f" R {values[1]:.5f}"), refresh=False)
+    if on_check is not None:
+        on_check(step, *values)
 
 
 def pass_stats(totals: list, seconds: float, has_reg: bool) -> dict:
@@ -289,7 +328,7 @@ def evaluate(net: Callable, model: nn.Module, loader, *, device: torch.device, p
     precision = precision or Precision()
     model.eval()
     counts, start = torch.zeros(5, dtype=torch.float64, device=device), time.perf_counter()
-    for x, y in _batches(loader, device, channels_last, desc, progress):
+    for x, y in _batches(loader, device, channels_last, progress_bar(loader, desc, progress)):
         logits = net(x)
         _count(counts, logits, y, _ce(logits, y, precision, reduction="sum"))
     return _stats(counts, time.perf_counter() - start, False, desc)

@@ -1,10 +1,17 @@
 """The model a run trains and how it begins (fresh, ``--pretrained`` or ``--resume``), checked before any write."""
 from __future__ import annotations
 
+import datetime
 import os
+import platform
+import shlex
+import socket
+import subprocess
+import sys
 from dataclasses import dataclass, field
 from typing import Optional
 
+import torch
 import torch.nn as nn
 
 from models import get_model
@@ -27,6 +34,7 @@ class RunState:
     best_acc5: float = 0.0
     best_epoch: Optional[int] = None  # None: no best file from this run
     stage: int = 0
+    seconds: float = 0.0  # training time so far (all segments of a resumed run)
 
 
 @dataclass
@@ -42,19 +50,47 @@ class RunStart:
     totals: Optional[list] = None  # and their loss/accuracy sums
 
 
-def build_model(args) -> nn.Module:
+def build_model(args, num_classes: Optional[int] = None) -> nn.Module:
     try:
         return get_model(args.model, args.dataset, shared_rank=args.shared_rank, unique_rank=args.unique_rank,
-                         ignore_unused_ranks=True)
+                         num_classes=num_classes, ignore_unused_ranks=True)
     except ValueError as e:
         raise RunError(f"cannot build {args.model} for {args.dataset}: {e}") from None
 
 
-def check_classes(loaders, model: nn.Module, dataset_path: str) -> None:
-    """Labels beyond the model's outputs would fail mid-pass with an index error; say so before the first step."""
-    if loaders.num_classes > model.cfg.num_classes:
-        raise RunError(f"the dataset under {dataset_path!r} has {loaders.num_classes} classes, more than the model's "
-                       f"{model.cfg.num_classes} outputs")
+def check_classes(loaders, model: nn.Module, dataset_path: str, checkpoint: Optional[str] = None) -> None:
+    """A head as wide as the data has classes, said before the first step (other labels would fail mid-pass or score
+    against the wrong classes)."""
+    if loaders.num_classes != model.cfg.num_classes:
+        whose = f"checkpoint {checkpoint!r} has" if checkpoint else "the model has"
+        raise RunError(f"{whose} {model.cfg.num_classes} outputs but the dataset under {dataset_path!r} has "
+                       f"{loaders.num_classes} classes: use data with the classes it was trained on")
+
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _git(*args: str) -> Optional[str]:
+    try:
+        done = subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):  # no git, or a hung one
+        return None
+    return done.stdout.strip() if done.returncode == 0 else None
+
+
+def provenance(args) -> dict:
+    """What reproduces a run: its command line, absolute paths, versions, this code's commit, host and start time."""
+    import torchvision
+    commit = _git("rev-parse", "HEAD")
+    paths = {k: os.path.abspath(v) for k in ("dataset_path", "output_dir", "pretrained", "resume")
+             if isinstance(v := getattr(args, k, None), str) and v != "auto"}
+    return {"command": shlex.join([os.path.basename(sys.executable), *sys.argv]), "cwd": os.getcwd(), "paths": paths,
+            "python": platform.python_version(), "torch": str(torch.__version__),
+            "torchvision": str(torchvision.__version__), "cuda": torch.version.cuda,
+            "cudnn": torch.backends.cudnn.version() if torch.cuda.is_available() else None, "git_commit": commit,
+            "git_dirty": bool(_git("status", "--porcelain", "--untracked-files=no")) if commit else None,
+            "host": socket.gethostname(),
+            "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
 
 
 def describe(model: nn.Module) -> str:
@@ -100,7 +136,7 @@ def decide_start(args, last_path: str, schedule: Schedule) -> RunStart:
     if changed:
         warn(f"resuming with flags that differ from the interrupted run's: {', '.join(changed)}")
     state = RunState(ckpt["epoch"], float(ckpt.get("best_acc", acc)), acc5, ckpt.get("best_epoch"),
-                     int(ckpt.get("stage", schedule.stage(ckpt["epoch"]))))
+                     int(ckpt.get("stage", schedule.stage(ckpt["epoch"]))), float(ckpt.get("train_seconds") or 0.0))
     return RunStart("resume", path, ckpt, state, int(split.get("seed", VAL_SPLIT_SEED)),
                     ckpt.get("rng_states") or [ckpt.get("rng_state")], int(ckpt.get("epoch_step") or 0),
                     ckpt.get("epoch_totals"))

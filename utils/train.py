@@ -19,10 +19,10 @@ from utils import distributed
 from utils.checkpoint import (atomic_write_bytes, capture_rng_state, lock_run_files, make_checkpoint, restore_rng_state,
                               save_checkpoint)
 from utils.data import build_loaders, images_in
-from utils.engine import (Interrupted, NonFiniteLoss, Precision, RunError, Schedule, StopSignals, evaluate,
-                          json_line, pass_stats, progress_enabled, run_context, seed_everything, stop_loader_workers,
-                          train_one_epoch, warn, wrap_model)
-from utils.start import build_model, check_classes, decide_start, describe, run_stem
+from utils.engine import (Interrupted, NonFiniteLoss, Precision, RunError, Schedule, StopSignals, end_passes, evaluate,
+                          pass_stats, progress_enabled, run_context, seed_everything, train_one_epoch, warn, wrap_model)
+from utils.runlog import RunLog, duration
+from utils.start import build_model, check_classes, decide_start, describe, provenance, run_stem
 
 
 def fit(args) -> dict:
@@ -32,7 +32,7 @@ def fit(args) -> dict:
             return TrainingRun(args, device, stop).run()
         finally:
             stop.ending = True
-            stop_loader_workers()  # while our handlers still catch a late Ctrl-C
+            end_passes()  # while our handlers still catch a late Ctrl-C
 
 
 class TrainingRun:
@@ -53,6 +53,8 @@ class TrainingRun:
         self.start = distributed.from_main(lambda: decide_start(args, self.last_path, self.schedule))
         self.state = self.start.state
         self.select = "val" if args.val_split else "test"
+        self.log = RunLog(args, self.select, self.schedule.epochs)
+        self.provenance = provenance(args)
         self._setup_data()
         self._setup_model()
         self.saved = self.state.epoch if self.start.kind == "resume" else 0  # last epoch whose files are on disk
@@ -74,7 +76,10 @@ class TrainingRun:
                                      num_workers=args.num_workers, device=self.device, seed=args.seed,
                                      channels_last=args.channels_last, val_split=args.val_split,
                                      split_seed=self.start.split_seed, rank=self.rank, world_size=self.world)
-        check_classes(self.loaders, self.model, args.dataset_path)
+        if args.dataset == "ilsvrc" and self.loaders.num_classes != self.model.cfg.num_classes:
+            seed_everything(args.seed)  # any ImageFolder tree: the head is as wide as its class folders are many
+            self.model = build_model(args, num_classes=self.loaders.num_classes)
+        check_classes(self.loaders, self.model, args.dataset_path, self.start.path)
         self.select_loader = self.loaders.val if args.val_split else self.loaders.test
 
     def _setup_model(self) -> None:
@@ -134,36 +139,32 @@ class TrainingRun:
                 f"{list(sch.milestones)}{' (restart from best)' if sch.restart else ''} | {sizes}"
                 f"{images_in(loaders.test)} test images | best checkpoint chosen on {self.select}")
 
-    def _prepare_output(self):
-        """Rank 0: the output folder, ``-args.json`` (resolved flags) and the TensorBoard writer."""
+    def _prepare_output(self) -> None:
+        """Rank 0: the output folder, ``-args.json`` (resolved flags, how to reproduce) and the TensorBoard writer."""
         if not self.main:
-            return None
+            return
         args = self.args
         try:
             self.lock = lock_run_files(self.out_dir, self.stem)  # held until the process ends
             if args.resume is None and os.path.exists(self.last_path):
                 warn(f"{self.last_path} exists and will be overwritten by this new run (use --resume to continue it)")
             resolved = dict(vars(args), device=str(self.device), milestones=list(self.schedule.milestones),
-                            params=count_params(self.model), world_size=self.world,
+                            params=count_params(self.model), world_size=self.world, provenance=self.provenance,
+                            num_classes=self.model.cfg.num_classes,
                             split_seed=self.start.split_seed if args.val_split else None)
             atomic_write_bytes((json.dumps(resolved, indent=2, sort_keys=True, default=str) + "\n").encode(),
                                os.path.join(self.out_dir, self.stem + "-args.json"))
         except OSError as e:
             raise RunError(f"cannot write to --output_dir={self.out_dir!r}: {e.strerror or e}") from None
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError as e:
-            warn(f"TensorBoard logging disabled ({e})")
-            return None
-        return SummaryWriter(log_dir=os.path.join(self.out_dir, "runs", self.stem))
+        self.log.open_tensorboard(os.path.join(self.out_dir, "runs", self.stem))
 
     def run(self) -> dict:
         print(self.header())
         if self.state.epoch >= self.schedule.epochs:  # a finished run: print its result, write nothing
             print(f"Nothing to do: the run already completed epoch {self.state.epoch} of {self.schedule.epochs}")
-            self.writer = None
             return self.summary(self.score_on_test() if self.args.val_split else None)
-        self.writer = self._prepare_output()
+        self._prepare_output()
+        self.began, self.prior_seconds = time.monotonic(), self.state.seconds
         states = self.start.rng_states
         if states:  # last, so that building things above does not shift the random streams
             restore_rng_state(states[self.rank] if len(states) == self.world else states[0] if not self.rank else None)
@@ -174,13 +175,12 @@ class TrainingRun:
                 if distributed.any_rank(self.stop(), self.device):
                     raise Interrupted(self.stop.signum or signal.SIGTERM)
             final = self.score_on_test() if self.args.val_split else None
+            return self.summary(final)
         except KeyboardInterrupt as e:  # ours (a signal), or Ctrl-C before/after the handlers
             signum = getattr(e, "signum", signal.SIGINT)
             raise Interrupted(signum, self._interrupt_message(signum, epoch)) from None
         finally:
-            if self.writer is not None:
-                self.writer.close()
-        return self.summary(final)
+            self.log.close()
 
     def _interrupt_message(self, signum: int, epoch: int) -> str:
         name = signal.Signals(signum).name
@@ -203,7 +203,8 @@ class TrainingRun:
             group["lr"] = lr
         began = time.perf_counter()
         step, self.start.step = self.start.step, 0  # a mid-epoch --resume continues its first epoch only
-        print(f"\nCuda {args.visible_device} {'Basis ' if self.regularizer is not None else ''}Epoch: {epoch}"
+        cuda = f"Cuda {args.visible_device} " if self.device.type == "cuda" else ""  # the authors' line, on GPUs
+        print(f"\n{cuda}{'Basis ' if self.regularizer is not None else ''}Epoch: {epoch}"
               + (f" (resumed at step {step})" if step else ""))
         tr = self.train_pass(epoch, lr, step)
         print("Training_Acc_Top1 = %.3f\nTraining_Acc_Top5 = %.3f" % (tr["top1"], tr["top5"]))
@@ -216,8 +217,9 @@ class TrainingRun:
         paths = ([self.best_path] if improved else []) + [self.last_path]
         paths += [os.path.join(self.out_dir, f"{self.stem}epoch{epoch}.pth")] if periodic else []
         self.save(self.checkpoint(epoch, te, lr), paths, epoch)
-        self.print_test_lines(te, improved, periodic)
-        self.log_epoch(epoch, stage, lr, tr, te, time.perf_counter() - began)
+        best = (state.best_acc, state.best_acc5, state.best_epoch)
+        self.log.test_lines(te, best[:2], improved, periodic)
+        self.log.epoch_line(epoch, stage, lr, tr, te, best, time.perf_counter() - began)
 
     def train_pass(self, epoch: int, lr: float, step: int) -> dict:
         """The epoch's training from ``step`` on, pausing for a mid-epoch save on the save clock or a signal."""
@@ -229,7 +231,8 @@ class TrainingRun:
                 r = train_one_epoch(self.net, self.model, self.loaders.train, self.optimizer, print_first=step == 0,
                                     regularizer=self.regularizer, lambda_r=self.args.lambdaR, **self.pass_kw,
                                     stop=lambda: self.stop() or time.monotonic() >= self.next_save,
-                                    desc=f"epoch {epoch}/{self.schedule.epochs}")
+                                    desc=self._bar_label(epoch), on_check=lambda i, loss, reg: self.log.step_scalars(
+                                        (epoch - 1) * steps + step + i, loss, reg))
             except NonFiniteLoss as e:
                 kept = (f"the last checkpoint ({self.last_path}) is intact" if self.saved or self.saved_step
                         else "nothing was saved")
@@ -247,6 +250,10 @@ class TrainingRun:
             if distributed.any_rank(self.stop(), self.device):
                 raise Interrupted(self.stop.signum or signal.SIGTERM)
 
+    def _bar_label(self, epoch: int) -> str:
+        left = self.log.eta(epoch - 1)
+        return f"epoch {epoch}/{self.schedule.epochs}" + (f" (run ETA {duration(left)})" if left else "")
+
     def checkpoint(self, epoch: int, te: dict, lr: float) -> dict:
         state, args, scaler = self.state, self.args, self.precision.scaler
         rng_states = distributed.all_gather_object(capture_rng_state())
@@ -257,7 +264,8 @@ class TrainingRun:
             best_acc=state.best_acc, best_acc5=state.best_acc5, best_epoch=state.best_epoch, stage=state.stage, lr=lr,
             scaler_state_dict=scaler.state_dict() if scaler else None, rng_state=rng_states[0],
             rng_states=rng_states if self.world > 1 else None, world_size=self.world, args=vars(args), epoch_step=0,
-            epoch_totals=None)
+            epoch_totals=None, train_seconds=self.prior_seconds + time.monotonic() - self.began,
+            provenance=self.provenance)
 
     def save(self, ckpt: dict, paths: list, epoch: Optional[int] = None) -> None:
         if self.main:
@@ -271,36 +279,6 @@ class TrainingRun:
                 raise RunError(f"could not write checkpoint {paths[0]!r} ({e.strerror or e}); {kept}") from None
         self.saved = epoch or self.saved
         self._rearm_save_clock()
-
-    def print_test_lines(self, te: dict, improved: bool, periodic: bool) -> None:
-        """The authors' lines (CIFAR: on improvement only; ILSVRC: every epoch); ``Val`` ones with --val_split."""
-        label, best = ("Val", "Best_Val_Acc") if self.args.val_split else ("Test", "Best_Acc")
-        b1, b5 = self.state.best_acc, self.state.best_acc5
-        if self.args.dataset == "ilsvrc":
-            print("%s_Acc_Top1/5 = %.3f\t%.3f" % (label, te["top1"], te["top5"]))
-            if improved:
-                print("Saving Best..\n%s_top1/5 = %.3f\t%.3f" % (best, b1, b5))
-            if periodic:
-                print("Saving..")
-        elif improved:
-            print("%s_top1 = %.3f\n%s_top5 = %.3f" % (best, b1, best, b5))
-
-    def log_epoch(self, epoch: int, stage: int, lr: float, tr: dict, te: dict, seconds: float) -> None:
-        state, sel = self.state, self.select
-        reg = f" R {tr['reg']:.5f}" if tr["reg"] is not None else ""
-        print("Time:  %.3f" % seconds)
-        print(f"[epoch {epoch}/{self.schedule.epochs}] stage {stage + 1} lr {lr:.5g} | "
-              f"train loss {tr['loss']:.4f}{reg} top1 {tr['top1']:.2f} | "
-              f"{sel} loss {te['loss']:.4f} top1 {te['top1']:.2f} top5 {te['top5']:.2f} | "
-              f"best {state.best_acc:.2f} (epoch {state.best_epoch}) | {seconds:.1f}s {tr['img_per_s']:.0f} img/s")
-        if self.writer is not None:
-            scalars = {"train/loss": tr["loss"], "train/top1": tr["top1"], "train/top5": tr["top5"],
-                       f"{sel}/loss": te["loss"], f"{sel}/top1": te["top1"], f"{sel}/top5": te["top5"], "lr": lr,
-                       "train/img_per_s": tr["img_per_s"], "train/R": tr["reg"]}
-            for key, value in scalars.items():
-                if value is not None:
-                    self.writer.add_scalar(key, value, epoch)
-            self.writer.flush()
 
     def restart_stage(self, epoch: int) -> None:
         """CIFAR-100: a new stage starts from the best weights so far, with a fresh SGD (no momentum)."""
@@ -332,30 +310,23 @@ class TrainingRun:
             te = evaluate(self.eval_net, self.model, self.loaders.test, desc="test", **self.pass_kw)
             ckpt.update(test_acc=te["top1"], test_acc5=te["top5"])
             self.save(ckpt, [path])
-            if self.writer is not None:
+            if self.log.writer is not None:
                 for key, value in (("val_top1", ckpt.get("val_acc")), ("test_top1", te["top1"]),
                                    ("test_top5", te["top5"])):
-                    self.writer.add_scalar(f"final/{key}", float(value or 0.0), self.schedule.epochs)
+                    self.log.writer.add_scalar(f"final/{key}", float(value or 0.0), self.schedule.epochs)
         return {"test_acc": float(ckpt["test_acc"]), "test_acc5": float(ckpt.get("test_acc5") or 0.0),
                 "epoch": ckpt["epoch"]}
 
     def summary(self, final: Optional[dict]) -> dict:
-        state, val = self.state, self.args.val_split
+        state = self.state
         best = (state.best_acc, state.best_acc5)
         test = (final["test_acc"], final["test_acc5"]) if final is not None else best
-        labels = ("Best_Val_Acc_top1", "Best_Val_Acc_top5", "Test_Acc_top1", "Test_Acc_top5") if final is not None \
-            else ("Best_Acc_top1", "Best_Acc_top5")
-        for label, value in zip(labels, (*best, *test)):
-            print("%s = %.3f" % (label, value))
-        if final is not None:
-            chosen = (f"the checkpoint chosen on {val} held-out training images" if state.best_epoch is not None
-                      else "the last checkpoint (no epoch scored above 0% on them)")
-            print(f"The test set was scored once, on {chosen} (epoch {final['epoch']})")
         vals = best if final is not None else (None, None)
         result = {"best_acc": state.best_acc, "best_acc5": state.best_acc5, "best_epoch": state.best_epoch,
                   "epochs": self.schedule.epochs, "selection": self.select, "val_acc": vals[0], "val_acc5": vals[1],
                   "test_acc": test[0], "test_acc5": test[1],
                   "best_checkpoint": self.best_path if state.best_epoch is not None else None,
                   "last_checkpoint": self.last_path}
-        print(json_line(result))
+        self.log.final_lines(result, final)
+        self.log.hparams(result, state.epoch)
         return result

@@ -1,0 +1,79 @@
+"""``python -m utils.report``: one row per run, read from the files the runs wrote, matching what training printed."""
+import json
+import os
+
+import pytest
+
+try:
+    from tests.fakedata import write_fake_cifar
+except ImportError:  # pragma: no cover
+    from fakedata import write_fake_cifar
+
+from utils import cli, report
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Two finished runs in one folder: a plain one (best on test) and a shared one chosen on --val_split."""
+    data = tmp_path_factory.mktemp("c10")
+    write_fake_cifar(data, "cifar10", n_train=64, n_test=32, seed=0)
+    out = tmp_path_factory.mktemp("out")
+    common = ["--batch_size=16", f"--dataset_path={data}", f"--output_dir={out}", "--device=cpu", "--num_workers=0"]
+    flags = {"plain": ["--model=ResNet20", "--epochs=2"],
+             "val": ["--model=ResNet32_DoubleShared", "--shared_rank=2", "--unique_rank=1", "--lambdaR=5",
+                     "--epochs=1", "--val_split=16"]}
+    results = {}
+    for name, argv in flags.items():
+        import io
+        from contextlib import redirect_stdout
+        buf = io.StringIO()
+        with redirect_stdout(buf):
+            assert cli.train_main("cifar10", argv + common) == 0
+        results[name] = json.loads(buf.getvalue().strip().splitlines()[-1])
+    return out, results
+
+
+def _rows(capsys, argv):
+    code = report.main(argv)
+    captured = capsys.readouterr()
+    lines = captured.out.strip().splitlines()
+    header = lines[0].split() if lines else []
+    return code, lines, header, captured.err
+
+
+def test_report_has_one_row_per_run_with_the_scores_training_printed(runs, capsys, monkeypatch):
+    monkeypatch.setenv("CI", "1")
+    out, results = runs
+    code, lines, header, _ = _rows(capsys, [str(out)])
+    assert code == 0 and header[:2] == ["run", "model"] and len(lines) == 3
+    by_run = {line.split()[0]: line for line in lines[1:]}
+    plain = by_run["CIFAR10-ResNet20-S16-U1-L10-0"]
+    assert "ResNet20" in plain and " 2/2 " in plain
+    assert f"{results['plain']['best_acc']:.2f} (ep {results['plain']['best_epoch']})" in plain
+    shared = by_run["CIFAR10-ResNet32_DoubleShared-S2-U1-L5-0"]
+    assert shared.split()[1:6] == ["ResNet32_DoubleShared", "2", "1", "5.0", "1/1"]
+    assert f"{results['val']['val_acc']:.2f}" in shared and shared.split()[-2] == f"{results['val']['test_acc']:.2f}"
+    assert shared.split()[-1][-1] in "sm" and plain.split()[-1][-1] in "sm"  # the runs' training time
+
+
+def test_report_lists_an_unreadable_run_and_refuses_an_empty_folder(runs, tmp_path, capsys):
+    out, _ = runs
+    (tmp_path / "Broken-last.pth").write_bytes(b"not a checkpoint")
+    code, lines, _, _ = _rows(capsys, [str(out), str(tmp_path / "Broken-last.pth")])
+    assert code == 0 and len(lines) == 4 and any(l.startswith("Broken") and "(unreadable)" in l for l in lines)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    code, _, _, err = _rows(capsys, [str(empty)])
+    assert code == 1 and len(err.strip().splitlines()) == 1 and "no runs found" in err
+    with pytest.raises(SystemExit, match="neither a folder"):
+        report.main([str(tmp_path / "missing.txt")])
+
+
+def test_report_marks_a_run_stopped_inside_an_epoch(runs, tmp_path, capsys):
+    import torch
+    out, _ = runs
+    last = torch.load(os.path.join(out, "CIFAR10-ResNet20-S16-U1-L10-0-last.pth"), weights_only=True)
+    last.update(epoch=1, epoch_step=3)
+    torch.save(last, tmp_path / "Stopped-last.pth")
+    code, lines, _, _ = _rows(capsys, [str(tmp_path)])
+    assert code == 0 and " 1/2 +3 steps " in lines[1]

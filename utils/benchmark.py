@@ -13,7 +13,7 @@ data in the official layout, straightforward path against fast path, and estimat
 from __future__ import annotations
 
 import argparse
-import contextlib
+import functools
 import os
 import pickle
 import statistics
@@ -29,8 +29,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from models import OrthogonalityRegularizer, fold, get_model, set_fused
+from models.registry import NUM_CLASSES
 from models.regularizer import orthogonality_penalty_reference
+from utils.data import _CIFAR_LAYOUT, build_loaders
 from utils.engine import Precision, evaluate, resolve_device, train_one_epoch, wrap_model
+
+PAPER_EPOCHS, PAPER_TRAIN, PAPER_TEST = 300, 50000, 10000   # the paper's CIFAR run: 300 epochs over 50k/10k images
 
 
 @dataclass(frozen=True)
@@ -48,24 +52,14 @@ class Config:
     gpu_pipeline: bool = True  # --data: the GPU-resident loader when on CUDA (else the DataLoader)
 
 
-def _time(fn: Callable[[], None], device: torch.device) -> float:
-    """Seconds ``fn()`` takes, by CUDA events on GPU."""
-    if device.type != "cuda":
-        t = time.perf_counter()
-        fn()
-        return time.perf_counter() - t
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    torch.cuda.synchronize()
-    start.record()
+def _seconds(fn: Callable[[], None], device: torch.device) -> float:
+    """Seconds ``fn()`` takes, the device work it queues included."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda _: None)
+    sync(device)
+    start = time.perf_counter()
     fn()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / 1e3
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    sync(device)
+    return time.perf_counter() - start
 
 
 def _model(name: str, cfg: Config, args, device: torch.device) -> nn.Module:
@@ -76,12 +70,13 @@ def _model(name: str, cfg: Config, args, device: torch.device) -> nn.Module:
     return model.to(memory_format=torch.channels_last if cfg.channels_last else torch.contiguous_format)
 
 
-def _regularizer(model: nn.Module, batched: bool):
-    """The library's batched regulariser, or the authors' per-step loop with masks (None for plain models)."""
+def _training(model: nn.Module, cfg: Config) -> tuple:
+    """``(regulariser, optimizer)``: the library's batched regulariser or the authors' per-step loop with masks (None
+    for plain models), and the scripts' SGD."""
     reg = OrthogonalityRegularizer(model)
-    if not reg:
-        return None
-    return reg if batched else (lambda: orthogonality_penalty_reference(model, reg.include_unique))
+    if reg and not cfg.batched_reg:
+        reg = functools.partial(orthogonality_penalty_reference, model, reg.include_unique)
+    return reg or None, torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
 
 
 class Runner:
@@ -90,24 +85,19 @@ class Runner:
     def __init__(self, cfg: Config, args, device: torch.device, train: bool) -> None:
         model = _model(args.plain_model if cfg.plain else args.model, cfg, args, device)
         fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
-        bs = args.batch_size if train else args.eval_batch_size
+        self.images = bs = args.batch_size if train else args.eval_batch_size
         g = torch.Generator().manual_seed(1)
         self.x = torch.randn(bs, *model.cfg.input_size, generator=g).to(device).contiguous(memory_format=fmt)
         self.y = torch.randint(0, model.cfg.num_classes, (bs,), generator=g).to(device)
-        self.images = bs
         precision = Precision.make(cfg.amp, device)
-        self.amp = (torch.autocast(device.type, dtype=precision.dtype) if precision.dtype is not None
-                    else contextlib.nullcontext())
+        self.amp = torch.autocast(device.type, dtype=precision.dtype, enabled=precision.dtype is not None)
         if train:
-            model.train()
-            self.reg = _regularizer(model, cfg.batched_reg)
-            self.opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
+            self.reg, self.opt = _training(model.train(), cfg)
             self.scaler = torch.amp.GradScaler(device.type, enabled=precision.scaler is not None)
         else:
             model = fold(model.eval()) if cfg.folded else model.eval()
         forward = wrap_model(model, device, Precision(), compile=cfg.compile, data_parallel=False)
         self.step = (lambda: self._train_step(forward)) if train else (lambda: self._eval_step(forward))
-        self.model = model
 
     def _train_step(self, forward) -> None:
         self.opt.zero_grad(set_to_none=True)
@@ -125,22 +115,20 @@ class Runner:
             forward(self.x)
 
 
-def _interleaved(steps: dict, warmup: int, reps: int, time_one: Callable) -> dict:
-    """``{label: [time_one(step) per round]}`` after ``warmup`` untimed calls of each step."""
-    for step in steps.values():
+def _interleaved(calls: dict, warmup: int, reps: int) -> dict:
+    """``{label: [call() per round]}`` after ``warmup`` untimed calls of each; every round runs every configuration,
+    so all see the same machine state."""
+    for call in calls.values():
         for _ in range(warmup):
-            step()
-    times = {label: [] for label in steps}
-    for _ in range(reps):
-        for label, step in steps.items():  # interleaved: every configuration sees the same machine state
-            times[label].append(time_one(step))
-    return times
+            call()
+    rounds = [{label: call() for label, call in calls.items()} for _ in range(reps)]
+    return {label: [r[label] for r in rounds] for label in calls}
 
 
 def measure(configs: list[Config], args, device: torch.device, train: bool) -> dict:
     runners = {c.label: Runner(c, args, device, train) for c in configs}
-    times = _interleaved({k: r.step for k, r in runners.items()}, args.warmup, args.reps,
-                         lambda step: _time(step, device))
+    times = _interleaved({k: functools.partial(_seconds, r.step, device) for k, r in runners.items()},
+                         args.warmup, args.reps)
     peak = {}
     if device.type == "cuda":
         for c in configs:
@@ -160,22 +148,16 @@ def _report(title: str, results: dict, baseline: str) -> None:
         print(f"{label:44} {t * 1e3:9.1f} {images / t:9.0f} {t / base:18.2f}x {peak_s}")
 
 
-PAPER_EPOCHS, PAPER_TRAIN, PAPER_TEST = 300, 50000, 10000   # the paper's CIFAR run: 300 epochs over 50k/10k images
-
-
 def write_random_cifar(root: str, dataset: str, n_train: int, n_test: int, seed: int = 0) -> str:
     """Random (timing-only) uint8 images and labels in the official pickle layout under ``root``; returns ``root``."""
-    from models.registry import NUM_CLASSES
-    from utils.data import _CIFAR_LAYOUT
-    (subdir, train_files, test_files, label_key), num_classes = _CIFAR_LAYOUT[dataset], NUM_CLASSES[dataset]
-    base = os.path.join(root, subdir)
-    os.makedirs(base, exist_ok=True)
+    subdir, train_files, test_files, label_key = _CIFAR_LAYOUT[dataset]
+    os.makedirs(os.path.join(root, subdir), exist_ok=True)
     rng = np.random.default_rng(seed)
     for files, n in ((train_files, n_train), (test_files, n_test)):
         for name, idx in zip(files, np.array_split(np.arange(n), len(files))):
             obj = {"data": rng.integers(0, 256, (len(idx), 3072), dtype=np.uint8),
-                   label_key: rng.integers(0, num_classes, len(idx)).tolist()}
-            with open(os.path.join(base, name), "wb") as f:
+                   label_key: rng.integers(0, NUM_CLASSES[dataset], len(idx)).tolist()}
+            with open(os.path.join(root, subdir, name), "wb") as f:
                 pickle.dump(obj, f, protocol=2)
     return root
 
@@ -184,13 +166,10 @@ class EpochRunner:
     """One configuration as the training script runs it: model, loaders, optimizer, regulariser, precision."""
 
     def __init__(self, cfg: Config, args, device: torch.device, dataset_path: str) -> None:
-        from utils.data import build_loaders
-        model = _model(args.model, cfg, args, device)
-        self.reg = _regularizer(model, cfg.batched_reg)
-        self.model, self.device, self.cfg = model, device, cfg
+        self.model, self.device, self.cfg = _model(args.model, cfg, args, device), device, cfg
+        self.reg, self.opt = _training(self.model, cfg)
         self.precision = Precision.make(cfg.amp, device)
-        self.net = wrap_model(model, device, self.precision, compile=cfg.compile, data_parallel=False)
-        self.opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
+        self.net = wrap_model(self.model, device, self.precision, compile=cfg.compile, data_parallel=False)
         self.train_loader, _, self.test_loader, _ = build_loaders(
             args.dataset, dataset_path, args.batch_size, num_workers=args.num_workers, device=device,
             gpu_pipeline=None if cfg.gpu_pipeline else False, channels_last=cfg.channels_last, download=False)
@@ -199,15 +178,9 @@ class EpochRunner:
     def epoch(self) -> tuple:
         """(train seconds, test seconds) of one epoch, device work included."""
         kw = dict(device=self.device, precision=self.precision, channels_last=self.cfg.channels_last)
-        _sync(self.device)
-        t0 = time.perf_counter()
-        train_one_epoch(self.net, self.model, self.train_loader, self.opt, regularizer=self.reg, lambda_r=10.0,
-                        print_first=False, **kw)
-        _sync(self.device)
-        t1 = time.perf_counter()
-        evaluate(self.net, self.model, self.test_loader, **kw)
-        _sync(self.device)
-        return t1 - t0, time.perf_counter() - t1
+        train = _seconds(lambda: train_one_epoch(self.net, self.model, self.train_loader, self.opt, lambda_r=10.0,
+                                                 regularizer=self.reg, print_first=False, **kw), self.device)
+        return train, _seconds(lambda: evaluate(self.net, self.model, self.test_loader, **kw), self.device)
 
 
 def measure_epochs(args, device: torch.device) -> None:
@@ -215,28 +188,25 @@ def measure_epochs(args, device: torch.device) -> None:
         raise SystemExit("--data needs --dataset cifar10 or cifar100")
     n_train = args.data_images or (PAPER_TRAIN if device.type == "cuda" else 2048)
     n_test = args.data_test_images or max(1, round(n_train * PAPER_TEST / PAPER_TRAIN))
-    with contextlib.ExitStack() as stack:
+    straight = Config("straightforward (authors' form)", fused=False, batched_reg=False, gpu_pipeline=False)
+    fast = Config("fast path", amp=args.amp, channels_last=args.channels_last, compile=args.compile)
+    with tempfile.TemporaryDirectory(prefix="bench-cifar-") as tmp:
         path = args.dataset_path
         if path is None:
-            path = write_random_cifar(stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-cifar-")),
-                                      args.dataset, n_train, n_test)
-        straight = Config("straightforward (authors' form)", fused=False, batched_reg=False, gpu_pipeline=False)
-        fast = Config("fast path", amp=args.amp, channels_last=args.channels_last, compile=args.compile)
+            path = write_random_cifar(tmp, args.dataset, n_train, n_test)
         runners = {c.label: EpochRunner(c, args, device, path) for c in (straight, fast)}
         r0 = runners[straight.label]
         n_train, n_test = len(r0.train_loader.dataset), len(r0.test_loader.dataset)
         print(f"--data: {n_train} train / {n_test} test images{' from ' + path if args.dataset_path else ''}, "
               f"{args.data_warmup} warm-up + {args.data_epochs} timed epochs per configuration (interleaved), "
               f"{args.num_workers} DataLoader workers")
-        times = _interleaved({k: r.epoch for k, r in runners.items()}, args.data_warmup, args.data_epochs,
-                             lambda epoch: epoch())
+        times = _interleaved({k: r.epoch for k, r in runners.items()}, args.data_warmup, args.data_epochs)
     print("\nWhole epochs (train + test pass)")
     print(f"{'configuration':34} {'pipeline':15} {'train s':>8} {'test s':>7} {'train img/s':>12} "
           f"{'epoch img/s':>12} {'300 epochs':>11}")
     rates = {}
     for label, ts in times.items():
-        tr = statistics.median(t[0] for t in ts)
-        te = statistics.median(t[1] for t in ts)
+        tr, te = (statistics.median(t[part] for t in ts) for part in (0, 1))
         rates[label] = n_train / tr, n_train / (tr + te)
         est = PAPER_EPOCHS * (tr * PAPER_TRAIN / n_train + te * PAPER_TEST / n_test)
         print(f"{label:34} {runners[label].pipeline:15} {tr:8.2f} {te:7.2f} {rates[label][0]:12.0f} "

@@ -5,16 +5,19 @@ number of workers and a run resumed at any step sees the batches an uninterrupte
 """
 from __future__ import annotations
 
+import collections
 import copy
+import functools
 import itertools
 import os
 import pickle
 import signal
 import sys
-from typing import NamedTuple, Optional, Tuple, Union
+from typing import Optional, Tuple, Union
 
 import numpy as np
 import torch
+from PIL import Image
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset, get_worker_info
 
 from models.registry import DATASETS, NUM_CLASSES
@@ -110,8 +113,7 @@ def load_cifar(root: PathLike, dataset: str, train: bool, *, download: bool = Tr
     subdir, train_files, test_files, label_key = _CIFAR_LAYOUT[dataset]
     base = os.path.join(root, subdir)
     paths = [os.path.join(base, name) for name in (train_files if train else test_files)]
-    missing = [p for p in paths if not os.path.isfile(p)]
-    reason = _try_download(root, dataset) if missing and download and len(missing) == len(paths) else None
+    reason = _try_download(root, dataset) if download and not any(map(os.path.isfile, paths)) else None
     missing = [p for p in paths if not os.path.isfile(p)]
     if missing:
         how = f"automatic download failed ({reason}); " if reason else ""
@@ -120,6 +122,8 @@ def load_cifar(root: PathLike, dataset: str, train: bool, *, download: bool = Tr
                            f"{CIFAR_URLS[dataset]} and extract it into {root!r})")
     parts = [_read_cifar_file(p, label_key, NUM_CLASSES[dataset]) for p in paths]
     data, labels = np.concatenate([d for d, _ in parts]), np.concatenate([lab for _, lab in parts])
+    if not len(labels):  # found before anything is written or trained
+        raise DatasetError(f"the {dataset} {'training' if train else 'test'} set under {root!r} holds no images")
     images = np.ascontiguousarray(data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))  # CHW rows -> HWC
     return torch.from_numpy(images), torch.from_numpy(labels)
 
@@ -127,16 +131,14 @@ def load_cifar(root: PathLike, dataset: str, train: bool, *, download: bool = Tr
 class CifarDataset(Dataset):
     """In-memory uint8 HWC CIFAR images; items are ``(transform(PIL image), label)`` as torchvision's."""
 
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor, transform=None):
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, transform):
         self.images, self.labels, self.transform = images.numpy(), labels.tolist(), transform
 
     def __len__(self) -> int:
         return len(self.labels)
 
     def __getitem__(self, index: int):
-        from PIL import Image
-        img = Image.fromarray(self.images[index])
-        return (self.transform(img) if self.transform is not None else img), self.labels[index]
+        return self.transform(Image.fromarray(self.images[index])), self.labels[index]
 
 
 def cifar_transforms(dataset: str, train: bool):
@@ -199,12 +201,6 @@ def _worker_signals(_: int) -> None:
     sys.excepthook = lambda kind, *rest: None if issubclass(kind, (EOFError, ConnectionError)) else hook(kind, *rest)
 
 
-def _train_loader(dataset: Dataset, batch_size: int, seed: int, workers: int, pin: bool, rank: int, world: int):
-    return TrainLoader(SeededSamples(dataset, seed), batch_size=batch_size, num_workers=workers, pin_memory=pin,
-                       sampler=EpochSampler(dataset, seed=seed, rank=rank, world_size=world),
-                       persistent_workers=workers > 0, worker_init_fn=_worker_signals)
-
-
 def _eval_loader(dataset: Dataset, batch_size: int, workers: int, pin: bool, rank: int, world: int) -> DataLoader:
     """File order; under DDP this rank's unpadded shard (no image counted twice)."""
     if world > 1:
@@ -228,17 +224,11 @@ def val_split_indices(n: int, n_val: int, seed: int = VAL_SPLIT_SEED) -> Tuple[t
     return perm[n_val:].sort().values, perm[:n_val].sort().values
 
 
-class Loaders(NamedTuple):
-    """``train`` is None for evaluation, ``val`` None without ``--val_split``."""
-    train: object
-    val: object
-    test: object
-    num_classes: int
+Loaders = collections.namedtuple("Loaders", "train val test num_classes")  # train/val None: evaluation/no hold-out
 
 
 def _read_image(path: str):
     """An RGB PIL image, or a one-line DatasetError naming a corrupt, truncated or non-image file."""
-    from PIL import Image
     try:
         with open(path, "rb") as f:
             return Image.open(f).convert("RGB")
@@ -247,8 +237,9 @@ def _read_image(path: str):
                            f"it") from None
 
 
-def _imagefolder(root: PathLike, split: str, train: bool):
+def _imagefolder(root: PathLike, train: bool):
     from torchvision.datasets import ImageFolder
+    split = "train" if train else "val"
     path = os.path.join(os.fspath(root), split)
     if not os.path.isdir(path):
         raise DatasetError(f"ILSVRC directory {path!r} not found: expected {split}/<class>/<image> folders under "
@@ -262,30 +253,26 @@ def _imagefolder(root: PathLike, split: str, train: bool):
 
 
 def _datasets(dataset: str, root: PathLike, train: bool, val_split: int, split_seed: int, download: bool):
-    """``(train, val, test)`` datasets (CIFAR: ``(images, labels)`` tensor pairs) and the class count."""
-    if dataset == "ilsvrc":
-        test = _imagefolder(root, "val", train=False)
-        if not train:
-            return None, None, test, len(test.classes)
-        train_set, val = _imagefolder(root, "train", train=True), None
-        if train_set.classes != test.classes:
-            raise DatasetError(f"ILSVRC train/ has {len(train_set.classes)} class folders and val/ has "
-                               f"{len(test.classes)} (or other names) under {os.fspath(root)!r}: give both the same "
-                               f"class folders")
-        if val_split:
-            train_idx, val_idx = val_split_indices(len(train_set), val_split, split_seed)
-            held_out = copy.copy(train_set)  # shares the file list; only the transform differs
-            held_out.transform = imagenet_transforms(train=False)
-            val, train_set = Subset(held_out, val_idx.tolist()), Subset(train_set, train_idx.tolist())
-        return train_set, val, test, len(test.classes)
-    test = load_cifar(root, dataset, False, download=download)
+    """``(train, val, test)`` datasets (CIFAR: ``(images, labels)`` tensor pairs), None for the parts not asked for."""
+    ilsvrc = dataset == "ilsvrc"
+    read = functools.partial(_imagefolder, root) if ilsvrc else functools.partial(load_cifar, root, dataset,
+                                                                                   download=download)
+    test = read(train=False)
     if not train:
-        return None, None, test, NUM_CLASSES[dataset]
-    (images, labels), val = load_cifar(root, dataset, True, download=download), None
-    if val_split:
-        train_idx, val_idx = val_split_indices(images.shape[0], val_split, split_seed)
-        val, images, labels = (images[val_idx], labels[val_idx]), images[train_idx], labels[train_idx]
-    return (images, labels), val, test, NUM_CLASSES[dataset]
+        return None, None, test
+    train_set = read(train=True)
+    if ilsvrc and train_set.classes != test.classes:
+        raise DatasetError(f"ILSVRC train/ has {len(train_set.classes)} class folders and val/ has "
+                           f"{len(test.classes)} (or other names) under {os.fspath(root)!r}: give both the same "
+                           f"class folders")
+    if not val_split:
+        return train_set, None, test
+    train_idx, val_idx = val_split_indices(len(train_set) if ilsvrc else len(train_set[1]), val_split, split_seed)
+    if not ilsvrc:
+        return tuple(t[train_idx] for t in train_set), tuple(t[val_idx] for t in train_set), test
+    held_out = copy.copy(train_set)  # shares the file list; only the transform differs
+    held_out.transform = imagenet_transforms(train=False)
+    return Subset(train_set, train_idx.tolist()), Subset(held_out, val_idx.tolist()), test
 
 
 def build_loaders(dataset: str, dataset_path: PathLike, batch_size: int, *, num_workers: int = 4,
@@ -303,25 +290,24 @@ def build_loaders(dataset: str, dataset_path: PathLike, batch_size: int, *, num_
     if dataset == "ilsvrc" and gpu_pipeline:
         raise ValueError("gpu_pipeline=True is only available for CIFAR; ILSVRC uses a DataLoader")
     device = torch.device(device)
-    pin, shard = device.type == "cuda", dict(rank=rank, world=world_size)
-    train_set, val_set, test_set, classes = _datasets(dataset, dataset_path, train, val_split, split_seed, download)
-    for name, part in (("training", train_set), ("test", test_set)):
-        size = None if part is None else part[0].shape[0] if isinstance(part, tuple) else len(part)
-        if size == 0:  # found before anything is written or trained
-            raise DatasetError(f"the {dataset} {name} set under {os.fspath(dataset_path)!r} holds no images")
-    if dataset != "ilsvrc" and (device.type == "cuda" if gpu_pipeline is None else gpu_pipeline):
-        from utils.gpu_loader import GpuCifarLoader
+    parts = _datasets(dataset, dataset_path, train, val_split, split_seed, download)
+    on_gpu = dataset != "ilsvrc" and (device.type == "cuda" if gpu_pipeline is None else gpu_pipeline)
 
-        def make(pair, augment):
-            return GpuCifarLoader(*pair, batch_size, mean=MEAN_STD[dataset][0], std=MEAN_STD[dataset][1],
+    def make(part, augment: bool):
+        if part is None:
+            return None
+        if on_gpu:
+            from utils.gpu_loader import GpuCifarLoader
+            return GpuCifarLoader(*part, batch_size, mean=MEAN_STD[dataset][0], std=MEAN_STD[dataset][1],
                                   train=augment, device=device, seed=seed, channels_last=channels_last,
                                   rank=rank, world_size=world_size)
-    else:
-        def make(part, augment):
-            if dataset != "ilsvrc":
-                part = CifarDataset(*part, cifar_transforms(dataset, augment))
-            if augment:
-                return _train_loader(part, batch_size, seed, num_workers, pin, **shard)
-            return _eval_loader(part, batch_size, num_workers, pin, **shard)
-    return Loaders(None if train_set is None else make(train_set, True),
-                   None if val_set is None else make(val_set, False), make(test_set, False), classes)
+        if dataset != "ilsvrc":
+            part = CifarDataset(*part, cifar_transforms(dataset, augment))
+        if not augment:
+            return _eval_loader(part, batch_size, num_workers, device.type == "cuda", rank, world_size)
+        return TrainLoader(SeededSamples(part, seed), batch_size=batch_size, num_workers=num_workers,
+                           pin_memory=device.type == "cuda", persistent_workers=num_workers > 0,
+                           sampler=EpochSampler(part, seed=seed, rank=rank, world_size=world_size),
+                           worker_init_fn=_worker_signals)
+    classes = len(parts[2].classes) if dataset == "ilsvrc" else NUM_CLASSES[dataset]
+    return Loaders(make(parts[0], True), make(parts[1], False), make(parts[2], False), classes)

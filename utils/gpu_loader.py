@@ -73,25 +73,20 @@ class GpuCifarLoader:
     def __len__(self) -> int:
         return math.ceil(self.shard_samples / self.batch_size) - (self.start_step if self.train else 0)
 
-    def _batch(self, idx: torch.Tensor, aug) -> Tuple[torch.Tensor, torch.Tensor]:
-        x = normalize(self.images[idx] if aug is None else _crop_flip(self.images[idx], *aug), self.mean, self.std)
-        return (x.contiguous(memory_format=torch.channels_last) if self.channels_last else x), self.labels[idx]
-
     def __iter__(self):
         n, bs, w = self.images.shape[0], self.batch_size, self.world_size
         pos = None if w == 1 else torch.arange(self.rank, self.shard_samples * w if self.train else n, w) % n
-        if not self.train:
-            order = torch.arange(n, device=self.device) if pos is None else pos.to(self.device)
-            for s in range(0, order.numel(), bs):
-                yield self._batch(order[s:s + bs], None)
-            return
         draw_on = self.device if pos is None else torch.device("cpu")
-        g = torch.Generator(device=draw_on).manual_seed(mix_seed(self.seed, self.epoch))
-        order = torch.randperm(n, device=draw_on, generator=g)
-        dy, dx, flip = _draw_crop_flip(n, self.pad, draw_on, g)
+        order, start, aug = torch.arange(n, device=draw_on), 0, ()  # aug: (dy, dx, flip) when training
+        if self.train:
+            g = torch.Generator(device=draw_on).manual_seed(mix_seed(self.seed, self.epoch))
+            order, aug = torch.randperm(n, device=draw_on, generator=g), _draw_crop_flip(n, self.pad, draw_on, g)
+            start, self.start_step = self.start_step * bs, 0
+            self.epoch += 1  # a pass without set_epoch is the next epoch's
         if pos is not None:
-            order, dy, dx, flip = (t[pos].to(self.device) for t in (order, dy, dx, flip))
-        start, self.start_step = self.start_step * bs, 0
-        self.epoch += 1  # a pass without set_epoch is the next epoch's
+            order, aug = order[pos].to(self.device), tuple(t[pos].to(self.device) for t in aug)
         for s in range(start, order.numel(), bs):
-            yield self._batch(order[s:s + bs], (dy[s:s + bs], dx[s:s + bs], flip[s:s + bs]))
+            idx = order[s:s + bs]
+            x = _crop_flip(self.images[idx], *(t[s:s + bs] for t in aug)) if aug else self.images[idx]
+            x = normalize(x, self.mean, self.std)
+            yield (x.contiguous(memory_format=torch.channels_last) if self.channels_last else x), self.labels[idx]

@@ -4,6 +4,7 @@ from __future__ import annotations
 import fcntl
 import glob
 import io
+import json
 import os
 import random
 from typing import IO, Optional, Sequence, Union
@@ -85,20 +86,9 @@ def make_checkpoint(model: nn.Module, optimizer: Optional[torch.optim.Optimizer]
     if cfg is not None:
         ckpt.update(model=cfg.name, dataset=cfg.dataset, model_kwargs=dict(cfg.build_kwargs()))
     ckpt.update(extra)
-    if isinstance(ckpt.get("args"), dict):
-        ckpt["args"] = _plain(ckpt["args"])
+    if isinstance(ckpt.get("args"), dict):  # weights_only-safe builtins: paths and other objects become strings
+        ckpt["args"] = json.loads(json.dumps(ckpt["args"], default=str))
     return ckpt
-
-
-def _plain(value):
-    """weights_only-safe builtins (paths and other objects become strings)."""
-    if value is None or isinstance(value, (bool, int, float, str)):
-        return value
-    if isinstance(value, dict):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    return str(value)
 
 
 class OutputLocked(RunError):

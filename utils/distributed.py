@@ -15,8 +15,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-SYNC_BN_DEVICES = ("cuda",)
-"""Device types where ``nn.SyncBatchNorm`` runs (GPU-only kernels; the CPU tests add "cpu", tests/cpu_sync_bn.py)."""
+SYNC_BN_DEVICES = ("cuda",)  # where nn.SyncBatchNorm runs (GPU-only kernels); CPU tests add "cpu" (cpu_sync_bn.py)
 
 
 class DistError(RuntimeError):
@@ -113,7 +112,7 @@ def _active() -> bool:
 def all_reduce(tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
     """Reduce ``tensor`` over ranks in place (``sum``, ``min`` or ``max``)."""
     if _active():
-        dist.all_reduce(tensor, op={"sum": dist.ReduceOp.SUM, "min": dist.ReduceOp.MIN, "max": dist.ReduceOp.MAX}[op])
+        dist.all_reduce(tensor, op=getattr(dist.ReduceOp, op.upper()))
     return tensor
 
 

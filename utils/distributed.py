@@ -4,6 +4,7 @@ Without torchrun (or with ``WORLD_SIZE=1``) every function is the identity. Back
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import threading
@@ -90,10 +91,8 @@ def cleanup() -> None:
     """Leave the process group (safe when none was started, or when a peer is already gone)."""
     global _INFO
     if dist.is_available() and dist.is_initialized():
-        try:
+        with contextlib.suppress(Exception):  # a peer that died already released everything it could
             dist.destroy_process_group()
-        except Exception:  # noqa: BLE001  (a peer that died already released everything it could)
-            pass
     _INFO = DistInfo()
 
 

@@ -98,8 +98,7 @@ def _try_download(root: str, dataset: str) -> Optional[str]:
     """Fetch the official archive with torchvision; None on success, else why it failed."""
     try:
         import torchvision
-        cls = torchvision.datasets.CIFAR10 if dataset == "cifar10" else torchvision.datasets.CIFAR100
-        cls(root, train=True, download=True)
+        getattr(torchvision.datasets, dataset.upper())(root, train=True, download=True)  # CIFAR10 or CIFAR100
         return None
     except Exception as e:  # noqa: BLE001  (no network, disk full, md5 of the download)
         return f"{type(e).__name__}: {_first_line(e)}"

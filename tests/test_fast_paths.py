@@ -120,6 +120,26 @@ def test_a_later_compile_failure_falls_back_to_eager_with_one_warning(monkeypatc
     assert err.count("\n") == 1 and "torch.compile failed (RuntimeError: inductor: cannot lower this)" in err
 
 
+def test_out_of_memory_in_a_compiled_call_is_not_a_compile_failure(monkeypatch, capsys):
+    calls = []
+
+    def compiled(x):
+        calls.append(x.shape[0])
+        if len(calls) == 1:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return model(x)
+
+    monkeypatch.setattr(torch, "compile", lambda net, **kw: compiled)
+    model = get_model("ResNet20", "cifar10").eval()
+    net = wrap_model(model, torch.device("cpu"), Precision(), compile=True)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad(), pytest.raises(torch.OutOfMemoryError):
+        net(x)
+    with torch.no_grad():
+        torch.testing.assert_close(net(x), model(x))
+    assert calls == [2, 2] and capsys.readouterr().err == ""  # still compiled, no warning
+
+
 @pytest.mark.slow
 def test_benchmark_runs(capsys):
     from utils import benchmark

@@ -209,13 +209,13 @@ def run(main: Callable, args, prog: Optional[str] = None, exiting: bool = False)
         main(args)
     except (CheckpointError, DatasetError, RunError, DistError) as e:
         sys.stdout.flush()
-        print(f"{tag}error: {_one_line(e)}", file=sys.stderr)
+        sys.stderr.write(f"{tag}error: {_one_line(e)}\n")  # one write: ranks' lines do not interleave
         return 1
     except KeyboardInterrupt as e:
         sys.stdout.flush()
         message = getattr(e, "message", "") or ("interrupted (the last completed epoch, if any, is in the -last.pth "
                                                 "checkpoint; rerun with --resume)")
-        print(f"{tag}{_one_line(message)}", file=sys.stderr)
+        sys.stderr.write(f"{tag}{_one_line(message)}\n")
         if exiting:  # the process ends now: a further Ctrl-C would only interrupt the workers' shutdown
             for sig in (signal.SIGINT, signal.SIGTERM):
                 signal.signal(sig, signal.SIG_IGN)

@@ -95,7 +95,8 @@ def json_line(record: dict) -> str:
 
 def warn(message: str) -> None:
     if distributed.is_main_process():
-        print(f"warning: {message}", file=sys.stderr, flush=True)
+        sys.stderr.write(f"warning: {message}\n")  # one write, so that ranks' lines do not interleave
+        sys.stderr.flush()
 
 
 def seed_everything(seed: int) -> None:
@@ -173,6 +174,8 @@ class CompiledOrEager:
         if self.compiled is not None:
             try:
                 return self.compiled(x)
+            except torch.OutOfMemoryError:  # the batch, not the compiler: eager would run out too
+                raise
             except Exception as e:  # noqa: BLE001  (torch raises many types; eager then shows a real error again)
                 self.compiled = None
                 warn(f"torch.compile failed ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "

@@ -37,7 +37,10 @@ _VARIANTS = {
     "SingleShared": "one shared filter basis per group plus unique filters",
     "SharedOnly": "shared filter bases only (no unique filters)",
     "NonShared": "per-layer bases only (the no-sharing ablation)",
-    "Shared": "shared 1x1 expansion convs",
+    "Shared": "shared whole convs (MobileNetV2: 1x1 expansions; ResNet50/101: 3x3 and 1x1 expansions, README Shared++)",
+    "SharedSingle": "a shared whole 3x3 conv per layer (README Shared)",
+    "SharedDouble": "shared 1x1 expansion and projection convs (README Shared++; ILSVRC: with ECA attention)",
+    "SharedDouble_NoECA": "shared 1x1 expansion and projection convs, the November 2020 layout without ECA",
 }
 
 

@@ -5,6 +5,7 @@ shared_rank=16, unique_rank=1)``; ``load_model("checkpoint.pth")`` rebuilds a ch
 imports nothing from the training code (``utils``).
 """
 from . import resnet  # noqa: F401  (registers the ResNets)
+from . import bottleneck  # noqa: F401  (registers ILSVRC ResNet50/101*)
 from . import densenet  # noqa: F401  (registers DenseNet121*)
 from . import resnext  # noqa: F401  (registers ResNext50*)
 from . import mobilenetv2  # noqa: F401  (registers MobileNetV2*)

@@ -13,7 +13,7 @@ basis is one ``nn.Conv2d`` used by every block of a group (unique channels come 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import NamedTuple, Optional, Sequence
+from typing import NamedTuple, Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
@@ -30,13 +30,16 @@ class BasisCfg:
     unique_rank: int = 0
 
 
-def require_basis(basis: Optional[BasisCfg], family: str, bases_per_group: int = 1,
+def require_basis(basis: Optional[BasisCfg], family: str, bases_per_group: Union[int, tuple] = 1,
                   fixed_size: bool = False) -> Optional[BasisCfg]:
-    """``basis``, refused if ``family`` cannot build it (the registry makes only valid ones; this guards direct use)."""
-    if basis is not None and (basis.bases_per_group != bases_per_group
+    """``basis``, refused if ``family`` cannot build it (the registry makes only valid ones; this guards direct use).
+    ``bases_per_group``: the count, or a tuple of the counts the family can build."""
+    counts = bases_per_group if isinstance(bases_per_group, tuple) else (bases_per_group,)
+    if basis is not None and (basis.bases_per_group not in counts
                               or (fixed_size and (basis.shared_rank or basis.unique_rank))):
         sizes = " and no ranks (the architecture fixes its size)" if fixed_size else ""
-        raise ValueError(f"{family} shares {bases_per_group} basis per group{sizes}, not {basis}")
+        count = " or ".join(map(str, counts))
+        raise ValueError(f"{family} shares {count} basis per group{sizes}, not {basis}")
     return basis
 
 
@@ -62,8 +65,10 @@ def register_bases(module: nn.Module, bases: Sequence[nn.Conv2d], name: str,
 
 def share_bases(block: nn.Module, bases: Sequence[nn.Conv2d], keys: Optional[Sequence[str]] = None) -> None:
     """Register a group's shared bases as aliases on the ``block`` that uses them (as ``shared_basis`` or ``_1``,
-    ``_2``, unless ``keys``) and record them for :func:`shared_bases_of`; call it where the block's keys must come."""
-    block.shared_basis_names = register_bases(block, bases, "shared_basis", keys)
+    ``_2``, unless ``keys``) and record them for :func:`shared_bases_of`; call it where the block's keys must come
+    (once per basis, with its key, where other keys come between them: the record grows, in call order)."""
+    block.shared_basis_names = (getattr(block, "shared_basis_names", ()) +
+                                register_bases(block, bases, "shared_basis", keys))
 
 
 def shared_bases_of(block: nn.Module) -> list[nn.Conv2d]:
@@ -138,6 +143,17 @@ def init_orthogonal_(model: nn.Module) -> None:
         nn.init.orthogonal_(joint)
         for w, part in zip(group.shared, joint.split(rows)):
             w.copy_(part)
+
+
+@torch.no_grad()
+def init_orthogonal_by_position_(model: nn.Module) -> None:
+    """Each shared basis orthogonal on its own, position by position: every group's first basis, then every group's
+    second (the authors' later models, SPEC_v2 section 2; a tall basis gets orthonormal columns)."""
+    groups = basis_groups(model)
+    for j in range(max((len(g.shared) for g in groups), default=0)):
+        for g in groups:
+            if j < len(g.shared):
+                nn.init.orthogonal_(g.shared[j])
 
 
 class SharedBasisConv2d(nn.Module):

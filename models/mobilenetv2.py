@@ -6,6 +6,9 @@ the stem's and head's ReLU6 are modules (counted by ptflops), and the global poo
 ``MobileNetV2_Shared`` gives stages 3-6 one 1x1 expansion conv each (``shared_basis_1..4``, [6c, c, 1, 1]) that
 blocks 2..n call instead of their own ``conv1``, keeping their own ``bn1``: no unique part, no ranks, PyTorch default
 init. The bases have more filters than inputs (192 x 32 ... 960 x 160): the orthogonality penalty has a positive floor.
+``MobileNetV2_SharedDouble`` (README "Shared++", SPEC_v2 section 3) shares the 1x1 projection conv too
+(``shared_basis_{g}_1``/``_2``); on ILSVRC its shared blocks add ECA channel attention after ``bn3`` (the authors'
+code since April 2021; ``MobileNetV2_SharedDouble_NoECA`` is the November 2020 layout the README's result dates from).
 
 Attribute names are checkpoint keys and construction order is the authors' (``pre``, stages with each shared conv
 built just before its stage, ``conv1``, head), so ``torch.manual_seed`` reproduces their initial weights.
@@ -51,13 +54,33 @@ ILSVRC = MobileNetV2Cfg(stem_kernel=3, stem_stride=2, stem_padding=1, stage6_str
                         conv_head=False)
 
 
+class ECA(nn.Module):
+    """Efficient channel attention as the authors' ``eca_layer``: scale each channel by sigmoid(1-D conv, kernel
+    ``k``, over the channel axis of the globally pooled input); the pool is a module (ptflops counts it)."""
+
+    def __init__(self, k: int) -> None:
+        super().__init__()
+        self.avg_pool = nn.AdaptiveAvgPool2d(1)
+        self.conv = nn.Conv1d(1, 1, k, padding=(k - 1) // 2, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(self.avg_pool(x).squeeze(-1).transpose(-1, -2))  # (N, 1, C)
+        return x * torch.sigmoid(y.transpose(-1, -2).unsqueeze(-1))
+
+
+def eca_kernel(channels: int) -> int:
+    """The authors' ECA kernel size: 1 for stages 3-4 (fewer than 96 channels), 3 for stages 5-6."""
+    return 1 if channels < 96 else 3
+
+
 class InvertedResidual(nn.Module):
     """Expand 1x1 ``conv1`` -> bn1 -> ReLU -> depthwise 3x3 ``conv2`` -> bn2 -> ReLU -> project 1x1 ``conv3`` -> bn3,
     plus the residual chosen by ``projection_shortcuts``. ``shared``: the stage's 1x1 convs used instead of the own
-    ``conv1`` (and ``conv3``, if two), registered as ``shared_basis1`` (``2``), the checkpoint keys."""
+    ``conv1`` (and ``conv3``, if two), registered as ``shared_basis1`` (``2``), the checkpoint keys. ``attention``:
+    an :class:`ECA` kernel size (0: none), applied after ``bn3``."""
 
     def __init__(self, in_channels: int, out_channels: int, expansion: int, stride: int, projection_shortcuts: bool,
-                 shared: Sequence[nn.Conv2d] = ()) -> None:
+                 shared: Sequence[nn.Conv2d] = (), attention: int = 0) -> None:
         super().__init__()
         planes = expansion * in_channels
         self.shortcut: Optional[nn.Module] = None  # identity when residual
@@ -74,6 +97,7 @@ class InvertedResidual(nn.Module):
         if self.residual and in_channels != out_channels:  # projection_shortcuts only
             self.shortcut = nn.Sequential(nn.Conv2d(in_channels, out_channels, 1, bias=False),
                                           nn.BatchNorm2d(out_channels))
+        self.chan_attention = ECA(attention) if attention else None
 
     def _convs(self) -> tuple[nn.Conv2d, nn.Conv2d, nn.Conv2d]:
         """The expansion, depthwise and projection convs, the block's own or shared."""
@@ -87,13 +111,16 @@ class InvertedResidual(nn.Module):
         expand, depthwise, project = self._convs()
         shortcut = None if self.shortcut is None else fold_conv_bn(self.shortcut[0], self.shortcut[1])
         return FoldedInvertedResidual(fold_conv_bn(expand, self.bn1), fold_conv_bn(depthwise, self.bn2),
-                                      fold_conv_bn(project, self.bn3), self.residual, shortcut).eval()
+                                      fold_conv_bn(project, self.bn3), self.residual, shortcut,
+                                      self.chan_attention).eval()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         expand, depthwise, project = self._convs()
         out = F.relu(self.bn1(expand(x)), inplace=True)
         out = F.relu(self.bn2(depthwise(out)), inplace=True)
         out = self.bn3(project(out))
+        if self.chan_attention is not None:
+            out = self.chan_attention(out)
         if self.residual:
             out = out + (x if self.shortcut is None else self.shortcut(x))
         return out
@@ -101,18 +128,20 @@ class InvertedResidual(nn.Module):
 
 class FoldedInvertedResidual(nn.Module):
     """Eval-only :class:`InvertedResidual`: 1x1 ``conv1`` -> ReLU -> depthwise ``conv2`` -> ReLU -> 1x1 ``conv3``
-    (+ residual), each conv with its BatchNorm folded in."""
+    (-> attention) (+ residual), each conv with its BatchNorm folded in."""
 
     def __init__(self, conv1: nn.Conv2d, conv2: nn.Conv2d, conv3: nn.Conv2d, residual: bool,
-                 shortcut: Optional[nn.Conv2d] = None) -> None:
+                 shortcut: Optional[nn.Conv2d] = None, attention: Optional[nn.Module] = None) -> None:
         super().__init__()
         self.conv1, self.conv2, self.conv3 = conv1, conv2, conv3
-        self.residual, self.shortcut = residual, shortcut
+        self.residual, self.shortcut, self.chan_attention = residual, shortcut, attention
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = F.relu(self.conv1(x), inplace=True)
         out = F.relu(self.conv2(out), inplace=True)
         out = self.conv3(out)
+        if self.chan_attention is not None:
+            out = self.chan_attention(out)
         if self.residual:
             out = out + (x if self.shortcut is None else self.shortcut(x))
         return out
@@ -120,12 +149,15 @@ class FoldedInvertedResidual(nn.Module):
 
 class MobileNetV2(nn.Module):
     """MobileNetV2 (width 1.0) with the authors' stage layout (``cfg``: :data:`CIFAR` or :data:`ILSVRC`); ``basis=
-    BasisCfg()`` gives stages 3-6 one shared expansion conv each (``MobileNetV2_Shared``), None the plain model."""
+    BasisCfg()`` gives stages 3-6 one shared expansion conv each (``MobileNetV2_Shared``), ``BasisCfg(2)`` a shared
+    expansion and projection conv each (``MobileNetV2_SharedDouble``; ``eca``: with ECA), None the plain model."""
 
-    def __init__(self, cfg: MobileNetV2Cfg, num_classes: int, *, basis: Optional[BasisCfg] = None) -> None:
+    def __init__(self, cfg: MobileNetV2Cfg, num_classes: int, *, basis: Optional[BasisCfg] = None,
+                 eca: bool = False) -> None:
         super().__init__()
         self.arch = cfg
-        self.basis_cfg = require_basis(basis, "MobileNetV2", fixed_size=True)
+        self.basis_cfg = require_basis(basis, "MobileNetV2", bases_per_group=(1, 2), fixed_size=True)
+        self.bases_by_position = basis is not None and basis.bases_per_group == 2  # SharedDouble's regulariser form
         self.pre = nn.Sequential(
             nn.Conv2d(3, 32, cfg.stem_kernel, stride=cfg.stem_stride, padding=cfg.stem_padding),
             nn.BatchNorm2d(32), nn.ReLU6(inplace=True))
@@ -135,10 +167,13 @@ class MobileNetV2(nn.Module):
             shared = []
             if basis is not None and i in SHARED_STAGES:
                 shared = [nn.Conv2d(c, t * c, 1, bias=False)]  # the expansion conv of blocks 2..n
+                if basis.bases_per_group == 2:
+                    shared.append(nn.Conv2d(t * c, c, 1, bias=False))  # and their projection conv
                 register_bases(self, shared, f"shared_basis_{SHARED_STAGES.index(i) + 1}")
             blocks = [InvertedResidual(in_channels, c, t, stride, cfg.projection_shortcuts)]
+            attention = eca_kernel(c) if eca and shared else 0
             for _ in range(1, n):
-                blocks.append(InvertedResidual(c, c, t, 1, cfg.projection_shortcuts, shared))
+                blocks.append(InvertedResidual(c, c, t, 1, cfg.projection_shortcuts, shared, attention))
             in_channels = c
             # Stages of one block are the block itself in the checkpoints (`stage1.conv1`), the others Sequentials.
             setattr(self, f"stage{i}", blocks[0] if n == 1 else nn.Sequential(*blocks))
@@ -170,3 +205,5 @@ class MobileNetV2(nn.Module):
 for _dataset, _arch in (("cifar100", CIFAR), ("ilsvrc", ILSVRC)):
     register_model(_dataset, "MobileNetV2")(partial(MobileNetV2, _arch))
     register_model(_dataset, "MobileNetV2_Shared")(partial(MobileNetV2, _arch))
+    register_model(_dataset, "MobileNetV2_SharedDouble")(partial(MobileNetV2, _arch, eca=_arch is ILSVRC))
+register_model("ilsvrc", "MobileNetV2_SharedDouble_NoECA")(partial(MobileNetV2, ILSVRC))

@@ -11,8 +11,8 @@ from typing import Optional, Union
 import torch
 import torch.nn as nn
 
-from .registry import (DATASETS, RANK_ARGS, canonical_name, datasets_of, get_model, list_models, model_defaults,
-                       model_rank_args, rank_flags, unknown_model)
+from .registry import (DATASETS, LAYOUTS, RANK_ARGS, canonical_name, datasets_of, get_model, list_models,
+                       model_defaults, model_rank_args, rank_flags, unknown_model)
 
 _PREFIXES = ("module.", "_orig_mod.")
 Source = Union[str, os.PathLike]
@@ -126,6 +126,15 @@ def infer_ranks(name: str, dataset: str, state: dict) -> dict:
     return ranks
 
 
+def pick_layout(name: str, dataset: str, state: dict) -> str:
+    """``name``, or the older published layout of it (:data:`~models.registry.LAYOUTS`) whose keys ``state`` has:
+    the authors published ILSVRC MobileNetV2_SharedDouble with and without ECA under one name (SPEC_v2 8.4)."""
+    others = LAYOUTS.get((dataset, name), ())
+    if not others or set(get_model(name, dataset).state_dict()) == set(state):
+        return name
+    return next((o for o in others if set(get_model(o, dataset).state_dict()) == set(state)), name)
+
+
 def guess_model_flags(dataset: str, state: dict) -> Optional[str]:
     """``--model=<name> <rank flags>`` of the first ``dataset`` model whose keys and shapes fit ``state``, or None."""
     for name in list_models(dataset):
@@ -174,7 +183,7 @@ def resolve_model(ckpt: dict, path: str, *, model: Optional[str] = None, dataset
     if dataset is None:
         raise CheckpointError(f"checkpoint {path!r} records no dataset (an authors' file?): give the dataset "
                               f"({', '.join(DATASETS)})")
-    model = canonical_name(model) if model else model
+    model = pick_layout(canonical_name(model), dataset, state) if model else model
     check_identity(ckpt, path, dataset=dataset, model=model)
     name = model or ckpt.get("model")
     if name is None:

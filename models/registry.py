@@ -27,7 +27,14 @@ VARIANTS = {
     "SharedOnly": (2, ("shared_rank",)),
     "NonShared": (0, ("unique_rank",)),
     "Shared": (1, ()),  # MobileNetV2_Shared: shared 1x1 expansion convs whose size the architecture fixes
+    # The authors' later models (SPEC_v2): whole shared convs, no ranks. ResNet50/101_Shared (README "Shared++")
+    # registers 2 per group; SharedSingle is README "Shared"; the NoECA suffix names an older published layout.
+    "SharedSingle": (1, ()),
+    "SharedDouble": (2, ()),
+    "SharedDouble_NoECA": (2, ()),
 }
+# Older published layouts of a model, tried in order when a checkpoint's keys do not fit the model's own (SPEC_v2 8.4).
+LAYOUTS = {("ilsvrc", "MobileNetV2_SharedDouble"): ("MobileNetV2_SharedDouble_NoECA",)}
 # The ranks the paper trained a model with where the scripts' defaults (16/1) cannot build it (used in errors).
 PAPER_RANKS = {"ResNext50_SingleShared": "--shared_rank=64 --unique_rank=4"}
 KERNEL_AREA = 9  # a 3x3 basis over C channels is full rank at 9C filters: the bound on ranks (more builds nothing new)

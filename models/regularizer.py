@@ -7,6 +7,10 @@ R = sum_g selected_sum(D_g) / sum_g selected_count, one global average. Two form
   blocks; selected are the shared rows plus each unique conv's own diagonal block (different layers never compared).
 * ``include_unique=False`` (their CIFAR-100 and ILSVRC scripts): the shared bases only, the whole matrix selected.
 
+The authors' later scripts (SPEC_v2 section 4) average each basis *position* on its own and sum the averages, for the
+models that say so (``model.bases_by_position``: ResNet50/101_Shared*, MobileNetV2_SharedDouble): R = R(all ``_1``
+bases) + R(all ``_2`` bases), each basis its own group (no cross terms). Each average is a *set* of groups here.
+
 The groups are collected once; a step is one matmul per group (plus one batched matmul for its unique blocks).
 """
 from __future__ import annotations
@@ -16,7 +20,7 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
-from .basis import basis_groups
+from .basis import BasisGroup, basis_groups
 
 
 def includes_unique(dataset: str) -> bool:
@@ -38,6 +42,16 @@ def _rows(weights) -> torch.Tensor:
     return torch.cat([w.flatten(1) for w in weights], dim=0)
 
 
+def basis_sets(model: nn.Module) -> list[list[BasisGroup]]:
+    """The sets of groups R averages over, one average per set, summed: one set of all groups, or for a model whose
+    ``bases_by_position`` is set, one set per basis position (the j-th basis of every group, each a group alone)."""
+    groups = basis_groups(model)
+    if not getattr(model, "bases_by_position", False):
+        return [groups] if groups else []
+    depth = max((len(g.shared) for g in groups), default=0)
+    return [[BasisGroup([g.shared[j]], []) for g in groups if j < len(g.shared)] for j in range(depth)]
+
+
 class OrthogonalityRegularizer:
     """R for the (unwrapped) model being trained: build once, after moving the model to its device, call every
     step. ``include_unique``: the CIFAR-10 form; None: the form of the authors' script for ``model.cfg.dataset``."""
@@ -46,13 +60,15 @@ class OrthogonalityRegularizer:
         if getattr(model, "folded", False) is True:
             raise ValueError("this model was folded for inference (models.fold) and has no shared bases left; "
                              "build the regulariser for the model being trained")
-        self.groups = basis_groups(model)
+        self.sets = basis_sets(model)
+        self.groups = [g for groups in self.sets for g in groups]
         self.include_unique = _form(model, include_unique) if self.groups else bool(include_unique)
-        self.count = 0  # selected entries of all groups
-        for g in self.groups:
-            n_shared = sum(w.shape[0] for w in g.shared)
-            unique = g.unique if self.include_unique else []
-            self.count += n_shared * (n_shared + sum(w.shape[0] for w in unique)) + sum(w.shape[0] ** 2 for w in unique)
+        self.counts = [sum(self._count(g) for g in groups) for groups in self.sets]  # selected entries per set
+
+    def _count(self, g: BasisGroup) -> int:
+        n_shared = sum(w.shape[0] for w in g.shared)
+        unique = g.unique if self.include_unique else []
+        return n_shared * (n_shared + sum(w.shape[0] for w in unique)) + sum(w.shape[0] ** 2 for w in unique)
 
     def __bool__(self) -> bool:
         return bool(self.groups)
@@ -60,8 +76,15 @@ class OrthogonalityRegularizer:
     def __call__(self) -> torch.Tensor:
         if not self.groups:
             raise RuntimeError("this model has no shared bases to regularise")
+        value = 0.0
+        for groups, count in zip(self.sets, self.counts):
+            value = value + self._sum(groups) / count
+        return value
+
+    def _sum(self, groups: list[BasisGroup]) -> torch.Tensor:
+        """The selected squared entries of ``groups``' B B^T - I, summed."""
         total = 0.0
-        for g in self.groups:
+        for g in groups:
             shared = _rows(g.shared)  # (n_S, d)
             unique = g.unique if self.include_unique else []
             rows = torch.cat([shared, _rows(unique)]) if unique else shared  # (n, d)
@@ -78,7 +101,7 @@ class OrthogonalityRegularizer:
                 unique_gram = b @ b.transpose(1, 2)
                 unique_gram.diagonal(dim1=1, dim2=2).sub_(1.0)
                 total = total + unique_gram.square().sum()
-        return total / self.count
+        return total
 
 
 def orthogonality_penalty(model: nn.Module, include_unique: Optional[bool] = None) -> torch.Tensor:
@@ -90,8 +113,12 @@ def orthogonality_penalty_reference(model: nn.Module, include_unique: Optional[b
     """The authors' straightforward form, full D_g per group and a selection mask: the slow reference for tests and
     for the benchmark's straightforward path."""
     include_unique = _form(model, include_unique)
+    return sum(_reference_set(groups, include_unique) for groups in basis_sets(model))
+
+
+def _reference_set(groups: list[BasisGroup], include_unique: bool) -> torch.Tensor:
     total, count = 0.0, 0
-    for g in basis_groups(model):
+    for g in groups:
         b = _rows(list(g.shared) + (list(g.unique) if include_unique else []))
         d = (b @ b.t() - torch.eye(b.shape[0], device=b.device, dtype=b.dtype)) ** 2
         mask = torch.ones_like(d, dtype=torch.bool)

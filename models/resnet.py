@@ -75,6 +75,8 @@ class SharedBasicBlock(nn.Module):
             setattr(self, f"coeff_conv{i}", nn.Conv2d(rank, planes, 1, bias=False))
             setattr(self, f"bn{i}", nn.BatchNorm2d(planes))
 
+    init_bases = staticmethod(init_orthogonal_)  # how the network starts the bases of these blocks
+
     @staticmethod
     def make_bases(planes: int, basis: BasisCfg, k: int) -> list[nn.Conv2d]:
         """The shared bases of a group of these blocks (the network registers them before the group)."""
@@ -117,7 +119,8 @@ class ResNet(nn.Module):
     ``"imagenet"`` (7x7 stride-2 conv + max-pool); ``shortcut`` ``"A"`` (parameter-free) or ``"B"`` (1x1 conv + BN).
 
     Blocks 2..n of a group are ``shared_block(planes * block.expansion, unique_rank, bases)`` over the group's
-    ``shared_block.make_bases(...)`` when ``basis`` is given; all others are ``block``.
+    ``shared_block.make_bases(...)`` when ``basis`` is given, started by ``shared_block.init_bases``; all others are
+    ``block``.
     """
 
     def __init__(self, layers: Sequence[int], widths: Sequence[int], num_classes: int, *, stem: str = "cifar",
@@ -125,6 +128,8 @@ class ResNet(nn.Module):
                  shared_block: type = SharedBasicBlock) -> None:
         super().__init__()
         self.basis_cfg = basis
+        # the regulariser's form for these blocks (models/regularizer.py): one average per basis position
+        self.bases_by_position = getattr(shared_block, "bases_by_position", False)
         if stem == "imagenet":
             self.conv1 = nn.Conv2d(3, widths[0], 7, stride=2, padding=3, bias=False)
         else:
@@ -155,7 +160,7 @@ class ResNet(nn.Module):
             elif isinstance(m, nn.BatchNorm2d):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
-        init_orthogonal_(self)
+        shared_block.init_bases(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.maxpool(F.relu(self.bn1(self.conv1(x)), inplace=True))

@@ -1,9 +1,10 @@
 """Parameter and FLOP counts, the way the paper reports them (SPEC section 8).
 
-Params count a shared basis once (``model.parameters()`` yields it once). FLOPs are 2 x MACs as ptflops 0.6 counted
-them for the paper, at batch 1: hooks on conv (with bias), linear, BatchNorm, ReLU/ReLU6 and pooling *modules*, so a
-shared basis counts on every call, as it runs (ptflops 0.7's default backend miscounts shared models: SPEC section 8).
-``python -m models.summary --all`` prints the paper's tables.
+Params count a shared basis once (``model.parameters()`` yields it once). MACs are as ptflops 0.6 counted them for the
+paper, at batch 1: hooks on conv (with bias; Conv1d too, ECA), linear, BatchNorm, ReLU/ReLU6 and pooling *modules*, so
+a shared basis counts on every call, as it runs (ptflops 0.7's default backend miscounts shared models: SPEC section
+8). The paper's README calls 2 x MACs "FLOPs"; the authors' later README (SPEC_v2 section 6) calls 1 x MACs "FLOPs".
+``python -m models.summary --all`` prints both READMEs' tables, each in its own convention.
 """
 from __future__ import annotations
 
@@ -20,7 +21,8 @@ from .basis import set_fused
 from .registry import DATASETS, INPUT_SIZE, get_model, model_rank_args, rank_flags
 
 # One row of the paper's result tables; ranks are the ((arg, value), ...) that build it.
-PaperRow = namedtuple("PaperRow", "dataset row model ranks params flops top1_err top5_err note", defaults=("", ""))
+PaperRow = namedtuple("PaperRow", "dataset row model ranks params flops top1_err top5_err note flops_per_mac",
+                      defaults=("", "", 2))
 _S = lambda s, u: (("shared_rank", s), ("unique_rank", u))  # noqa: E731
 PAPER_ROWS = (
     PaperRow("cifar100", "ResNet34-S8U1", "ResNet34_SingleShared", _S(8, 1), "5.87M", "0.79G", "23.11%"),
@@ -44,6 +46,21 @@ PAPER_ROWS = (
     PaperRow("ilsvrc", "ResNet34-S48U1*", "ResNet34_DoubleShared", _S(48, 1), "11.79M", "6.52G", "26.67%", "8.54%"),
     PaperRow("ilsvrc", "MobileNetV2-Shared", "MobileNetV2_Shared", (), "3.24M", "0.66G", "27.61%", "9.34%"),
 )
+# The authors' later README (936a886, SPEC_v2 section 6): FLOPs = 1 x MACs; its "Shared" is the code's _SharedSingle,
+# its "Shared++" the code's _Shared. The CIFAR-100 row is from the November 2020 README, when FLOPs were 2 x MACs.
+LATER_ROWS = (
+    PaperRow("ilsvrc", "ResNet50-Shared", "ResNet50_SharedSingle", (), "20.51M", "4.11G", "23.64%", "6.98%",
+             flops_per_mac=1),
+    PaperRow("ilsvrc", "ResNet50-Shared++", "ResNet50_Shared", (), "18.26M", "4.11G", "23.95%", "7.14%",
+             flops_per_mac=1),
+    PaperRow("ilsvrc", "ResNet101-Shared", "ResNet101_SharedSingle", (), "29.47M", "7.83G", "22.31%", "6.47%",
+             flops_per_mac=1),
+    PaperRow("ilsvrc", "MobileNetV2-Shared++", "MobileNetV2_SharedDouble", (), "2.98M", "0.33G", "28.21%", "9.85%",
+             note="published Nov 2020, before ECA: MobileNetV2_SharedDouble_NoECA has the same 2.98M / 0.33G",
+             flops_per_mac=1),
+    PaperRow("cifar100", "MobileNetV2-SharedDouble", "MobileNetV2_SharedDouble", (), "1.90M", "0.14G", "27.54%",
+             note="the November 2020 README's row: FLOPs 2 x MACs"),
+)
 _POOLS = (nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)
 
 
@@ -52,7 +69,7 @@ def count_params(model: nn.Module) -> int:
 
 
 def _macs_of(m: nn.Module, inp, out) -> int:
-    if isinstance(m, nn.Conv2d):
+    if isinstance(m, (nn.Conv1d, nn.Conv2d)):  # Conv1d: ECA attention
         positions = out.numel() // m.out_channels  # batch x output H x W
         per_position = math.prod(m.kernel_size) * m.in_channels * (m.out_channels // m.groups)
         return per_position * positions + (m.out_channels * positions if m.bias is not None else 0)
@@ -90,26 +107,28 @@ def count_macs(model: nn.Module, input_size: Optional[tuple] = None) -> int:
     return total
 
 
-def summarize(name: str, dataset: str, **ranks) -> dict:
-    """Params and FLOPs of a registered model, as numbers and as the paper prints them."""
+def summarize(name: str, dataset: str, flops_per_mac: int = 2, **ranks) -> dict:
+    """Params and FLOPs of a registered model, as numbers and as a README prints them (FLOPs = ``flops_per_mac`` x
+    MACs: 2 in the paper's README, 1 in the authors' later one)."""
     model = get_model(name, dataset, **ranks)
     params, macs = count_params(model), count_macs(model)
     return {"dataset": dataset, "model": name, **model.cfg.build_kwargs(), "params": params, "macs": macs,
-            "params_str": f"{params / 1e6:.2f}M", "flops_str": f"{2 * macs / 1e9:.2f}G"}
+            "params_str": f"{params / 1e6:.2f}M", "flops_str": f"{flops_per_mac * macs / 1e9:.2f}G"}
 
 
-def paper_table() -> list[dict]:
-    """Every paper row with what this implementation measures (params at the paper's precision) and its flags."""
-    rows = []
-    for r in PAPER_ROWS:
-        s = summarize(r.model, r.dataset, **dict(r.ranks))
+def paper_table(rows: tuple = PAPER_ROWS) -> list[dict]:
+    """Every row of a README table (the paper's, or :data:`LATER_ROWS`) with what this implementation measures
+    (params at the README's precision, FLOPs in its convention) and its flags."""
+    table = []
+    for r in rows:
+        s = summarize(r.model, r.dataset, r.flops_per_mac, **dict(r.ranks))
         digits = len(r.params.rstrip("M").split(".")[1])  # the paper's precision
         params = f"{s['params'] / 1e6:.{digits}f}M"
-        rows.append({**s, "row": r.row, "paper_params": r.params, "paper_flops": r.flops, "top1_err": r.top1_err,
+        table.append({**s, "row": r.row, "paper_params": r.params, "paper_flops": r.flops, "top1_err": r.top1_err,
                      "top5_err": r.top5_err, "params_ok": params == r.params, "flops_ok": s["flops_str"] == r.flops,
                      "flags": f"--model={r.model} {rank_flags(dict(r.ranks))}".strip(), "note": r.note,
                      "measured_params": params})
-    return rows
+    return table
 
 
 def main(argv=None) -> int:
@@ -121,12 +140,16 @@ def main(argv=None) -> int:
     p.add_argument("--unique_rank", type=int)
     args = p.parse_args(argv)
     if args.all:
-        head = f"{'dataset':9} {'paper row':20} {'params':>8} {'paper':>7} {'FLOPs':>6} {'paper':>6}  flags"
-        print(f"{head}\n{'-' * len(head)}")
-        for r in paper_table():
-            mark = "" if r["params_ok"] else "  *params differ from the paper; matches the authors' code"
-            print(f"{r['dataset']:9} {r['row']:20} {r['measured_params']:>8} {r['paper_params']:>7} "
-                  f"{r['flops_str']:>6} {r['paper_flops']:>6}  {r['flags']}{mark}")
+        for title, rows in (("The paper's README (FLOPs = 2 x MACs)", PAPER_ROWS),
+                            ("The authors' later README (FLOPs = 1 x MACs, except where noted)", LATER_ROWS)):
+            head = f"{'dataset':9} {'paper row':24} {'params':>8} {'paper':>7} {'FLOPs':>6} {'paper':>6}  flags"
+            print(f"{title}\n{head}\n{'-' * len(head)}")
+            for r in paper_table(rows):
+                mark = "" if r["params_ok"] else "  *params differ from the paper; matches the authors' code"
+                note = f"  ({r['note']})" if r["note"] and rows is LATER_ROWS else ""
+                print(f"{r['dataset']:9} {r['row']:24} {r['measured_params']:>8} {r['paper_params']:>7} "
+                      f"{r['flops_str']:>6} {r['paper_flops']:>6}  {r['flags']}{mark}{note}")
+            print()
         return 0
     if not args.dataset or not args.model:
         p.error("give --all, or --dataset and --model")
@@ -137,7 +160,8 @@ def main(argv=None) -> int:
         p.error(str(e))
     print(f"{args.dataset} {args.model} {rank_flags({k: s[k] for k in model_rank_args(args.model, args.dataset)})}"
           f"\n  params {s['params']:,} ({s['params_str']})\n  MACs {s['macs']:,}  FLOPs {s['flops_str']} "
-          f"(2 x MACs, ptflops-0.6 convention, input {INPUT_SIZE[args.dataset]})")
+          f"(2 x MACs, ptflops-0.6 convention, input {INPUT_SIZE[args.dataset]}; the authors' later README prints "
+          f"1 x MACs: {s['macs'] / 1e9:.2f}G)")
     return 0
 
 

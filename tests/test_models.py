@@ -36,9 +36,11 @@ SCRIPT_NAMES = {
                 "ResNet32_SharedOnly", "ResNet56_NonShared", "ResNet32_NonShared"],
     "cifar100": ["ResNet18", "ResNet34", "ResNet34_SingleShared", "ResNet34_NonShared", "ResNet34_SharedOnly",
                  "DenseNet121", "DenseNet121_SingleShared", "ResNext50", "ResNext50_SingleShared", "MobileNetV2",
-                 "MobileNetV2_Shared"],
+                 "MobileNetV2_Shared", "MobileNetV2_SharedDouble"],
     "ilsvrc": ["ResNet18", "ResNet34", "ResNet34_DoubleShared", "ResNet34_SingleShared", "MobileNetV2",
-               "MobileNetV2_Shared"],
+               "MobileNetV2_Shared", "ResNet50", "ResNet101", "ResNet50_SharedSingle", "ResNet50_Shared",
+               "ResNet101_SharedSingle", "ResNet101_Shared", "MobileNetV2_SharedDouble",
+               "MobileNetV2_SharedDouble_NoECA"],  # the authors' later names (SPEC_v2 section 1), one older layout
 }
 
 

@@ -63,24 +63,29 @@ class StopSignals:
 
 @dataclass(frozen=True)
 class Schedule:
-    """Step LR: ``lr * gamma**#{m: epoch > m}``; ``restart`` begins a stage from the best weights with a fresh SGD."""
+    """Step LR: ``lr * gamma**#{m: epoch > m}``, or with ``gammas`` the product of the factors of the steps passed
+    (ILSVRC MobileNetV2_SharedDouble's last step is x0.5); ``restart`` begins a stage from the best weights afresh."""
     lr: float
     milestones: tuple
     epochs: int
     restart: bool = False
     gamma: float = 0.1
+    gammas: tuple = ()  # one factor per milestone; empty: gamma at every one
 
     @classmethod
     def from_recipe(cls, lr: float, recipe: dict, epochs: Optional[int] = None) -> "Schedule":
         total = int(recipe["recipe_epochs"])
         epochs = total if epochs is None else int(epochs)
         return cls(float(lr), tuple(max(1, int(m) * epochs // total) for m in recipe["milestones"]), epochs,
-                   bool(recipe.get("restart", False)), float(recipe.get("gamma", 0.1)))
+                   bool(recipe.get("restart", False)), float(recipe.get("gamma", 0.1)),
+                   tuple(float(g) for g in recipe.get("gammas", ())))
 
     def stage(self, epoch: int) -> int:
         return sum(epoch > m for m in self.milestones) if epoch > 0 else 0
 
     def lr_at(self, epoch: int) -> float:
+        if self.gammas:
+            return self.lr * math.prod(self.gammas[:self.stage(epoch)])
         return self.lr * self.gamma ** self.stage(epoch)
 
 

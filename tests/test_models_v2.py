@@ -235,6 +235,25 @@ def test_a_cifar100_file_is_not_an_ilsvrc_layout(tmp_path):
     assert net.conv2.out_channels == 100
 
 
+def test_authors_resnet_file_loads_and_rank_flags_are_ignored(tmp_path):
+    """The authors' eval command passes no ranks, their file names carry -S32-U1 anyway (SPEC_v2 8.8): flags ignored."""
+    source, path = _authors_file(tmp_path, "ilsvrc/ResNet50_SharedSingle")
+    net, ckpt = load_model(path, model="ResNet50_SharedSingle", dataset="ilsvrc", shared_rank=32, unique_rank=1)
+    assert net.cfg.build_kwargs() == {} and ckpt["acc"] == 70.0
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(net(x), source(x))
+
+
+@pytest.mark.slow
+def test_export_mobilenetv2_shareddouble_with_eca(tmp_path):
+    from models.export import export_model
+
+    model = _build("ilsvrc/MobileNetV2_SharedDouble").eval()
+    report = export_model(model, tmp_path / "m.pt2", example_input=torch.randn(1, 3, 64, 64), num_batches=1)
+    assert report["folded"] and report["max_rel_diff"] < 1e-4 and (tmp_path / "m.pt2").exists()
+
+
 def test_resnet_fold_is_a_copy_with_the_same_outputs():
     """No factorised convs and no folded() blocks: fold() is an eval copy (export reports 'no foldable blocks')."""
     model = _build("ilsvrc/ResNet50_Shared").eval()
@@ -311,3 +330,28 @@ def test_hub_entry_points_cover_the_new_models():
     assert hubconf.ResNet50_Shared().cfg.dataset == "ilsvrc"  # one dataset: no need to name it
     with pytest.raises(ValueError, match="pass dataset="):
         hubconf.MobileNetV2_SharedDouble()
+
+
+def test_readme_commands_for_the_later_models_parse(monkeypatch):
+    """Every README train/eval command of a later model is valid here, with the weight decay the authors give."""
+    import re
+    import shlex
+    from pathlib import Path
+
+    from utils import cli
+
+    monkeypatch.setitem(os.environ, "CUDA_VISIBLE_DEVICES", os.environ.get("CUDA_VISIBLE_DEVICES", "0"))
+    text = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    later = "|".join(n for n in NEW["ilsvrc"] if "Shared" in n)
+    lines = re.findall(rf"^python3 ((?:train|eval)_ilsvrc\.py .*--model=(?:{later}) .*)$", text, flags=re.M)
+    decays = {}
+    for line in lines:
+        argv = [a.replace("<path_to_model>", "x.pth") for a in shlex.split(line)[1:]]
+        if line.startswith("train"):
+            args = cli.parse_train_args("ilsvrc", argv, prog="train_ilsvrc.py")
+            decays[args.model] = args.weight_decay
+        else:
+            assert cli.parse_eval_args("ilsvrc", argv, prog="eval_ilsvrc.py").model in NEW["ilsvrc"]
+    assert len(lines) == 8
+    assert decays == {"ResNet50_SharedSingle": 4e-5, "ResNet50_Shared": 1e-4, "ResNet101_SharedSingle": 1e-4,
+                      "MobileNetV2_SharedDouble": 1e-5}  # SPEC_v2 section 5

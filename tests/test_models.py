@@ -49,7 +49,8 @@ def test_registry_has_every_script_name(dataset):
     assert sorted(list_models(dataset)) == sorted(SCRIPT_NAMES[dataset])
 
 
-ALL = [(d, n) for d in SCRIPT_NAMES for n in SCRIPT_NAMES[d] if n != "ResNet1202"]
+# ResNet1202 and the ResNet101s are too big for this tier (test_models_v2.py runs ResNet101_Shared, marked slow)
+ALL = [(d, n) for d in SCRIPT_NAMES for n in SCRIPT_NAMES[d] if n != "ResNet1202" and not n.startswith("ResNet101")]
 
 
 @pytest.mark.parametrize("dataset,name", ALL, ids=[f"{d}/{n}" for d, n in ALL])

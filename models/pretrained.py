@@ -90,6 +90,13 @@ def _shapes(model: nn.Module) -> dict:
     return {k: tuple(v.shape) for k, v in model.state_dict().items()}
 
 
+def _layout(name: str, dataset: str, **ranks) -> dict:
+    """The keys and shapes of a registered model, built on the meta device: no memory, no init, no RNG draws (probing
+    every ILSVRC model, ResNet101s included, takes a moment, not a minute)."""
+    with torch.device("meta"):
+        return _shapes(get_model(name, dataset, **ranks))
+
+
 def _shape_mismatch(expected: dict, state: dict) -> str:
     """Why ``state`` cannot load into a model with these shapes ('' when it can)."""
     missing = [k for k in expected if k not in state]
@@ -108,10 +115,10 @@ def infer_ranks(name: str, dataset: str, state: dict) -> dict:
     """The ranks of ``name`` read off a state_dict's shapes, which are affine in the ranks: one probe per rank argument
     gives the slope, and every shape is verified. Builds only default-size models; ValueError when no ranks fit."""
     base = model_defaults(name, dataset)
-    ref = _shapes(get_model(name, dataset, **base))
+    ref = _layout(name, dataset, **base)
     ranks = dict(base)
     for arg, step in base.items():  # probe at twice the default: valid for grouped bases too
-        moved = _shapes(get_model(name, dataset, **{**base, arg: base[arg] + step}))
+        moved = _layout(name, dataset, **{**base, arg: base[arg] + step})
         for key, shape in ref.items():
             dims = [i for i, (a, b) in enumerate(zip(shape, moved[key])) if a != b]
             if dims and key in state and len(state[key].shape) == len(shape):
@@ -120,7 +127,7 @@ def infer_ranks(name: str, dataset: str, state: dict) -> dict:
                 if rest == 0 and base[arg] + value > 0:
                     ranks[arg] = base[arg] + value
                 break
-    problem = _shape_mismatch(ref if ranks == base else _shapes(get_model(name, dataset, **ranks)), state)
+    problem = _shape_mismatch(ref if ranks == base else _layout(name, dataset, **ranks), state)
     if problem:
         raise ValueError(f"checkpoint does not match {name} ({dataset}) at any ranks: {problem}")
     return ranks
@@ -130,16 +137,16 @@ def pick_layout(name: str, dataset: str, state: dict) -> str:
     """``name``, or the older published layout of it (:data:`~models.registry.LAYOUTS`) whose keys ``state`` has:
     the authors published ILSVRC MobileNetV2_SharedDouble with and without ECA under one name (SPEC_v2 8.4)."""
     others = LAYOUTS.get((dataset, name), ())
-    if not others or set(get_model(name, dataset).state_dict()) == set(state):
+    if not others or set(_layout(name, dataset)) == set(state):
         return name
-    return next((o for o in others if set(get_model(o, dataset).state_dict()) == set(state)), name)
+    return next((o for o in others if set(_layout(o, dataset)) == set(state)), name)
 
 
 def guess_model_flags(dataset: str, state: dict) -> Optional[str]:
     """``--model=<name> <rank flags>`` of the first ``dataset`` model whose keys and shapes fit ``state``, or None."""
     for name in list_models(dataset):
         try:
-            if set(get_model(name, dataset).state_dict()) != set(state):
+            if set(_layout(name, dataset)) != set(state):
                 continue
             ranks = infer_ranks(name, dataset, state)
         except ValueError:
@@ -199,7 +206,8 @@ def resolve_model(ckpt: dict, path: str, *, model: Optional[str] = None, dataset
     except ValueError:
         guess = guess_model_flags(dataset, state)
         hint = f"; the file fits {guess}" if guess else "; check --model and the dataset it was trained on"
-        raise CheckpointError(f"checkpoint {path!r} is not a {dataset} {name} at any ranks{hint}") from None
+        why = "at any ranks" if takes else f"({_shape_mismatch(_layout(name, dataset), state)})"
+        raise CheckpointError(f"checkpoint {path!r} is not a {dataset} {name} {why}{hint}") from None
     recorded = ckpt.get("model_kwargs")
     if isinstance(recorded, dict):
         claimed = {**model_defaults(name, dataset), **{k: v for k, v in recorded.items() if k in takes}}

@@ -242,13 +242,22 @@ def test_both_published_ilsvrc_layouts_load_strictly_as_mobilenetv2_shareddouble
     assert hub.cfg.name == net.cfg.name
 
 
-@pytest.mark.slow  # the refusal builds every ILSVRC model to name the one the file fits
 def test_a_cifar100_file_is_not_an_ilsvrc_layout(tmp_path):
     _, path = _authors_file(tmp_path, "cifar100/MobileNetV2_SharedDouble")
     with pytest.raises(CheckpointError, match="is not a ilsvrc MobileNetV2_SharedDouble"):
         load_model(path, model="MobileNetV2_SharedDouble", dataset="ilsvrc")
     net, _ = load_model(path, model="MobileNetV2_SharedDouble", dataset="cifar100")
     assert net.conv2.out_channels == 100
+
+
+def test_the_march_2021_layout_is_refused_with_the_shape(tmp_path):
+    """SPEC_v2 section 3: for four days ECA had k = 3 in every stage; such a file fits neither layout here."""
+    state = {k: torch.zeros(1, 1, 3) if "chan_attention" in k else v
+             for k, v in _build("ilsvrc/MobileNetV2_SharedDouble").state_dict().items()}
+    torch.save({"net_state_dict": state}, tmp_path / "k3.pth")
+    with pytest.raises(CheckpointError, match=r"'stage3.1.chan_attention.conv.weight' has shape \(1, 1, 3\), the "
+                                              r"model expects \(1, 1, 1\)"):
+        load_model(tmp_path / "k3.pth", model="MobileNetV2_SharedDouble", dataset="ilsvrc")
 
 
 @pytest.mark.slow  # an 82 MB file, two more ResNet50 builds

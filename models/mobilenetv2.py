@@ -1,6 +1,6 @@
 """MobileNetV2 for CIFAR-100 and ILSVRC, plain and with shared expansion convs (paper section 4.3; SPEC 2.6, 4).
 
-One :class:`MobileNetV2` class builds all four models from :data:`STAGES` and a :class:`MobileNetV2Cfg` (:data:`CIFAR`
+One :class:`MobileNetV2` class builds all its models from :data:`STAGES` and a :class:`MobileNetV2Cfg` (:data:`CIFAR`
 or :data:`ILSVRC`) holding what the authors' two files do differently. Blocks use functional ReLUs (not ReLU6); only
 the stem's and head's ReLU6 are modules (counted by ptflops), and the global pool is functional (not counted).
 ``MobileNetV2_Shared`` gives stages 3-6 one 1x1 expansion conv each (``shared_basis_1..4``, [6c, c, 1, 1]) that

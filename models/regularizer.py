@@ -74,12 +74,16 @@ class OrthogonalityRegularizer:
         return bool(self.groups)
 
     def __call__(self) -> torch.Tensor:
+        value = 0.0
+        for average in self.averages():
+            value = value + average
+        return value
+
+    def averages(self) -> list[torch.Tensor]:
+        """The average of each set, whose sum is R (one set, or the ``_1`` and the ``_2`` bases' averages)."""
         if not self.groups:
             raise RuntimeError("this model has no shared bases to regularise")
-        value = 0.0
-        for groups, count in zip(self.sets, self.counts):
-            value = value + self._sum(groups) / count
-        return value
+        return [self._sum(groups) / count for groups, count in zip(self.sets, self.counts)]
 
     def _sum(self, groups: list[BasisGroup]) -> torch.Tensor:
         """The selected squared entries of ``groups``' B B^T - I, summed."""

@@ -236,7 +236,7 @@ def _batches(loader, device: torch.device, channels_last: bool, bar=None) -> Ite
     fmt = torch.channels_last if channels_last else torch.preserve_format
     batches = iter(loader)
     if getattr(loader, "num_workers", 0):
-        _LIVE.add(batches)
+        _WORKERS.add(batches)
     for x, y in batches:
         yield x.to(device, non_blocking=True, memory_format=fmt), y.to(device, non_blocking=True)
         if bar is not None:

@@ -11,7 +11,7 @@ from typing import Optional, Union
 import torch
 import torch.nn as nn
 
-from .registry import (DATASETS, LAYOUTS, RANK_ARGS, canonical_name, datasets_of, get_model, list_models,
+from .registry import (DATASETS, LAYOUTS, NUM_CLASSES, RANK_ARGS, canonical_name, datasets_of, get_model, list_models,
                        model_defaults, model_rank_args, rank_flags, unknown_model)
 
 _PREFIXES = ("module.", "_orig_mod.")
@@ -90,11 +90,19 @@ def _shapes(model: nn.Module) -> dict:
     return {k: tuple(v.shape) for k, v in model.state_dict().items()}
 
 
-def _layout(name: str, dataset: str, **ranks) -> dict:
+def _layout(name: str, dataset: str, num_classes: Optional[int] = None, **ranks) -> dict:
     """The keys and shapes of a registered model, built on the meta device: no memory, no init, no RNG draws (probing
     every ILSVRC model, ResNet101s included, takes a moment, not a minute)."""
     with torch.device("meta"):
-        return _shapes(get_model(name, dataset, **ranks))
+        return _shapes(get_model(name, dataset, num_classes=num_classes, **ranks))
+
+
+def head_classes(dataset: str, state: dict) -> Optional[int]:
+    """The class count of an ILSVRC-family file that is not 1000 (they train on any ImageFolder tree), read off its
+    last tensor, the head's bias in every family (bounded by the file itself); None: the dataset's own count."""
+    last = next(reversed(state.values()), None) if dataset == "ilsvrc" else None
+    classes = int(last.shape[0]) if isinstance(last, torch.Tensor) and last.dim() == 1 else None
+    return None if classes in (None, NUM_CLASSES[dataset]) else classes
 
 
 def _shape_mismatch(expected: dict, state: dict) -> str:
@@ -114,11 +122,11 @@ def _shape_mismatch(expected: dict, state: dict) -> str:
 def infer_ranks(name: str, dataset: str, state: dict) -> dict:
     """The ranks of ``name`` read off a state_dict's shapes, which are affine in the ranks: one probe per rank argument
     gives the slope, and every shape is verified. Builds only default-size models; ValueError when no ranks fit."""
-    base = model_defaults(name, dataset)
-    ref = _layout(name, dataset, **base)
+    base, classes = model_defaults(name, dataset), head_classes(dataset, state)
+    ref = _layout(name, dataset, classes, **base)
     ranks = dict(base)
     for arg, step in base.items():  # probe at twice the default: valid for grouped bases too
-        moved = _layout(name, dataset, **{**base, arg: base[arg] + step})
+        moved = _layout(name, dataset, classes, **{**base, arg: base[arg] + step})
         for key, shape in ref.items():
             dims = [i for i, (a, b) in enumerate(zip(shape, moved[key])) if a != b]
             if dims and key in state and len(state[key].shape) == len(shape):
@@ -127,7 +135,7 @@ def infer_ranks(name: str, dataset: str, state: dict) -> dict:
                 if rest == 0 and base[arg] + value > 0:
                     ranks[arg] = base[arg] + value
                 break
-    problem = _shape_mismatch(ref if ranks == base else _layout(name, dataset, **ranks), state)
+    problem = _shape_mismatch(ref if ranks == base else _layout(name, dataset, classes, **ranks), state)
     if problem:
         raise ValueError(f"checkpoint does not match {name} ({dataset}) at any ranks: {problem}")
     return ranks
@@ -206,7 +214,8 @@ def resolve_model(ckpt: dict, path: str, *, model: Optional[str] = None, dataset
     except ValueError:
         guess = guess_model_flags(dataset, state)
         hint = f"; the file fits {guess}" if guess else "; check --model and the dataset it was trained on"
-        why = "at any ranks" if takes else f"({_shape_mismatch(_layout(name, dataset), state)})"
+        heads = head_classes(dataset, state)
+        why = "at any ranks" if takes else f"({_shape_mismatch(_layout(name, dataset, heads), state)})"
         raise CheckpointError(f"checkpoint {path!r} is not a {dataset} {name} {why}{hint}") from None
     recorded = ckpt.get("model_kwargs")
     if isinstance(recorded, dict):
@@ -221,7 +230,7 @@ def resolve_model(ckpt: dict, path: str, *, model: Optional[str] = None, dataset
         raise CheckpointError(f"checkpoint {path!r} was trained with {rank_flags(ranks)}, not {rank_flags(wrong)}; "
                               f"pass {rank_flags(ranks)}")
     inferred = bool(takes) and not isinstance(recorded, dict) and given.keys() != set(takes)
-    return get_model(name, dataset, **ranks), inferred
+    return get_model(name, dataset, num_classes=head_classes(dataset, state), **ranks), inferred
 
 
 def load_model(path: Source, *, model: Optional[str] = None, dataset: Optional[str] = None,

@@ -292,6 +292,22 @@ def test_load_model_our_and_authors_files(tmp_path, dataset, name, ranks, one_th
         P.load_model(authors, dataset=dataset)
 
 
+@pytest.mark.parametrize("name, ranks", [("ResNet34_DoubleShared", {"shared_rank": 4, "unique_rank": 1}),
+                                         ("MobileNetV2_Shared", {})])
+def test_an_ilsvrc_model_of_another_class_count_loads_from_its_file(tmp_path, name, ranks, one_thread):
+    """ILSVRC models train on any ImageFolder tree: a 4-class file (ours or the authors' format) rebuilds a 4-way head;
+    CIFAR heads stay the dataset's."""
+    torch.manual_seed(0)
+    model = get_model(name, "ilsvrc", num_classes=4, **ranks)
+    path = str(tmp_path / "four.pth")
+    torch.save({"net_state_dict": {"module." + k: v for k, v in model.state_dict().items()}}, path)
+    net, _ = P.load_model(path, model=name, dataset="ilsvrc")
+    assert net.cfg.num_classes == 4 and net.cfg.build_kwargs() == ranks and _same_weights(net, model)
+    assert P.head_classes("ilsvrc", model.state_dict()) == 4
+    assert P.head_classes("ilsvrc", get_model(name, "ilsvrc", **ranks).state_dict()) is None  # 1000: the default
+    assert P.head_classes("cifar100", get_model("ResNet34", "cifar100").state_dict()) is None
+
+
 def test_load_model_mismatches_name_the_right_flags(tmp_path, one_thread):
     torch.manual_seed(0)
     model = get_model("ResNet32_DoubleShared", "cifar10", shared_rank=2, unique_rank=1)

@@ -19,6 +19,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from models import get_model
+
 try:  # importable both as a package module and from the tests/ directory
     from tests.fakedata import write_fake_cifar, write_fake_imagefolder
 except ImportError:  # pragma: no cover
@@ -293,6 +295,7 @@ def test_ilsvrc_train_then_eval(data, tmp_path):
              *COMMON])
     top1, top5 = re.findall(r"^Test_Acc_Top1/5 = (\S+)\t(\S+)$", p.stdout, re.M)[-1]
     assert "\nBasis Epoch: 1" in p.stdout and "similarity loss: " in p.stdout
+    assert "test images | 3 classes (the data's folders) |" in p.stdout  # the head is as wide as the tree
     assert "lr 0.1 x0.1 after epochs [1, 1, 1]" in p.stdout  # MobileNetV2 schedule (150/225/285 of 300), 1 epoch
     last = out / "ILSVRC-MobileNetV2_Shared-S32-U1-L10-0-last.pth"
     ckpt = load(last)
@@ -302,6 +305,16 @@ def test_ilsvrc_train_then_eval(data, tmp_path):
     e = run(["eval_ilsvrc.py", f"--pretrained={ref}", "--model=MobileNetV2_Shared", "--batch_size=8",
              f"--dataset_path={data['in']}", *COMMON])
     assert value(e.stdout, "Eval_Acc_top1") == top1 and value(e.stdout, "Eval_Acc_top5") == top5
+    assert load(last)["net_state_dict"]["classifier.1.bias"].shape == (3,)
+    # a 1000-class file (the published ones) on this 3-class tree: one line, in eval and as --pretrained
+    wide = tmp_path / "wide.pth"
+    torch.save({"net_state_dict": get_model("MobileNetV2_Shared", "ilsvrc").state_dict()}, wide)
+    for argv in (["eval_ilsvrc.py", f"--pretrained={wide}"],
+                 ["train_ilsvrc.py", f"--pretrained={wide}", "--epochs=1", f"--output_dir={tmp_path / 'o'}"]):
+        bad = run([*argv, "--model=MobileNetV2_Shared", "--batch_size=8", f"--dataset_path={data['in']}", *COMMON],
+                  rc=1)
+        assert "has 1000 outputs but the dataset under" in bad.stderr and "has 3 classes" in bad.stderr
+        assert len(bad.stderr.strip().splitlines()) == 1
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -34,7 +34,7 @@ def evaluate_checkpoint(args) -> dict:
         loaders = build_loaders(args.dataset, args.dataset_path, args.batch_size, num_workers=args.num_workers,
                                 device=device, seed=args.seed, channels_last=args.channels_last, train=False,
                                 rank=info.rank, world_size=info.world_size)
-        check_classes(loaders, model, args.dataset_path)
+        check_classes(loaders, model.cfg.num_classes, args.dataset_path, args.pretrained)
         params, described = count_params(model), describe(model)
         model.eval()
         folded = False  # a family without folding support is evaluated as trained

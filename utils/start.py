@@ -58,13 +58,13 @@ def build_model(args, num_classes: Optional[int] = None) -> nn.Module:
         raise RunError(f"cannot build {args.model} for {args.dataset}: {e}") from None
 
 
-def check_classes(loaders, model: nn.Module, dataset_path: str, checkpoint: Optional[str] = None) -> None:
+def check_classes(loaders, outputs: int, dataset_path: str, checkpoint: Optional[str] = None) -> None:
     """A head as wide as the data has classes, said before the first step (other labels would fail mid-pass or score
     against the wrong classes)."""
-    if loaders.num_classes != model.cfg.num_classes:
+    if loaders.num_classes != outputs:
         whose = f"checkpoint {checkpoint!r} has" if checkpoint else "the model has"
-        raise RunError(f"{whose} {model.cfg.num_classes} outputs but the dataset under {dataset_path!r} has "
-                       f"{loaders.num_classes} classes: use data with the classes it was trained on")
+        raise RunError(f"{whose} {outputs} outputs but the dataset under {dataset_path!r} has {loaders.num_classes} "
+                       f"classes: use data with the classes it was trained on")
 
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -14,7 +14,9 @@ import torch.nn as nn
 
 from models import OrthogonalityRegularizer
 from models.summary import count_params
-from models.pretrained import CheckpointError, checkpoint_acc, load_weights, read_checkpoint
+from models.pretrained import (CheckpointError, checkpoint_acc, head_classes, load_weights, read_checkpoint,
+                               state_dict_of)
+from models.registry import NUM_CLASSES
 from utils import distributed
 from utils.checkpoint import (atomic_write_bytes, capture_rng_state, lock_run_files, make_checkpoint, restore_rng_state,
                               save_checkpoint)
@@ -79,7 +81,9 @@ class TrainingRun:
         if args.dataset == "ilsvrc" and self.loaders.num_classes != self.model.cfg.num_classes:
             seed_everything(args.seed)  # any ImageFolder tree: the head is as wide as its class folders are many
             self.model = build_model(args, num_classes=self.loaders.num_classes)
-        check_classes(self.loaders, self.model, args.dataset_path, self.start.path)
+        if self.start.ckpt is not None:
+            heads = head_classes(args.dataset, state_dict_of(self.start.ckpt)) or NUM_CLASSES[args.dataset]
+            check_classes(self.loaders, heads, args.dataset_path, self.start.path)
         self.select_loader = self.loaders.val if args.val_split else self.loaders.test
 
     def _setup_model(self) -> None:
@@ -134,10 +138,12 @@ class TrainingRun:
             sizes += f"{images_in(loaders.val)} val (held out, split seed {self.start.split_seed}) / "
         ddp = (f" | DDP {self.world} processes x batch {args.batch_size // self.world}"
                f"{' sync BN' if args.sync_bn else ''}" if self.world > 1 else "")
+        classes = self.model.cfg.num_classes
+        heads = f" | {classes} classes (the data's folders)" if args.dataset == "ilsvrc" and classes != 1000 else ""
         return (f"{args.dataset} {describe(self.model)} | {count_params(self.model):,} params | {self.device} "
-                f"{self.precision.label}{ddp} | {sch.epochs} epochs, lr {sch.lr} x{sch.gamma} after epochs "
-                f"{list(sch.milestones)}{' (restart from best)' if sch.restart else ''} | {sizes}"
-                f"{images_in(loaders.test)} test images | best checkpoint chosen on {self.select}")
+                f"{self.precision.label}{ddp} | {sch.epochs} epochs, lr {sch.lr} x{list(sch.gammas) or sch.gamma} "
+                f"after epochs {list(sch.milestones)}{' (restart from best)' if sch.restart else ''} | {sizes}"
+                f"{images_in(loaders.test)} test images{heads} | best checkpoint chosen on {self.select}")
 
     def _prepare_output(self) -> None:
         """Rank 0: the output folder, ``-args.json`` (resolved flags, how to reproduce) and the TensorBoard writer."""

@@ -77,3 +77,17 @@ def test_report_marks_a_run_stopped_inside_an_epoch(runs, tmp_path, capsys):
     torch.save(last, tmp_path / "Stopped-last.pth")
     code, lines, _, _ = _rows(capsys, [str(tmp_path)])
     assert code == 0 and " 1/2 +3 steps " in lines[1]
+
+
+def test_tensorboard_has_step_scalars_and_the_runs_hparams(runs):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    out, results = runs
+    events = EventAccumulator(os.path.join(out, "runs", "CIFAR10-ResNet32_DoubleShared-S2-U1-L5-0")).Reload()
+    tags = events.Tags()
+    assert {"step/loss", "step/R", "train/loss", "val/top1"} <= set(tags["scalars"])
+    assert [e.step for e in events.Scalars("step/loss")] == [3]  # 48 training images / 16: one check, at the last step
+    hparams = events.PluginTagToContent("hparams")
+    session = next(v for k, v in hparams.items() if k.endswith("session_start_info"))
+    assert b"lambdaR" in session and b"ResNet32_DoubleShared" in session
+    final = events.Scalars("hparam/test_top1")
+    assert final[-1].value == pytest.approx(results["val"]["test_acc"])

@@ -36,7 +36,7 @@ CASES = {
     "cifar100/MobileNetV2_Shared": ("MobileNetV2_Shared", "cifar100", {}, 32, None),
     "ilsvrc/MobileNetV2_Shared@64": ("MobileNetV2_Shared", "ilsvrc", {}, 64, None),
 }
-IDS = list(CASES)
+IDS = [pytest.param(c, marks=pytest.mark.slow) if c.startswith("cifar100/ResNext50") else c for c in CASES]
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")

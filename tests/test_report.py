@@ -91,3 +91,20 @@ def test_tensorboard_has_step_scalars_and_the_runs_hparams(runs):
     assert b"lambdaR" in session and b"ResNet32_DoubleShared" in session
     final = events.Scalars("hparam/test_top1")
     assert final[-1].value == pytest.approx(results["val"]["test_acc"])
+
+
+def test_args_json_and_checkpoints_record_how_to_reproduce_the_run(runs):
+    import subprocess
+    import torch
+    out, _ = runs
+    stem = "CIFAR10-ResNet20-S16-U1-L10-0"
+    recorded = json.loads((out / f"{stem}-args.json").read_text())["provenance"]
+    ckpt = torch.load(out / f"{stem}-last.pth", weights_only=True)
+    assert ckpt["provenance"] == recorded and ckpt["train_seconds"] > 0
+    assert recorded["paths"]["output_dir"] == os.path.abspath(out) and os.path.isabs(recorded["paths"]["dataset_path"])
+    assert recorded["torch"] == str(torch.__version__) and recorded["host"] and "T" in recorded["started"]
+    assert {"command", "cwd", "python", "torchvision", "cuda", "cudnn", "git_dirty"} <= set(recorded)
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True)
+    if head.returncode == 0:  # a git checkout (CI clones one): the commit the run's code came from
+        assert recorded["git_commit"] == head.stdout.strip() and isinstance(recorded["git_dirty"], bool)

@@ -267,8 +267,8 @@ def train_one_epoch(net: Callable, model: nn.Module, loader, optimizer: torch.op
                     on_check: Optional[Callable[[int, float, Optional[float]], None]] = None) -> dict:
     """One pass of CE + ``lambda_r`` * R (R identical on every rank, so DDP counts its gradient once) until ``stop()``.
 
-    Every ``check_every`` steps (when the pass syncs anyway) the bar shows the loss and ``on_check(step, loss, R)`` is
-    called. Returns :func:`pass_stats` plus ``steps`` done in this call and whether it ``stopped`` early."""
+    Every ``check_every`` steps (when the pass syncs anyway) ``on_check(step, loss, R)`` is called; the bar shows the
+    loss every 10 steps. Returns :func:`pass_stats`, ``steps`` done in this call and whether it ``stopped`` early."""
     precision = precision or Precision()
     scaler = precision.scaler or torch.amp.GradScaler("cpu", enabled=False)  # disabled: plain backward and step
     model.train()
@@ -306,6 +306,8 @@ def train_one_epoch(net: Callable, model: nn.Module, loader, optimizer: torch.op
             if step < steps and distributed.any_rank(stop(), device):
                 stopped = True
                 break
+        elif bar is not None and step % 10 == 0:  # a terminal: a fresher loss on the bar, for one sync per 10 steps
+            _show(bar, None, step, loss, reg)
     stats = _stats(counts, time.perf_counter() - start, regularizer is not None, "training")
     return dict(stats, steps=step, stopped=stopped)
 

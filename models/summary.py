@@ -131,6 +131,19 @@ def paper_table(rows: tuple = PAPER_ROWS) -> list[dict]:
     return table
 
 
+def paper_row(dataset: str, name: str, ranks: dict) -> Optional[PaperRow]:
+    """The README row (the paper's first, then the authors' later one) that this model and these ranks reproduce."""
+    return next((r for r in PAPER_ROWS + LATER_ROWS if (r.dataset, r.model) == (dataset, name)
+                 and dict(r.ranks) == ranks), None)
+
+
+def paper_line(row: PaperRow) -> str:
+    """``paper row ResNet50-Shared++: 18.26M params, 4.11G FLOPs (1 x MACs), top-1 err 23.95%, top-5 err 7.14%``."""
+    top5 = f", top-5 err {row.top5_err}" if row.top5_err else ""
+    return (f"paper row {row.row}: {row.params} params, {row.flops} FLOPs ({row.flops_per_mac} x MACs), top-1 err "
+            f"{row.top1_err}{top5}")
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m models.summary", description=__doc__.split("\n\n")[0])
     p.add_argument("--all", action="store_true", help="print every row of the paper's tables")
@@ -162,6 +175,9 @@ def main(argv=None) -> int:
           f"\n  params {s['params']:,} ({s['params_str']})\n  MACs {s['macs']:,}  FLOPs {s['flops_str']} "
           f"(2 x MACs, ptflops-0.6 convention, input {INPUT_SIZE[args.dataset]}; the authors' later README prints "
           f"1 x MACs: {s['macs'] / 1e9:.2f}G)")
+    row = paper_row(args.dataset, s["model"], {k: s[k] for k in model_rank_args(args.model, args.dataset)})
+    if row is not None:
+        print(f"  {paper_line(row)}")
     return 0
 
 

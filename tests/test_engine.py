@@ -155,6 +155,7 @@ def test_fit_then_evaluate_in_process(cifar, tmp_path, monkeypatch, capsys, one_
                                      "--device=cpu", "--num_workers=0"]) == 0
     report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert report["top1"] == pytest.approx(result["best_acc"]) and report["top5"] == pytest.approx(result["best_acc5"])
+    assert report["paper_row"] is None  # ResNet20 is in no table of the paper
     assert run_stem(_args(cifar, tmp_path)) == "CIFAR10-ResNet20-S16-U1-L10-0"
 
 

@@ -383,3 +383,15 @@ def test_readme_commands_for_the_later_models_parse(monkeypatch):
     assert len(lines) == 8
     assert decays == {"ResNet50_SharedSingle": 4e-5, "ResNet50_Shared": 1e-4, "ResNet101_SharedSingle": 1e-4,
                       "MobileNetV2_SharedDouble": 1e-5}  # SPEC_v2 section 5
+
+
+def test_each_published_model_names_its_readme_row(capsys):
+    from models.summary import main, paper_row
+    assert paper_row("ilsvrc", "ResNet50_Shared", {}).row == "ResNet50-Shared++"  # README "Shared++" = code "_Shared"
+    assert paper_row("ilsvrc", "ResNet50_SharedSingle", {}).top1_err == "23.64%"
+    assert paper_row("cifar10", "ResNet56_DoubleShared", {"shared_rank": 16, "unique_rank": 1}).row == "ResNet56-S16U1*"
+    assert paper_row("cifar10", "ResNet56_DoubleShared", {"shared_rank": 8, "unique_rank": 1}) is None
+    assert paper_row("ilsvrc", "ResNet101_Shared", {}) is None  # no README row
+    assert main(["--dataset", "ilsvrc", "--model", "MobileNetV2_SharedDouble"]) == 0
+    assert ("paper row MobileNetV2-Shared++: 2.98M params, 0.33G FLOPs (1 x MACs), top-1 err 28.21%, top-5 err 9.85%"
+            in capsys.readouterr().out)

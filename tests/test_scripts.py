@@ -305,6 +305,8 @@ def test_ilsvrc_train_then_eval(data, tmp_path):
     e = run(["eval_ilsvrc.py", f"--pretrained={ref}", "--model=MobileNetV2_Shared", "--batch_size=8",
              f"--dataset_path={data['in']}", *COMMON])
     assert value(e.stdout, "Eval_Acc_top1") == top1 and value(e.stdout, "Eval_Acc_top5") == top5
+    assert "Compare: paper row MobileNetV2-Shared: 3.24M params, 0.66G FLOPs (2 x MACs), top-1 err 27.61%" in e.stdout
+    assert json_line(e.stdout)["paper_top1_err"] == "27.61%"
     assert load(last)["net_state_dict"]["classifier.1.bias"].shape == (3,)
     # a 1000-class file (the published ones) on this 3-class tree: one line, in eval and as --pretrained
     wide = tmp_path / "wide.pth"

@@ -6,7 +6,7 @@ import torch
 from models import fold
 from models.pretrained import load_weights, read_checkpoint, resolve_model
 from models.registry import rank_flags
-from models.summary import count_params
+from models.summary import count_params, paper_line, paper_row
 from utils import distributed
 from utils.data import build_loaders
 from utils.engine import (Precision, RunError, evaluate, json_line, progress_enabled, run_context, seed_everything,
@@ -53,10 +53,14 @@ def evaluate_checkpoint(args) -> dict:
                       progress=progress_enabled())
         print("Eval_Acc_top1 = %.3f\nEval_Acc_top5 = %.3f\nEval_Err_top1 = %.3f\nEval_Err_top5 = %.3f"
               % (te["top1"], te["top5"], 100 - te["top1"], 100 - te["top5"]))
+        row = paper_row(args.dataset, model.cfg.name, model.cfg.build_kwargs())
+        if row is not None:  # the published number this checkpoint is meant to reproduce
+            print(f"Compare: {paper_line(row)}")
         result = {"dataset": args.dataset, "model": model.cfg.name, "model_kwargs": model.cfg.build_kwargs(),
                   "params": params, "checkpoint": args.pretrained, "checkpoint_epoch": ckpt.get("epoch"),
                   "folded": folded, "images": te["images"], "top1": te["top1"], "top5": te["top5"],
                   "top1_err": round(100.0 - te["top1"], 6), "top5_err": round(100.0 - te["top5"], 6),
-                  "loss": te["loss"], "seconds": round(te["seconds"], 3)}
+                  "loss": te["loss"], "seconds": round(te["seconds"], 3), "paper_row": row and row.row,
+                  "paper_top1_err": row and row.top1_err}
         print(json_line(result))
         return result

@@ -145,15 +145,20 @@ def init_orthogonal_(model: nn.Module) -> None:
             w.copy_(part)
 
 
+def split_by_position(groups: Sequence[BasisGroup]) -> list[list]:
+    """For each position j, the j-th shared basis weight of every group that has one (the authors' later models
+    initialise and regularise each position apart)."""
+    depth = max((len(g.shared) for g in groups), default=0)
+    return [[g.shared[j] for g in groups if j < len(g.shared)] for j in range(depth)]
+
+
 @torch.no_grad()
 def init_orthogonal_by_position_(model: nn.Module) -> None:
     """Each shared basis orthogonal on its own, position by position: every group's first basis, then every group's
     second (the authors' later models, SPEC_v2 section 2; a tall basis gets orthonormal columns)."""
-    groups = basis_groups(model)
-    for j in range(max((len(g.shared) for g in groups), default=0)):
-        for g in groups:
-            if j < len(g.shared):
-                nn.init.orthogonal_(g.shared[j])
+    for position in split_by_position(basis_groups(model)):
+        for weight in position:
+            nn.init.orthogonal_(weight)
 
 
 class SharedBasisConv2d(nn.Module):

@@ -20,7 +20,7 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
-from .basis import BasisGroup, basis_groups
+from .basis import BasisGroup, basis_groups, split_by_position
 
 
 def includes_unique(dataset: str) -> bool:
@@ -48,8 +48,7 @@ def basis_sets(model: nn.Module) -> list[list[BasisGroup]]:
     groups = basis_groups(model)
     if not getattr(model, "bases_by_position", False):
         return [groups] if groups else []
-    depth = max((len(g.shared) for g in groups), default=0)
-    return [[BasisGroup([g.shared[j]], []) for g in groups if j < len(g.shared)] for j in range(depth)]
+    return [[BasisGroup([w], []) for w in position] for position in split_by_position(groups)]
 
 
 class OrthogonalityRegularizer:

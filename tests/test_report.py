@@ -65,8 +65,11 @@ def test_report_lists_an_unreadable_run_and_refuses_an_empty_folder(runs, tmp_pa
     empty.mkdir()
     code, _, _, err = _rows(capsys, [str(empty)])
     assert code == 1 and len(err.strip().splitlines()) == 1 and "no runs found" in err
+    with pytest.raises(SystemExit, match="does not exist: pass the --output_dir"):
+        report.main([str(tmp_path / "missing")])
+    (tmp_path / "notes.txt").write_text("x")
     with pytest.raises(SystemExit, match="neither a folder"):
-        report.main([str(tmp_path / "missing.txt")])
+        report.main([str(tmp_path / "notes.txt")])
 
 
 def test_report_marks_a_run_stopped_inside_an_epoch(runs, tmp_path, capsys):

@@ -63,6 +63,8 @@ def find_runs(paths: list) -> list:
             found += glob.glob(os.path.join(glob.escape(path), "**", "*-last.pth"), recursive=True)
         elif path.endswith("-last.pth") and os.path.isfile(path):
             found.append(path)
+        elif not os.path.exists(path):
+            raise SystemExit(f"report: error: {path!r} does not exist: pass the --output_dir of your runs")
         else:
             raise SystemExit(f"report: error: {path!r} is neither a folder nor a -last.pth checkpoint")
     return sorted(set(os.path.abspath(p) for p in found))

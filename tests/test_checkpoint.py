@@ -292,6 +292,22 @@ def test_load_model_our_and_authors_files(tmp_path, dataset, name, ranks, one_th
         P.load_model(authors, dataset=dataset)
 
 
+@pytest.mark.parametrize("dataset, name, ranks", [("cifar10", "ResNet56_DoubleShared", {"shared_rank": 2}),
+                                                   ("cifar100", "DenseNet121_SingleShared", {}),
+                                                   ("ilsvrc", "MobileNetV2_SharedDouble", {})])
+def test_layouts_and_loading_skip_random_init_but_not_shapes(tmp_path, dataset, name, ranks, one_thread):
+    """Layout probes (meta device) and load_model build without random init: the keys, order and shapes of a real
+    build, the caller's random stream untouched, and exactly the file's weights."""
+    model = get_model(name, dataset, **ranks)
+    real = [(k, tuple(v.shape)) for k, v in model.state_dict().items()]
+    assert list(P._layout(name, dataset, **ranks).items()) == real
+    path = str(tmp_path / "m.pth")
+    C.save_checkpoint(C.make_checkpoint(model, None, epoch=1, acc=1.0), path)
+    expected = torch.manual_seed(5).get_state()
+    net, _ = P.load_model(path)
+    assert torch.equal(torch.get_rng_state(), expected) and _same_weights(net, model)
+
+
 @pytest.mark.parametrize("name, ranks", [("ResNet34_DoubleShared", {"shared_rank": 4, "unique_rank": 1}),
                                          ("MobileNetV2_Shared", {})])
 def test_an_ilsvrc_model_of_another_class_count_loads_from_its_file(tmp_path, name, ranks, one_thread):

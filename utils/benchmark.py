@@ -35,6 +35,7 @@ from utils.data import _CIFAR_LAYOUT, build_loaders
 from utils.engine import Precision, evaluate, resolve_device, train_one_epoch, wrap_model
 
 PAPER_EPOCHS, PAPER_TRAIN, PAPER_TEST = 300, 50000, 10000   # the paper's CIFAR run: 300 epochs over 50k/10k images
+OPTS = ("amp", "channels_last", "compile")  # the opt-in switches of the fast path
 
 
 @dataclass(frozen=True)
@@ -71,8 +72,7 @@ def _model(name: str, cfg: Config, args, device: torch.device) -> nn.Module:
 
 
 def _training(model: nn.Module, cfg: Config) -> tuple:
-    """``(regulariser, optimizer)``: the library's batched regulariser or the authors' per-step loop with masks (None
-    for plain models), and the scripts' SGD."""
+    """``(regulariser or None, the scripts' SGD)``: the library's batched regulariser or the authors' per-step loop."""
     reg = OrthogonalityRegularizer(model)
     if reg and not cfg.batched_reg:
         reg = functools.partial(orthogonality_penalty_reference, model, reg.include_unique)
@@ -116,8 +116,7 @@ class Runner:
 
 
 def _interleaved(calls: dict, warmup: int, reps: int) -> dict:
-    """``{label: [call() per round]}`` after ``warmup`` untimed calls of each; every round runs every configuration,
-    so all see the same machine state."""
+    """``{label: [call() per round]}`` after ``warmup`` calls of each; a round runs all, in the same machine state."""
     for call in calls.values():
         for _ in range(warmup):
             call()
@@ -155,10 +154,9 @@ def write_random_cifar(root: str, dataset: str, n_train: int, n_test: int, seed:
     rng = np.random.default_rng(seed)
     for files, n in ((train_files, n_train), (test_files, n_test)):
         for name, idx in zip(files, np.array_split(np.arange(n), len(files))):
-            obj = {"data": rng.integers(0, 256, (len(idx), 3072), dtype=np.uint8),
-                   label_key: rng.integers(0, NUM_CLASSES[dataset], len(idx)).tolist()}
             with open(os.path.join(root, subdir, name), "wb") as f:
-                pickle.dump(obj, f, protocol=2)
+                pickle.dump({"data": rng.integers(0, 256, (len(idx), 3072), dtype=np.uint8),
+                             label_key: rng.integers(0, NUM_CLASSES[dataset], len(idx)).tolist()}, f, protocol=2)
     return root
 
 
@@ -183,17 +181,13 @@ class EpochRunner:
         return train, _seconds(lambda: evaluate(self.net, self.model, self.test_loader, **kw), self.device)
 
 
-def measure_epochs(args, device: torch.device) -> None:
+def measure_epochs(args, device: torch.device, straight: Config, fast: Config) -> None:
     if args.dataset not in ("cifar10", "cifar100"):
         raise SystemExit("--data needs --dataset cifar10 or cifar100")
     n_train = args.data_images or (PAPER_TRAIN if device.type == "cuda" else 2048)
     n_test = args.data_test_images or max(1, round(n_train * PAPER_TEST / PAPER_TRAIN))
-    straight = Config("straightforward (authors' form)", fused=False, batched_reg=False, gpu_pipeline=False)
-    fast = Config("fast path", amp=args.amp, channels_last=args.channels_last, compile=args.compile)
     with tempfile.TemporaryDirectory(prefix="bench-cifar-") as tmp:
-        path = args.dataset_path
-        if path is None:
-            path = write_random_cifar(tmp, args.dataset, n_train, n_test)
+        path = args.dataset_path or write_random_cifar(tmp, args.dataset, n_train, n_test)
         runners = {c.label: EpochRunner(c, args, device, path) for c in (straight, fast)}
         r0 = runners[straight.label]
         n_train, n_test = len(r0.train_loader.dataset), len(r0.test_loader.dataset)
@@ -252,25 +246,24 @@ def main(argv=None) -> None:
         p.exit(1, f"{p.prog}: error: {e}\n")
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.batch_size is None:
-        args.batch_size = 256 if device.type == "cuda" else 64
-    if args.plain_model is None:
-        args.plain_model = args.model.split("_")[0]
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
+    args.batch_size = args.batch_size or (256 if device.type == "cuda" else 64)
+    args.plain_model = args.plain_model or args.model.split("_")[0]
+    torch.backends.cudnn.benchmark = device.type == "cuda"
+    chosen = [k for k in OPTS if getattr(args, k)]
+    fast = Config("fast path", **{k: k in chosen for k in OPTS})
+    straight = Config("straightforward (authors' form)", fused=False, batched_reg=False, gpu_pipeline=False)
     model = f"{args.dataset} {args.model} (s={args.shared_rank}, u={args.unique_rank})"
     where = (f"device {device}{' ' + torch.cuda.get_device_name(device) if device.type == 'cuda' else ''}, "
              f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads")
     if args.data:
         print(f"{model}; {where}, batch {args.batch_size}; fast path: fused, batched regulariser"
-              f"{''.join(' + ' + k for k in ('amp', 'channels_last', 'compile') if getattr(args, k))}")
-        return measure_epochs(args, device)
+              f"{''.join(' + ' + k for k in chosen)}")
+        return measure_epochs(args, device, straight, fast)
     print(f"{model} vs {args.plain_model}; {where}, train batch {args.batch_size}, eval batch {args.eval_batch_size}, "
           f"{args.reps} interleaved rounds after {args.warmup} warm-up")
-    fast = Config("fast path (all on)", amp=args.amp, channels_last=args.channels_last, compile=args.compile)
+    fast = replace(fast, label="fast path (all on)")
     switches = [("fused", "one conv over [unique || shared]"), ("batched_reg", "batched regulariser")]
-    switches += [(k, k) for k in ("amp", "channels_last", "compile") if getattr(args, k)]
-    straight = Config("straightforward (authors' form)", fused=False, batched_reg=False)
+    switches += [(k, k) for k in chosen]
     if not args.skip_train:
         configs = [straight, Config(f"plain {args.plain_model}", plain=True), fast]
         configs += [replace(fast, label=f"  fast without {text}", **{k: False}) for k, text in switches]
@@ -278,9 +271,8 @@ def main(argv=None) -> None:
     if not args.skip_eval:
         eval_fast = replace(fast, label="folded (models.fold)", folded=True)
         configs = [Config("unfolded, two convs + cat", fused=False), Config(f"plain {args.plain_model}", plain=True),
-                   Config("unfolded, fused basis conv", amp=args.amp, channels_last=args.channels_last), eval_fast]
-        configs += [replace(eval_fast, label=f"  folded without {k}", **{k: False})
-                    for k in ("amp", "channels_last", "compile") if getattr(args, k)]
+                   replace(fast, label="unfolded, fused basis conv", compile=False), eval_fast]
+        configs += [replace(eval_fast, label=f"  folded without {k}", **{k: False}) for k in chosen]
         _report("Evaluation (forward only)", measure(configs, args, device, train=False), configs[0].label)
 
 

@@ -124,27 +124,22 @@ def _interleaved(calls: dict, warmup: int, reps: int) -> dict:
     return {label: [r[label] for r in rounds] for label in calls}
 
 
-def measure(configs: list[Config], args, device: torch.device, train: bool) -> dict:
+def measure(title: str, configs: list[Config], args, device: torch.device, train: bool) -> None:
+    """Prints the median step time of each configuration (relative to the first) and its peak device memory."""
     runners = {c.label: Runner(c, args, device, train) for c in configs}
     times = _interleaved({k: functools.partial(_seconds, r.step, device) for k, r in runners.items()},
                          args.warmup, args.reps)
-    peak = {}
-    if device.type == "cuda":
-        for c in configs:
-            torch.cuda.reset_peak_memory_stats()
-            runners[c.label].step()
-            torch.cuda.synchronize()
-            peak[c.label] = torch.cuda.max_memory_allocated() / 2 ** 20
-    return {c.label: (statistics.median(times[c.label]), runners[c.label].images, peak.get(c.label)) for c in configs}
-
-
-def _report(title: str, results: dict, baseline: str) -> None:
-    base = results[baseline][0]
+    base = statistics.median(times[configs[0].label])
     print(f"\n{title}")
     print(f"{'configuration':44} {'ms/step':>9} {'img/s':>9} {'vs straightforward':>19} {'peak MiB':>9}")
-    for label, (t, images, peak) in results.items():
-        peak_s = f"{peak:9.0f}" if peak is not None else f"{'-':>9}"
-        print(f"{label:44} {t * 1e3:9.1f} {images / t:9.0f} {t / base:18.2f}x {peak_s}")
+    for label, runner in runners.items():
+        peak = f"{'-':>9}"
+        if device.type == "cuda":  # one more step, after all are timed
+            torch.cuda.reset_peak_memory_stats()
+            _seconds(runner.step, device)
+            peak = f"{torch.cuda.max_memory_allocated() / 2 ** 20:9.0f}"
+        t = statistics.median(times[label])
+        print(f"{label:44} {t * 1e3:9.1f} {runner.images / t:9.0f} {t / base:18.2f}x {peak}")
 
 
 def write_random_cifar(root: str, dataset: str, n_train: int, n_test: int, seed: int = 0) -> str:
@@ -267,13 +262,13 @@ def main(argv=None) -> None:
     if not args.skip_train:
         configs = [straight, Config(f"plain {args.plain_model}", plain=True), fast]
         configs += [replace(fast, label=f"  fast without {text}", **{k: False}) for k, text in switches]
-        _report("Training step", measure(configs, args, device, train=True), straight.label)
+        measure("Training step", configs, args, device, train=True)
     if not args.skip_eval:
         eval_fast = replace(fast, label="folded (models.fold)", folded=True)
         configs = [Config("unfolded, two convs + cat", fused=False), Config(f"plain {args.plain_model}", plain=True),
                    replace(fast, label="unfolded, fused basis conv", compile=False), eval_fast]
         configs += [replace(eval_fast, label=f"  folded without {k}", **{k: False}) for k in chosen]
-        _report("Evaluation (forward only)", measure(configs, args, device, train=False), configs[0].label)
+        measure("Evaluation (forward only)", configs, args, device, train=False)
 
 
 if __name__ == "__main__":

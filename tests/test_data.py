@@ -161,11 +161,16 @@ def _recover(out):
     return torch.tensor(dys), torch.tensor(dxs), torch.tensor(flips)
 
 
+def random_crop_flip(images, pad=4, generator=None):
+    """The loader's training augmentation (one draw, one gather) on NCHW images of any dtype."""
+    return G._crop_flip(images, *G._draw_crop_flip(images.shape[0], pad, images.device, generator))
+
+
 def test_random_crop_flip_matches_torchvision_ops():
     n = 2000
     img = _coded_images(n)
     g = torch.Generator().manual_seed(0)
-    out = G.random_crop_flip(img, pad=4, generator=g)
+    out = random_crop_flip(img, pad=4, generator=g)
     assert out.dtype == torch.uint8 and out.shape == img.shape
     dy, dx, flip = _recover(out)
     for d in (dy, dx):   # every offset in [-4, 4] occurs, roughly uniformly, on both axes
@@ -180,13 +185,13 @@ def test_random_crop_flip_matches_torchvision_ops():
         ref = TF.hflip(ref) if flip[i] else ref
         assert torch.equal(out[i], ref)
     # float input: same geometry for the same draws, zeros in the padded region
-    outf = G.random_crop_flip(img.float(), pad=4, generator=torch.Generator().manual_seed(0))
+    outf = random_crop_flip(img.float(), pad=4, generator=torch.Generator().manual_seed(0))
     assert outf.dtype == torch.float32 and torch.equal(outf, out.float())
 
 
 def test_random_crop_flip_keeps_labels_with_images():
     img = _coded_images(300)
-    out = G.random_crop_flip(img, generator=torch.Generator().manual_seed(3))
+    out = random_crop_flip(img, generator=torch.Generator().manual_seed(3))
     code = out[:, 2].flatten(1).max(1).values     # max over the valid region = the image's code
     assert torch.equal(code, img[:, 2, 0, 0])
     # the code channel is constant over the valid region and zero elsewhere

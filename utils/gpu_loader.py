@@ -7,7 +7,7 @@ offsets at once from ``(seed, epoch)`` (reproducible, resumable at any step), wi
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence, Tuple
+from typing import Optional, Sequence
 
 import torch
 from torch.utils.data import TensorDataset
@@ -33,24 +33,15 @@ def _draw_crop_flip(n: int, pad: int, device, generator: Optional[torch.Generato
     return dy, dx, torch.randint(0, 2, (n,), device=device, generator=generator).bool()
 
 
-def random_crop_flip(images: torch.Tensor, pad: int = 4, generator: Optional[torch.Generator] = None) -> torch.Tensor:
-    """Batched ``RandomCrop(H, padding=pad)`` (zero fill) + ``RandomHorizontalFlip()`` on NCHW images of any dtype."""
-    dev = generator.device if generator is not None else images.device
-    dy, dx, flip = (t.to(images.device) for t in _draw_crop_flip(images.shape[0], pad, dev, generator))
-    return _crop_flip(images, dy, dx, flip)
-
-
 def normalize(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
     """uint8 NCHW -> float32 ``(x / 255 - mean) / std``: the float ops of ToTensor + Normalize, bit for bit."""
     return images.to(torch.float32).div_(255).sub_(mean).div_(std)
 
 
 class GpuCifarLoader:
-    """Device-resident loader of uint8 HWC CIFAR ``images`` and ``labels``; ``train`` shuffles and augments.
-
-    Under DDP all ranks draw the same permutation and offsets (on the CPU, so GPU models agree) and take positions
-    ``rank, rank + W, ...``: their ``k``-th batches together are single-process batch ``k`` of ``W * batch_size``.
-    """
+    """Device-resident loader of uint8 HWC CIFAR ``images``/``labels``; ``train`` shuffles and augments. Under DDP
+    all ranks draw the same permutation and offsets (on the CPU, so GPU models agree) and take positions ``rank,
+    rank + W, ...``: their ``k``-th batches together are single-process batch ``k`` of ``W * batch_size``."""
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int, *, mean: Sequence[float],
                  std: Sequence[float], train: bool = True, device="cpu", seed: int = 0, pad: int = 4,

@@ -91,10 +91,6 @@ def make_checkpoint(model: nn.Module, optimizer: Optional[torch.optim.Optimizer]
     return ckpt
 
 
-class OutputLocked(RunError):
-    """Another live process is writing the same run's files."""
-
-
 def lock_run_files(out_dir: str, stem: str) -> IO:
     """Hold ``.<stem>.lock`` while the returned file is open (freed at any exit); remove a killed writer's tmp files."""
     os.makedirs(out_dir, exist_ok=True)
@@ -103,7 +99,7 @@ def lock_run_files(out_dir: str, stem: str) -> IO:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
         handle.close()
-        raise OutputLocked(f"another process is writing the {stem} files in {out_dir!r} (it holds .{stem}.lock); "
+        raise RunError(f"another process is writing the {stem} files in {out_dir!r} (it holds .{stem}.lock); "
                            f"wait for it to end, or pass another --output_dir") from None
     for name in (f"{stem}.pth", f"{stem}-last.pth", f"{stem}-args.json", f"{stem}epoch*.pth"):
         for tmp in glob.glob(os.path.join(glob.escape(out_dir), f".{name}.*.tmp")):

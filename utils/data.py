@@ -82,8 +82,7 @@ def _read_cifar_file(path: str, label_key: str, num_classes: int) -> Tuple[np.nd
     obj = {(k.decode("latin1") if isinstance(k, bytes) else k): v for k, v in obj.items()}
     missing = [k for k in ("data", label_key) if k not in obj]
     if missing:
-        raise DatasetError(f"CIFAR file {path!r} lacks key {missing[0]!r} (has {sorted(map(str, obj))}); is it "
-                           f"from the other CIFAR dataset? replace it with the file from the official archive")
+        raise bad(f" lacks key {missing[0]!r} (has {sorted(map(str, obj))}), as the other CIFAR dataset's would")
     data, labels = np.asarray(obj["data"]), np.asarray(obj[label_key])
     if data.ndim != 2 or data.shape[1] != 3072 or not np.issubdtype(data.dtype, np.integer) or (
             data.size and (data.min() < 0 or data.max() > 255)):
@@ -279,11 +278,9 @@ def build_loaders(dataset: str, dataset_path: PathLike, batch_size: int, *, num_
                   channels_last: bool = False, train: bool = True, download: bool = True, val_split: int = 0,
                   split_seed: int = VAL_SPLIT_SEED, rank: int = 0, world_size: int = 1) -> Loaders:
     """The loaders of one dataset, as the scripts use them; each yields ``(x, y)``, training ones have set_epoch.
-
     ``batch_size`` is per process; ``device`` selects pin_memory and, for CIFAR with ``gpu_pipeline`` None, the
     GPU-resident pipeline on CUDA; ``train=False`` reads no training files; ``val_split`` holds out that many
-    training images (fixed by ``split_seed``); DDP training shards are padded to equal length, val/test ones not.
-    """
+    training images (fixed by ``split_seed``); DDP training shards are padded to equal length, val/test ones not."""
     if dataset not in DATASETS:
         raise ValueError(f"unknown dataset {dataset!r}; expected one of {', '.join(DATASETS)}")
     if dataset == "ilsvrc" and gpu_pipeline:

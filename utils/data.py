@@ -1,8 +1,7 @@
 """CIFAR-10/100 and ILSVRC2012 datasets and loaders (SPEC section 5); :func:`build_loaders` is the entry point.
 
 Order and augmentation are functions of ``(seed, epoch, sample index)`` alone, so batches do not depend on the
-number of workers and a run resumed at any step sees the batches an uninterrupted run sees.
-"""
+number of workers and a run resumed at any step sees the batches an uninterrupted run sees."""
 from __future__ import annotations
 
 import collections

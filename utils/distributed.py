@@ -1,7 +1,6 @@
 """torchrun support: join the process group from the environment, rank helpers, reductions of metric tensors.
 
-Without torchrun (or with ``WORLD_SIZE=1``) every function is the identity. Backend: NCCL on CUDA, gloo on CPU.
-"""
+Without torchrun (or with ``WORLD_SIZE=1``) every function is the identity. Backend: NCCL on CUDA, gloo on CPU."""
 from __future__ import annotations
 
 import contextlib

@@ -2,8 +2,7 @@
 
 Per-image PIL work dominates a DataLoader CIFAR epoch; here each epoch draws its permutation and all crop/flip
 offsets at once from ``(seed, epoch)`` (reproducible, resumable at any step), with the distribution of
-``RandomCrop(32, padding=4)`` + ``RandomHorizontalFlip`` + ``ToTensor`` + ``Normalize`` (tested).
-"""
+``RandomCrop(32, padding=4)`` + ``RandomHorizontalFlip`` + ``ToTensor`` + ``Normalize`` (tested)."""
 from __future__ import annotations
 
 import math

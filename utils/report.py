@@ -3,8 +3,7 @@
     python -m utils.report ./checkpoint [more folders or -last.pth files]
 
 A run is a ``<stem>-last.pth`` (written every epoch); its best checkpoint ``<stem>.pth`` supplies the test score of a
-``--val_split`` run, which is scored on the test set once, at the end.
-"""
+``--val_split`` run, which is scored on the test set once, at the end."""
 from __future__ import annotations
 
 import argparse

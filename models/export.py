@@ -13,7 +13,6 @@ import importlib.util
 import math
 import os
 import sys
-import warnings
 from typing import Optional, Sequence, Union
 
 import torch
@@ -34,7 +33,7 @@ class ExportError(RuntimeError):
 
 
 class OnnxUnavailableError(ExportError):
-    """``onnx=True`` was asked for but the optional ``onnx`` package is not installed."""
+    """``onnx=True`` was asked for but the optional ``onnx`` or ``onnxscript`` package is not installed."""
 
 
 def _why(e: BaseException) -> str:
@@ -42,7 +41,7 @@ def _why(e: BaseException) -> str:
 
 
 def _onnx_missing() -> bool:
-    return importlib.util.find_spec("onnx") is None
+    return any(importlib.util.find_spec(name) is None for name in ("onnx", "onnxscript"))
 
 
 def _worst(run, batches: list, refs: list) -> tuple[float, float]:
@@ -68,24 +67,13 @@ def _export(model: nn.Module, example: torch.Tensor, dynamic: bool):
     return torch.export.export(model, (example,)), False, note + f"fixed batch {example.shape[0]}"
 
 
-def _export_onnx(program, model: nn.Module, example: torch.Tensor, dynamic: bool, path: str) -> str:
-    """The dynamo exporter on the program (needs onnxscript), else the legacy TorchScript one; returns which."""
-    errors = ["dynamo: onnxscript is not installed"]
-    if importlib.util.find_spec("onnxscript") is not None:
-        try:
-            torch.onnx.export(program, f=path, dynamo=True, external_data=False, verbose=False,
-                              input_names=["input"], output_names=["logits"])
-            return "dynamo"
-        except Exception as e:  # noqa: BLE001
-            errors = [f"dynamo: {_why(e)}"]
+def _export_onnx(program, path: str) -> None:
+    """The dynamo exporter (onnxscript) on the exported program."""
     try:
-        with warnings.catch_warnings(action="ignore"):  # the legacy exporter's deprecation notice
-            torch.onnx.export(model, (example,), path, dynamo=False, input_names=["input"], output_names=["logits"],
-                              dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}} if dynamic else None)
-        return "legacy"
+        torch.onnx.export(program, f=path, dynamo=True, external_data=False, verbose=False, input_names=["input"],
+                          output_names=["logits"])
     except Exception as e:  # noqa: BLE001
-        errors.append(f"legacy: {_why(e)}")
-    raise ExportError(f"ONNX export failed ({'; '.join(errors)}); {ONNX_HINT}")
+        raise ExportError(f"ONNX export failed ({_why(e)}); {ONNX_HINT}") from e
 
 
 def _check_onnx(path: str, batches: list, refs: list) -> tuple[Optional[float], Optional[float]]:
@@ -121,8 +109,7 @@ def _fold(model: nn.Module, fold: bool, batches: list, refs: list, report: dict)
     return target
 
 
-def _save_checked(program, target: nn.Module, example: torch.Tensor, onnx: bool, batches: list, refs: list,
-                  rtol: float, report: dict) -> None:
+def _save_checked(program, onnx: bool, batches: list, refs: list, rtol: float, report: dict) -> None:
     """Each file is renamed into place only once its own check passed."""
     with atomic_path(report["out"], ".pt2") as tmp:
         torch.export.save(program, tmp)
@@ -135,7 +122,7 @@ def _save_checked(program, target: nn.Module, example: torch.Tensor, onnx: bool,
         if onnx:
             onnx_out = os.path.splitext(report["out"])[0] + ".onnx"
             with atomic_path(onnx_out, ".onnx") as tmp_onnx:
-                report["onnx_exporter"] = _export_onnx(program, target, example, report["dynamic_batch"], tmp_onnx)
+                _export_onnx(program, tmp_onnx)
                 checked = _check_onnx(tmp_onnx, batches, refs)
                 report["onnx_max_abs_diff"], report["onnx_max_rel_diff"] = checked
                 if checked[1] is not None and not checked[1] <= rtol:
@@ -179,7 +166,7 @@ def export_model(model: nn.Module, out: Union[str, os.PathLike], *, example_inpu
     if not report["dynamic_batch"]:
         batches, refs = draw([n0])
     report["batch_sizes"] = [x.shape[0] for x in batches]
-    _save_checked(program, target, example_input, onnx, batches, refs, rtol, report)
+    _save_checked(program, onnx, batches, refs, rtol, report)
     report["note"] = report["note"].rstrip("; ")
     return report
 
@@ -202,7 +189,7 @@ def _print_report(args, model: nn.Module, r: dict) -> None:
     if r["onnx"]:
         checked = (f"max rel diff {r['onnx_max_rel_diff']:.2e}" if r["onnx_max_rel_diff"] is not None
                    else "outputs not checked: pip install onnxruntime")
-        print(f"  onnx     {r['onnx']} ({r['onnx_exporter']} exporter, {checked})")
+        print(f"  onnx     {r['onnx']} ({checked})")
     if r["note"]:
         print(f"  note     {r['note']}")
 

@@ -32,16 +32,6 @@ def _import_models():
 
 
 _models = _import_models()
-_VARIANTS = {
-    "DoubleShared": "two shared filter bases per group (one per conv position) plus unique filters",
-    "SingleShared": "one shared filter basis per group plus unique filters",
-    "SharedOnly": "shared filter bases only (no unique filters)",
-    "NonShared": "per-layer bases only (the no-sharing ablation)",
-    "Shared": "shared whole convs (MobileNetV2: 1x1 expansions; ResNet50/101: 3x3 and 1x1 expansions, README Shared++)",
-    "SharedSingle": "a shared whole 3x3 conv per layer (README Shared)",
-    "SharedDouble": "shared 1x1 expansion and projection convs (README Shared++; ILSVRC: with ECA attention)",
-    "SharedDouble_NoECA": "shared 1x1 expansion and projection convs, the November 2020 layout without ECA",
-}
 
 
 def _rank_args(name: str) -> list:
@@ -53,7 +43,7 @@ def _doc(name: str) -> str:
     """One line, as torch.hub.help shows it: the model, its datasets and its keywords with their defaults."""
     datasets = _models.registry.datasets_of(name)
     variant = name.split("_", 1)[1] if "_" in name else None
-    what = _VARIANTS.get(variant, "shared-basis variant") if variant else "plain baseline"
+    what = _models.registry.VARIANTS[variant][2] if variant else "plain baseline"
     args = [f"dataset={datasets[0]!r}" if len(datasets) == 1 else f"dataset={'|'.join(datasets)} (required)"]
     for arg in _rank_args(name):
         values = {d: _models.registry.model_defaults(name, d).get(arg) for d in datasets}

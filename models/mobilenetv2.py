@@ -68,11 +68,6 @@ class ECA(nn.Module):
         return x * torch.sigmoid(y.transpose(-1, -2).unsqueeze(-1))
 
 
-def eca_kernel(channels: int) -> int:
-    """The authors' ECA kernel size: 1 for stages 3-4 (fewer than 96 channels), 3 for stages 5-6."""
-    return 1 if channels < 96 else 3
-
-
 class InvertedResidual(nn.Module):
     """Expand 1x1 ``conv1`` -> bn1 -> ReLU -> depthwise 3x3 ``conv2`` -> bn2 -> ReLU -> project 1x1 ``conv3`` -> bn3,
     plus the residual chosen by ``projection_shortcuts``. ``shared``: the stage's 1x1 convs used instead of the own
@@ -171,7 +166,7 @@ class MobileNetV2(nn.Module):
                     shared.append(nn.Conv2d(t * c, c, 1, bias=False))  # and their projection conv
                 register_bases(self, shared, f"shared_basis_{SHARED_STAGES.index(i) + 1}")
             blocks = [InvertedResidual(in_channels, c, t, stride, cfg.projection_shortcuts)]
-            attention = eca_kernel(c) if eca and shared else 0
+            attention = (1 if c < 96 else 3) if eca and shared else 0  # the authors' ECA kernel: 3 from stage 5 on
             for _ in range(1, n):
                 blocks.append(InvertedResidual(c, c, t, 1, cfg.projection_shortcuts, shared, attention))
             in_channels = c

@@ -20,18 +20,18 @@ NUM_CLASSES = {"cifar10": 10, "cifar100": 100, "ilsvrc": 1000}
 INPUT_SIZE = {"cifar10": (3, 32, 32), "cifar100": (3, 32, 32), "ilsvrc": (3, 224, 224)}
 RANK_ARGS = ("shared_rank", "unique_rank")
 DEFAULT_RANKS = {"shared_rank": 16, "unique_rank": 1}  # the authors' scripts' defaults
-# The paper's variants by name suffix: (shared bases per group, rank keywords taken). Plain names have no suffix.
+# Variants by name suffix (plain names have none): (shared bases per group, rank keywords taken, torch.hub's help).
+# The later ones (SPEC_v2) share whole convs and take no ranks; ResNet50/101_Shared registers 2 bases per group.
 VARIANTS = {
-    "DoubleShared": (2, ("shared_rank", "unique_rank")),
-    "SingleShared": (1, ("shared_rank", "unique_rank")),
-    "SharedOnly": (2, ("shared_rank",)),
-    "NonShared": (0, ("unique_rank",)),
-    "Shared": (1, ()),  # MobileNetV2_Shared: shared 1x1 expansion convs whose size the architecture fixes
-    # The authors' later models (SPEC_v2): whole shared convs, no ranks. ResNet50/101_Shared (README "Shared++")
-    # registers 2 per group; SharedSingle is README "Shared"; the NoECA suffix names an older published layout.
-    "SharedSingle": (1, ()),
-    "SharedDouble": (2, ()),
-    "SharedDouble_NoECA": (2, ()),
+    "DoubleShared": (2, RANK_ARGS, "two shared filter bases per group (one per conv position) plus unique filters"),
+    "SingleShared": (1, RANK_ARGS, "one shared filter basis per group plus unique filters"),
+    "SharedOnly": (2, ("shared_rank",), "shared filter bases only (no unique filters)"),
+    "NonShared": (0, ("unique_rank",), "per-layer bases only (the no-sharing ablation)"),
+    "Shared": (1, (), "shared whole convs (MobileNetV2: 1x1 expansions; ResNet50/101: 3x3 and 1x1 expansions, "
+                      "README Shared++)"),
+    "SharedSingle": (1, (), "a shared whole 3x3 conv per layer (README Shared)"),
+    "SharedDouble": (2, (), "shared 1x1 expansion and projection convs (README Shared++; ILSVRC: with ECA attention)"),
+    "SharedDouble_NoECA": (2, (), "shared 1x1 expansion and projection convs, the November 2020 layout without ECA"),
 }
 # Older published layouts of a model, tried in order when a checkpoint's keys do not fit the model's own (SPEC_v2 8.4).
 LAYOUTS = {("ilsvrc", "MobileNetV2_SharedDouble"): ("MobileNetV2_SharedDouble_NoECA",)}
@@ -77,7 +77,7 @@ def register_model(dataset: str, name: str, *, channels: int = 0, rank_multiple:
     suffix = name.split("_", 1)[1] if "_" in name else None
     if suffix is not None and suffix not in VARIANTS:
         raise ValueError(f"model {name!r}: unknown variant {suffix!r}; variants: {', '.join(VARIANTS)}")
-    bases, rank_args = VARIANTS[suffix] if suffix else (None, ())
+    bases, rank_args, _ = VARIANTS[suffix] if suffix else (None, (), "")
     if set(defaults) - set(rank_args):
         raise ValueError(f"{name} does not take {', '.join(sorted(set(defaults) - set(rank_args)))}")
     if rank_args and channels <= 0:

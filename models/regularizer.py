@@ -73,10 +73,7 @@ class OrthogonalityRegularizer:
         return bool(self.groups)
 
     def __call__(self) -> torch.Tensor:
-        value = 0.0
-        for average in self.averages():
-            value = value + average
-        return value
+        return sum(self.averages())
 
     def averages(self) -> list[torch.Tensor]:
         """The average of each set, whose sum is R (one set, or the ``_1`` and the ``_2`` bases' averages)."""

@@ -119,11 +119,7 @@ def _check_groups(what: str, rank: int, width: int, layer: int) -> None:
 class ResNeXt(nn.Module):
     """ResNeXt for 32x32 inputs, plain or with one shared grouped basis per layer (``basis=BasisCfg(1, s, u)``:
     layer g's shared basis has ``s * 2^(g-1)`` filters in ``s / 4`` groups, its unique ones ``u * 2^(g-1)`` filters in
-    groups of 4). Inner width is ``planes * base_width / 64 * cardinality``.
-
-    Raises:
-        ValueError: ranks that cannot form groups of 4 filters dividing the input width.
-    """
+    groups of 4; other ranks raise ValueError). Inner width is ``planes * base_width / 64 * cardinality``."""
 
     def __init__(self, layers: Sequence[int], num_classes: int, *, cardinality: int = 32, base_width: int = 4,
                  basis: Optional[BasisCfg] = None) -> None:

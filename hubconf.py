@@ -23,9 +23,8 @@ def _import_models():
     loaded = _sys.modules.get("models")
     where = getattr(loaded, "__file__", None) or ""
     if loaded is not None and not _os.path.realpath(where).startswith(_REPO + _os.sep):
-        raise ImportError(f"another module named 'models' is already imported ({where or loaded!r}); this "
-                          f"repository's hub entry points need its own 'models' package: load them in a fresh "
-                          f"Python process, or before importing the other 'models'")
+        raise ImportError(f"another module named 'models' is already imported ({where or loaded!r}); load this "
+                          f"repository's hub entry points in a fresh Python process, or before the other 'models'")
     import models
     import models.pretrained
     return models

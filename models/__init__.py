@@ -4,11 +4,7 @@ Importing the package registers every model of the paper: ``get_model("ResNet56_
 shared_rank=16, unique_rank=1)``; ``load_model("checkpoint.pth")`` rebuilds a checkpoint's model. Self-contained: it
 imports nothing from the training code (``utils``).
 """
-from . import resnet  # noqa: F401  (registers the ResNets)
-from . import bottleneck  # noqa: F401  (registers ILSVRC ResNet50/101*)
-from . import densenet  # noqa: F401  (registers DenseNet121*)
-from . import resnext  # noqa: F401  (registers ResNext50*)
-from . import mobilenetv2  # noqa: F401  (registers MobileNetV2*)
+from . import resnet, bottleneck, densenet, resnext, mobilenetv2  # noqa: F401  (importing registers their models)
 from .fold import fold
 from .basis import BasisCfg, BasisPosition, SharedBasisConv2d, basis_conv2d, basis_groups, set_fused
 from .pretrained import load_model

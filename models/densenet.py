@@ -86,10 +86,8 @@ class SharedBottleneck(nn.Module):
         paper's S16U1 (r = 17) stays factorised and S64U4 (r = 68) becomes a plain DenseNet)."""
         conv, _ = fold_factorised(self.basis_positions()[0], dense, keep_bias=True)
         if isinstance(conv, nn.Sequential):  # factorised: basis conv + coefficient conv with the bias
-            return FoldedSharedBottleneck(copy.deepcopy(self.bn0), copy.deepcopy(self.conv1), copy.deepcopy(self.bn1),
-                                          conv[0], conv[1]).eval()
-        block = Bottleneck(self.bn0.num_features, self.coeff_conv2.out_channels)
-        block = block.to(conv.weight.device, conv.weight.dtype)
+            return FoldedSharedBottleneck(self, conv[0], conv[1]).eval()
+        block = Bottleneck(self.bn0.num_features, conv.out_channels).to(conv.weight.device, conv.weight.dtype)
         f = block.residual_function
         f[0].load_state_dict(self.bn0.state_dict())
         f[2].weight.copy_(self.conv1.weight)
@@ -109,10 +107,9 @@ class FoldedSharedBottleneck(nn.Module):
     """Eval-only low-rank :class:`SharedBottleneck`: its ``basis_conv2`` is the layer's own copy of the ``[unique ||
     shared]`` filters, ``coeff_conv2`` has the basis BN folded in."""
 
-    def __init__(self, bn0: nn.BatchNorm2d, conv1: nn.Conv2d, bn1: nn.BatchNorm2d, basis_conv2: nn.Conv2d,
-                 coeff_conv2: nn.Conv2d) -> None:
+    def __init__(self, layer: SharedBottleneck, basis_conv2: nn.Conv2d, coeff_conv2: nn.Conv2d) -> None:
         super().__init__()
-        self.bn0, self.conv1, self.bn1 = bn0, conv1, bn1
+        self.bn0, self.conv1, self.bn1 = copy.deepcopy((layer.bn0, layer.conv1, layer.bn1))
         self.basis_conv2, self.coeff_conv2 = basis_conv2, coeff_conv2
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -156,8 +153,7 @@ class DenseNet(nn.Module):
         self.linear = nn.Linear(channels, num_classes)
 
     def _block_name(self, i: int) -> str:
-        # Checkpoint keys: the authors named the last dense block differently in their two classes (basis_cfg is
-        # cleared by after_fold once every layer is plain).
+        # The authors' two classes name the last dense block differently (after_fold clears basis_cfg when all plain).
         return f"dense_block{i}" if i == self.num_blocks - 1 and self.basis_cfg is None else f"dense_block_layer_{i}"
 
     @torch.no_grad()

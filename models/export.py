@@ -140,8 +140,7 @@ def export_model(model: nn.Module, out: Union[str, os.PathLike], *, example_inpu
     model = unwrap_model(model)
     if model.training:
         raise ValueError("export_model() exports an inference graph, but the model is in training mode (BatchNorm "
-                         "would normalise with batch statistics and update its running averages): call model.eval() "
-                         "first")
+                         "would use batch statistics): call model.eval() first")
     if onnx and _onnx_missing():
         raise OnnxUnavailableError(ONNX_HINT)
     input_size = tuple(example_input.shape[1:])

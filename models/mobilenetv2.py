@@ -99,15 +99,8 @@ class InvertedResidual(nn.Module):
         shared = shared_bases_of(self)
         return (shared[0] if shared else self.conv1), self.conv2, (shared[1] if len(shared) > 1 else self.conv3)
 
-    @torch.no_grad()
     def folded(self) -> "FoldedInvertedResidual":
-        """The eval-mode equivalent block, every BN folded into the conv before it; a shared conv becomes the block's
-        own (the shared filters scaled by this block's BN)."""
-        expand, depthwise, project = self._convs()
-        shortcut = None if self.shortcut is None else fold_conv_bn(self.shortcut[0], self.shortcut[1])
-        return FoldedInvertedResidual(fold_conv_bn(expand, self.bn1), fold_conv_bn(depthwise, self.bn2),
-                                      fold_conv_bn(project, self.bn3), self.residual, shortcut,
-                                      self.chan_attention).eval()
+        return FoldedInvertedResidual(self).eval()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         expand, depthwise, project = self._convs()
@@ -122,14 +115,15 @@ class InvertedResidual(nn.Module):
 
 
 class FoldedInvertedResidual(nn.Module):
-    """Eval-only :class:`InvertedResidual`: 1x1 ``conv1`` -> ReLU -> depthwise ``conv2`` -> ReLU -> 1x1 ``conv3``
-    (-> attention) (+ residual), each conv with its BatchNorm folded in."""
+    """Eval-only equivalent of an :class:`InvertedResidual` ``block``: 1x1 ``conv1`` -> ReLU -> depthwise ``conv2`` ->
+    ReLU -> 1x1 ``conv3`` (-> attention) (+ residual), each with its BN folded in (a shared conv becomes its own)."""
 
-    def __init__(self, conv1: nn.Conv2d, conv2: nn.Conv2d, conv3: nn.Conv2d, residual: bool,
-                 shortcut: Optional[nn.Conv2d] = None, attention: Optional[nn.Module] = None) -> None:
+    def __init__(self, block: InvertedResidual) -> None:
         super().__init__()
-        self.conv1, self.conv2, self.conv3 = conv1, conv2, conv3
-        self.residual, self.shortcut, self.chan_attention = residual, shortcut, attention
+        bns = (block.bn1, block.bn2, block.bn3)
+        self.conv1, self.conv2, self.conv3 = (fold_conv_bn(conv, bn) for conv, bn in zip(block._convs(), bns))
+        self.residual, self.shortcut = block.residual, None if block.shortcut is None else fold_conv_bn(*block.shortcut)
+        self.chan_attention = block.chan_attention
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = F.relu(self.conv1(x), inplace=True)

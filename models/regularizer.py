@@ -10,8 +10,6 @@ R = sum_g selected_sum(D_g) / sum_g selected_count, one global average. Two form
 The authors' later scripts (SPEC_v2 section 4) average each basis *position* on its own and sum the averages, for the
 models that say so (``model.bases_by_position``: ResNet50/101_Shared*, MobileNetV2_SharedDouble): R = R(all ``_1``
 bases) + R(all ``_2`` bases), each basis its own group (no cross terms). Each average is a *set* of groups here.
-
-The groups are collected once; a step is one matmul per group (plus one batched matmul for its unique blocks).
 """
 from __future__ import annotations
 

@@ -116,13 +116,9 @@ class SharedBasicBlock(nn.Module):
 
 
 class ResNet(nn.Module):
-    """ResNet with ``layers`` blocks and ``widths`` planes per group; ``stem`` ``"cifar"`` (3x3 conv) or
-    ``"imagenet"`` (7x7 stride-2 conv + max-pool); ``shortcut`` ``"A"`` (parameter-free) or ``"B"`` (1x1 conv + BN).
-
-    Blocks 2..n of a group are ``shared_block(planes * block.expansion, unique_rank, bases)`` over the group's
-    ``shared_block.make_bases(...)`` when ``basis`` is given, started by ``shared_block.init_bases``; all others are
-    ``block``.
-    """
+    """ResNet with ``layers`` blocks and ``widths`` planes per group; ``stem`` ``"cifar"`` (3x3 conv) or ``"imagenet"``
+    (7x7 stride-2 conv + max-pool); ``shortcut`` ``"A"`` (parameter-free) or ``"B"`` (1x1 conv + BN). With ``basis``,
+    blocks 2..n of a group are ``shared_block``s over its ``shared_block.make_bases(...)``, begun by ``init_bases``."""
 
     def __init__(self, layers: Sequence[int], widths: Sequence[int], num_classes: int, *, stem: str = "cifar",
                  shortcut: str = "B", basis: Optional[BasisCfg] = None, block: type = BasicBlock,

@@ -12,6 +12,7 @@ import argparse
 import math
 import sys
 from collections import namedtuple
+from functools import partial
 from typing import Optional
 
 import torch
@@ -48,16 +49,13 @@ PAPER_ROWS = (
 )
 # The authors' later README (936a886, SPEC_v2 section 6): FLOPs = 1 x MACs; its "Shared" is the code's _SharedSingle,
 # its "Shared++" the code's _Shared. The CIFAR-100 row is from the November 2020 README, when FLOPs were 2 x MACs.
+_L = partial(PaperRow, flops_per_mac=1)
 LATER_ROWS = (
-    PaperRow("ilsvrc", "ResNet50-Shared", "ResNet50_SharedSingle", (), "20.51M", "4.11G", "23.64%", "6.98%",
-             flops_per_mac=1),
-    PaperRow("ilsvrc", "ResNet50-Shared++", "ResNet50_Shared", (), "18.26M", "4.11G", "23.95%", "7.14%",
-             flops_per_mac=1),
-    PaperRow("ilsvrc", "ResNet101-Shared", "ResNet101_SharedSingle", (), "29.47M", "7.83G", "22.31%", "6.47%",
-             flops_per_mac=1),
-    PaperRow("ilsvrc", "MobileNetV2-Shared++", "MobileNetV2_SharedDouble", (), "2.98M", "0.33G", "28.21%", "9.85%",
-             note="published Nov 2020, before ECA: MobileNetV2_SharedDouble_NoECA has the same 2.98M / 0.33G",
-             flops_per_mac=1),
+    _L("ilsvrc", "ResNet50-Shared", "ResNet50_SharedSingle", (), "20.51M", "4.11G", "23.64%", "6.98%"),
+    _L("ilsvrc", "ResNet50-Shared++", "ResNet50_Shared", (), "18.26M", "4.11G", "23.95%", "7.14%"),
+    _L("ilsvrc", "ResNet101-Shared", "ResNet101_SharedSingle", (), "29.47M", "7.83G", "22.31%", "6.47%"),
+    _L("ilsvrc", "MobileNetV2-Shared++", "MobileNetV2_SharedDouble", (), "2.98M", "0.33G", "28.21%", "9.85%",
+       note="published Nov 2020, before ECA: MobileNetV2_SharedDouble_NoECA has the same 2.98M / 0.33G"),
     PaperRow("cifar100", "MobileNetV2-SharedDouble", "MobileNetV2_SharedDouble", (), "1.90M", "0.14G", "27.54%",
              note="the November 2020 README's row: FLOPs 2 x MACs"),
 )

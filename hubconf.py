@@ -3,9 +3,8 @@
     model = torch.hub.load("/path/to/repo", "ResNet56_DoubleShared", source="local", dataset="cifar10",
                            shared_rank=16, unique_rank=1, checkpoint="ckpt.pth")
 
-Keywords: ``dataset``, ``shared_rank``/``unique_rank`` (read from the checkpoint when not given), ``num_classes`` and
-``checkpoint`` (see :func:`models.pretrained.build_model`). Models come in train mode: call ``.eval()`` to predict.
-Entry points are generated from the registry; every helper is private so that torch.hub lists model names only.
+Keywords: see :func:`models.pretrained.build_model` (ranks not given are read from the checkpoint). Models come in
+train mode: call ``.eval()`` to predict. Every helper is private, so that torch.hub lists model names only.
 """
 import inspect as _inspect
 import os as _os

@@ -7,8 +7,7 @@ basis is one ``nn.Conv2d`` used by every block of a group (unique channels come 
   ``layer1.1.coeff_conv1``); a nested module would need key remapping on every save and load. So blocks own the parts
   and call :func:`basis_conv2d`; :class:`SharedBasisConv2d` is the same as one module, for new architectures.
 * **Shared parameters.** A shared conv is registered on the network *and* on every block using it (:func:`share_bases`,
-  like nanoGPT's tied embedding): ``parameters()`` yields it once, ``state_dict()`` lists every alias, as the
-  reference checkpoints do.
+  like a tied embedding): ``parameters()`` yields it once, ``state_dict()`` lists every alias, as the checkpoints do.
 """
 from __future__ import annotations
 
@@ -64,9 +63,8 @@ def register_bases(module: nn.Module, bases: Sequence[nn.Conv2d], name: str,
 
 
 def share_bases(block: nn.Module, bases: Sequence[nn.Conv2d], keys: Optional[Sequence[str]] = None) -> None:
-    """Register a group's shared bases as aliases on the ``block`` that uses them (as ``shared_basis`` or ``_1``,
-    ``_2``, unless ``keys``) and record them for :func:`shared_bases_of`; call it where the block's keys must come
-    (once per basis, with its key, where other keys come between them: the record grows, in call order)."""
+    """Register shared bases as aliases on the ``block`` using them (:func:`register_bases` keys ``shared_basis*``) and
+    record them for :func:`shared_bases_of`, where the block's keys must come (calls append to the record)."""
     block.shared_basis_names = (getattr(block, "shared_basis_names", ()) +
                                 register_bases(block, bases, "shared_basis", keys))
 

@@ -1,11 +1,10 @@
 """ILSVRC ResNet50/101, plain and with whole shared convs: the authors' later models (SPEC_v2 section 2).
 
-The same :class:`~models.resnet.ResNet` network with bottleneck blocks. In every layer block 1 is a plain bottleneck
-and blocks 2..n are :class:`SharedBottleneck` blocks over the layer's shared convs: ``*_SharedSingle`` (README
-"Shared") shares the 3x3 conv (``shared_basis_{g}``, [p, p, 3, 3]); ``*_Shared`` (README "Shared++") shares it and
-the 1x1 expansion conv (``shared_basis_{g}_1``, ``shared_basis_{g}_2`` [4p, p, 1, 1]). Nothing is factorised: no
-ranks, no unique filters, no basis BN, so there is nothing to fold. The 1x1 bases are tall (4p rows over p inputs):
-they start with orthonormal columns and keep the orthogonality penalty above a floor (SPEC_v2 section 4).
+The :class:`~models.resnet.ResNet` network with bottleneck blocks; blocks 2..n of a layer are :class:`SharedBottleneck`
+blocks: ``*_SharedSingle`` (README "Shared") shares the 3x3 conv (``shared_basis_{g}``, [p, p, 3, 3]); ``*_Shared``
+(README "Shared++") it and the 1x1 expansion (``shared_basis_{g}_1``, ``_2`` [4p, p, 1, 1]). No ranks, no unique
+filters, no basis BN: nothing to fold. The tall 1x1 bases start with orthonormal columns and keep the orthogonality
+penalty above a floor (SPEC_v2 section 4).
 """
 from __future__ import annotations
 

@@ -1,7 +1,6 @@
 """DenseNet-BC 121 for CIFAR-100, plain and with shared filter bases (paper section 4.2; SPEC sections 2.4, 4).
 
-The shared model factorises each bottleneck's 3x3 conv over one of four network-level bases, with these quirks of the
-authors' code, which their checkpoints fix:
+Each bottleneck's 3x3 conv is factorised over one of four network-level bases, with the authors' code's quirks:
 
 * **Every** bottleneck is shared (no plain first layer, unlike the ResNets) and ranks are not scaled per block: all
   bases are ``[s, 128, 3, 3]`` (the bottleneck width is ``4 * growth`` everywhere).
@@ -80,10 +79,9 @@ class SharedBottleneck(nn.Module):
 
     @torch.no_grad()
     def folded(self, dense: Optional[bool] = None) -> nn.Module:
-        """The eval-mode equivalent of this layer without its basis BN, the new channels' conv with a bias (moved on
-        by :meth:`DenseNet.after_fold`): a plain :class:`Bottleneck` (``dense=True``), a :class:`FoldedSharedBottleneck`
-        (``False``) or whichever costs fewer MACs (``None``: dense is 36,864 MACs per pixel, factorised 1,184*r, so the
-        paper's S16U1 (r = 17) stays factorised and S64U4 (r = 68) becomes a plain DenseNet)."""
+        """The eval-mode layer without basis BN, its last conv with a bias (for :meth:`DenseNet.after_fold`): a plain
+        :class:`Bottleneck` (``dense=True``), a :class:`FoldedSharedBottleneck` (``False``) or the fewer MACs (``None``:
+        36,864 vs 1,184*r per pixel: S16U1, r = 17, stays factorised; S64U4, r = 68, becomes a plain DenseNet)."""
         conv, _ = fold_factorised(self.basis_positions()[0], dense, keep_bias=True)
         if isinstance(conv, nn.Sequential):  # factorised: basis conv + coefficient conv with the bias
             return FoldedSharedBottleneck(self, conv[0], conv[1]).eval()

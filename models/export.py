@@ -2,8 +2,8 @@
 
     python -m models.export --dataset cifar10 --model ResNet56_DoubleShared --pretrained ckpt.pth --out r56.pt2
 
-``--onnx`` also writes r56.onnx; ``--no_fold`` keeps the factorised graph. Each file is loaded back and compared with
-the *unfolded* model on seeded random batches, and renamed into place only when within :data:`RTOL`. Run it with
+``--onnx`` also writes r56.onnx; ``--no_fold`` keeps the factorised graph. Each file is loaded back, compared with the
+*unfolded* model on seeded random batches and renamed into place only within :data:`RTOL`; run it with
 ``torch.export.load("r56.pt2").module()(images)``.
 """
 from __future__ import annotations

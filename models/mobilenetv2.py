@@ -1,14 +1,13 @@
 """MobileNetV2 for CIFAR-100 and ILSVRC, plain and with shared expansion convs (paper section 4.3; SPEC 2.6, 4).
 
-One :class:`MobileNetV2` class builds all its models from :data:`STAGES` and a :class:`MobileNetV2Cfg` (:data:`CIFAR`
-or :data:`ILSVRC`) holding what the authors' two files do differently. Blocks use functional ReLUs (not ReLU6); only
-the stem's and head's ReLU6 are modules (counted by ptflops), and the global pool is functional (not counted).
-``MobileNetV2_Shared`` gives stages 3-6 one 1x1 expansion conv each (``shared_basis_1..4``, [6c, c, 1, 1]) that
+One class builds every model from :data:`STAGES` and a :class:`MobileNetV2Cfg` (what the authors' two files do
+differently). Blocks use functional ReLUs (not ReLU6) and the pool is functional: ptflops counts only stem and head
+ReLU6s. ``MobileNetV2_Shared`` gives stages 3-6 one 1x1 expansion conv each (``shared_basis_1..4``, [6c, c, 1, 1]) that
 blocks 2..n call instead of their own ``conv1``, keeping their own ``bn1``: no unique part, no ranks, PyTorch default
 init. The bases have more filters than inputs (192 x 32 ... 960 x 160): the orthogonality penalty has a positive floor.
 ``MobileNetV2_SharedDouble`` (README "Shared++", SPEC_v2 section 3) shares the 1x1 projection conv too
-(``shared_basis_{g}_1``/``_2``); on ILSVRC its shared blocks add ECA channel attention after ``bn3`` (the authors'
-code since April 2021; ``MobileNetV2_SharedDouble_NoECA`` is the November 2020 layout the README's result dates from).
+(``shared_basis_{g}_1``/``_2``); on ILSVRC its shared blocks add ECA channel attention after ``bn3`` (the authors' code
+since April 2021; ``MobileNetV2_SharedDouble_NoECA`` is the November 2020 layout the README's result dates from).
 
 Attribute names are checkpoint keys and construction order is the authors' (``pre``, stages with each shared conv
 built just before its stage, ``conv1``, head), so ``torch.manual_seed`` reproduces their initial weights.
@@ -137,9 +136,8 @@ class FoldedInvertedResidual(nn.Module):
 
 
 class MobileNetV2(nn.Module):
-    """MobileNetV2 (width 1.0) with the authors' stage layout (``cfg``: :data:`CIFAR` or :data:`ILSVRC`); ``basis=
-    BasisCfg()`` gives stages 3-6 one shared expansion conv each (``MobileNetV2_Shared``), ``BasisCfg(2)`` a shared
-    expansion and projection conv each (``MobileNetV2_SharedDouble``; ``eca``: with ECA), None the plain model."""
+    """MobileNetV2 (width 1.0) in the authors' layout ``cfg`` (:data:`CIFAR` or :data:`ILSVRC`); ``basis``: None
+    (plain), ``BasisCfg()`` (``_Shared``) or ``BasisCfg(2)`` (``_SharedDouble``, with ECA if ``eca``)."""
 
     def __init__(self, cfg: MobileNetV2Cfg, num_classes: int, *, basis: Optional[BasisCfg] = None,
                  eca: bool = False) -> None:
@@ -147,9 +145,8 @@ class MobileNetV2(nn.Module):
         self.arch = cfg
         self.basis_cfg = require_basis(basis, "MobileNetV2", bases_per_group=(1, 2), fixed_size=True)
         self.bases_by_position = basis is not None and basis.bases_per_group == 2  # SharedDouble's regulariser form
-        self.pre = nn.Sequential(
-            nn.Conv2d(3, 32, cfg.stem_kernel, stride=cfg.stem_stride, padding=cfg.stem_padding),
-            nn.BatchNorm2d(32), nn.ReLU6(inplace=True))
+        self.pre = nn.Sequential(nn.Conv2d(3, 32, cfg.stem_kernel, stride=cfg.stem_stride, padding=cfg.stem_padding),
+                                 nn.BatchNorm2d(32), nn.ReLU6(inplace=True))
         in_channels = 32
         for i, (t, c, n, s) in enumerate(STAGES, 1):
             stride = cfg.stage6_stride if s is None else s

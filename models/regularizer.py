@@ -7,9 +7,8 @@ R = sum_g selected_sum(D_g) / sum_g selected_count, one global average. Two form
   blocks; selected are the shared rows plus each unique conv's own diagonal block (different layers never compared).
 * ``include_unique=False`` (their CIFAR-100 and ILSVRC scripts): the shared bases only, the whole matrix selected.
 
-The authors' later scripts (SPEC_v2 section 4) average each basis *position* on its own and sum the averages, for the
-models that say so (``model.bases_by_position``: ResNet50/101_Shared*, MobileNetV2_SharedDouble): R = R(all ``_1``
-bases) + R(all ``_2`` bases), each basis its own group (no cross terms). Each average is a *set* of groups here.
+The authors' later scripts (SPEC_v2 section 4), for models with ``bases_by_position``: R = R(all ``_1`` bases) +
+R(all ``_2`` bases), each basis its own group (no cross terms); each average is over a *set* of groups here.
 """
 from __future__ import annotations
 

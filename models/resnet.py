@@ -1,11 +1,9 @@
 """ResNets with shared filter bases for CIFAR-10, CIFAR-100 and ILSVRC (paper section 4; SPEC sections 1-3).
 
-One :class:`ResNet` class covers the three families, which differ only in data (stem, widths, shortcut type, head);
-with the bottleneck blocks of :mod:`models.bottleneck` it is also the authors' later ILSVRC ResNet50/101.
-The variants are a :class:`~models.basis.BasisCfg` (``SharedOnly`` has 2 bases per group on CIFAR-10, 1 on CIFAR-100).
-In every group block 1 is plain and blocks 2..n are shared; group g uses ``s*k`` shared and ``u*k`` unique filters,
-``k = width_g / width_1``. Attribute names and registration order are the authors' checkpoint keys; construction
-order is also theirs, so ``torch.manual_seed(0)`` builds the same initial weights.
+One :class:`ResNet` class covers the three families (they differ in stem, widths, shortcut type) and, with the blocks
+of :mod:`models.bottleneck`, the later ILSVRC ResNet50/101. In every group block 1 is plain and blocks 2..n are shared;
+group g uses ``s*k`` shared and ``u*k`` unique filters, ``k = width_g / width_1``. Attribute names and registration
+order are the authors' checkpoint keys, construction order theirs too (``torch.manual_seed`` gives their weights).
 """
 from __future__ import annotations
 

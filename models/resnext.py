@@ -5,9 +5,8 @@ As in the ResNets, block 1 of every layer is plain and blocks 2..n are shared: t
 ``conv3``. That ReLU makes the basis part non-linear (no ``basis_positions``); the group counts make it two convs.
 
 Ranks must be multiples of 4 (filters per group) whose group counts divide the input width: the paper's row
-"ResNeXt50-S16U1" is shared_rank=64, unique_rank=4 (16 and 1 are its layer-1 group counts; SPEC section 9). The
-authors' scripts can build neither the plain ``ResNext50`` (its constructor wants a class count they never pass) nor
-the shared one at their default ranks (16, 1); the registry builds both, defaults 64/4.
+"ResNeXt50-S16U1" is shared_rank=64, unique_rank=4 (its layer-1 group counts; SPEC section 9), the registry's
+defaults. The authors' scripts build neither that at their defaults (16, 1) nor the plain ``ResNext50``.
 
 Attribute names are checkpoint keys and construction order is the authors', so ``torch.manual_seed`` reproduces their
 initial weights: PyTorch defaults, then each shared basis orthogonal on its own (SPEC section 3).

@@ -12,7 +12,7 @@ basis is one ``nn.Conv2d`` used by every block of a group (unique channels come 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import NamedTuple, Optional, Sequence, Union
+from typing import NamedTuple, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -29,11 +29,8 @@ class BasisCfg:
     unique_rank: int = 0
 
 
-def require_basis(basis: Optional[BasisCfg], family: str, bases_per_group: Union[int, tuple] = 1,
-                  fixed_size: bool = False) -> Optional[BasisCfg]:
-    """``basis``, refused if ``family`` cannot build it (the registry makes only valid ones; this guards direct use).
-    ``bases_per_group``: the count, or a tuple of the counts the family can build."""
-    counts = bases_per_group if isinstance(bases_per_group, tuple) else (bases_per_group,)
+def require_basis(basis: Optional[BasisCfg], family: str, counts: tuple = (1,), fixed_size: bool = False):
+    """``basis``, refused unless ``family`` can build it (``counts``: its bases per group); guards direct use."""
     if basis is not None and (basis.bases_per_group not in counts
                               or (fixed_size and (basis.shared_rank or basis.unique_rank))):
         sizes = " and no ranks (the architecture fixes its size)" if fixed_size else ""
@@ -113,9 +110,8 @@ def _unique_bases(block: nn.Module) -> list[nn.Conv2d]:
 
 
 def basis_groups(model: nn.Module) -> list[BasisGroup]:
-    """The groups of shared bases of ``model`` (for the regulariser and the init), found one way for all families:
-    the model's ``shared_basis*`` children (also unused ones, like DenseNet's ``shared_basis_4``) and its blocks'
-    (:func:`share_bases`); bases used by one block form one group, with those blocks' own basis convs as unique."""
+    """The groups of shared bases of ``model``, its ``shared_basis*`` children (also unused ones) and its blocks'
+    (:func:`share_bases`): bases used by one block form one group, with those blocks' own basis convs as unique."""
     bases = {id(m): m for n, m in model.named_children() if n.startswith("shared_basis")}
     users = [(block, shared_bases_of(block)) for block in model.modules() if shared_bases_of(block)]
     leader = {}  # id of a basis -> id of the first basis of its group

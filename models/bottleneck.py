@@ -49,9 +49,8 @@ class Bottleneck(nn.Module):
 
 
 class SharedBottleneck(nn.Module):
-    """A bottleneck (``in_planes`` in and out, stride 1, identity shortcut) whose 3x3 conv is the layer's shared one,
-    and whose 1x1 expansion conv is too when the layer shares two (``shared_bases``: ``(3x3,)`` or ``(3x3, 1x1)``).
-    Each block keeps its own ``conv1`` and BNs; ``unique_rank`` is unused (these models take no ranks)."""
+    """A bottleneck (``in_planes`` in and out, identity shortcut) calling the layer's ``shared_bases``, ``(3x3,)`` or
+    ``(3x3, 1x1 expansion)``; it keeps its own ``conv1`` and BNs; ``unique_rank`` is unused (no ranks here)."""
 
     init_bases = staticmethod(init_orthogonal_by_position_)  # the authors: 1_1..4_1, then 1_2..4_2
     bases_by_position = True  # the authors' later scripts: R(all _1 bases) + R(all _2 bases)

@@ -98,9 +98,8 @@ def dense_is_cheaper(position) -> bool:
 
 @torch.no_grad()
 def fold_factorised(position, dense: Optional[bool] = None, keep_bias: bool = False) -> tuple[nn.Module, torch.Tensor]:
-    """``(module, bias)``: the eval-mode replacement of a factorised conv (ungrouped bases) without its basis BN, one
-    dense conv where that is no more work (``dense=None``: :func:`dense_is_cheaper`), else basis conv + 1x1 conv; its
-    output bias is on the last conv if ``keep_bias``, else for the caller to absorb into the BatchNorm that follows."""
+    """``(module, bias)``: a factorised conv (ungrouped bases) without its basis BN, in eval mode, as one dense conv
+    (``dense=None``: if :func:`dense_is_cheaper`) or basis + 1x1 conv; ``bias`` on its last conv if ``keep_bias``."""
     scale, shift = bn_affine(position.basis_bn)
     # coeff(basis_bn(B x)) = coeff'(B x) + bias: coeff' (out, r, 1, 1) is the coefficients times the BN scale, bias
     # (out,) the coefficients applied to the BN shift; B is the [unique || shared] weight (r, in, kh, kw).

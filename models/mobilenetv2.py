@@ -36,9 +36,7 @@ SHARED_STAGES = (3, 4, 5, 6)  # 1-based stages that get a shared expansion conv 
 class MobileNetV2Cfg:
     """What differs between the authors' CIFAR-100 and ILSVRC MobileNetV2."""
 
-    stem_kernel: int  # the stem conv ``pre.0`` (3 -> 32, with bias)
-    stem_stride: int
-    stem_padding: int
+    stem: tuple  # (kernel, stride, padding) of the stem conv ``pre.0`` (3 -> 32, with bias)
     stage6_stride: int
     # True: every stride-1 block is residual, with a 1x1 conv + BN ``shortcut`` where channels change (CIFAR);
     # False: only stride-1 blocks with in = out are, with the identity (ILSVRC).
@@ -47,10 +45,8 @@ class MobileNetV2Cfg:
 
 
 # CIFAR's 1x1 stem has padding 1, so a 32x32 input becomes 34x34.
-CIFAR = MobileNetV2Cfg(stem_kernel=1, stem_stride=1, stem_padding=1, stage6_stride=1, projection_shortcuts=True,
-                       conv_head=True)
-ILSVRC = MobileNetV2Cfg(stem_kernel=3, stem_stride=2, stem_padding=1, stage6_stride=2, projection_shortcuts=False,
-                        conv_head=False)
+CIFAR = MobileNetV2Cfg(stem=(1, 1, 1), stage6_stride=1, projection_shortcuts=True, conv_head=True)
+ILSVRC = MobileNetV2Cfg(stem=(3, 2, 1), stage6_stride=2, projection_shortcuts=False, conv_head=False)
 
 
 class ECA(nn.Module):
@@ -69,9 +65,8 @@ class ECA(nn.Module):
 
 class InvertedResidual(nn.Module):
     """Expand 1x1 ``conv1`` -> bn1 -> ReLU -> depthwise 3x3 ``conv2`` -> bn2 -> ReLU -> project 1x1 ``conv3`` -> bn3,
-    plus the residual chosen by ``projection_shortcuts``. ``shared``: the stage's 1x1 convs used instead of the own
-    ``conv1`` (and ``conv3``, if two), registered as ``shared_basis1`` (``2``), the checkpoint keys. ``attention``:
-    an :class:`ECA` kernel size (0: none), applied after ``bn3``."""
+    plus the residual chosen by ``projection_shortcuts``. ``shared``: the stage's 1x1 convs in place of ``conv1`` (and
+    ``conv3``), keys ``shared_basis1`` (``2``); ``attention``: an :class:`ECA` kernel size after ``bn3`` (0: none)."""
 
     def __init__(self, in_channels: int, out_channels: int, expansion: int, stride: int, projection_shortcuts: bool,
                  shared: Sequence[nn.Conv2d] = (), attention: int = 0) -> None:
@@ -143,10 +138,9 @@ class MobileNetV2(nn.Module):
                  eca: bool = False) -> None:
         super().__init__()
         self.arch = cfg
-        self.basis_cfg = require_basis(basis, "MobileNetV2", bases_per_group=(1, 2), fixed_size=True)
+        self.basis_cfg = require_basis(basis, "MobileNetV2", counts=(1, 2), fixed_size=True)
         self.bases_by_position = basis is not None and basis.bases_per_group == 2  # SharedDouble's regulariser form
-        self.pre = nn.Sequential(nn.Conv2d(3, 32, cfg.stem_kernel, stride=cfg.stem_stride, padding=cfg.stem_padding),
-                                 nn.BatchNorm2d(32), nn.ReLU6(inplace=True))
+        self.pre = nn.Sequential(nn.Conv2d(3, 32, *cfg.stem), nn.BatchNorm2d(32), nn.ReLU6(inplace=True))
         in_channels = 32
         for i, (t, c, n, s) in enumerate(STAGES, 1):
             stride = cfg.stage6_stride if s is None else s

@@ -157,8 +157,7 @@ def infer_ranks(name: str, dataset: str, state: dict) -> dict:
 
 
 def pick_layout(name: str, dataset: str, state: dict) -> str:
-    """``name``, or the older published layout of it (:data:`~models.registry.LAYOUTS`) whose keys ``state`` has:
-    the authors published ILSVRC MobileNetV2_SharedDouble with and without ECA under one name (SPEC_v2 8.4)."""
+    """``name``, or the older published layout of it (:data:`~models.registry.LAYOUTS`) whose keys ``state`` has."""
     others = LAYOUTS.get((dataset, name), ())
     if not others or set(_layout(name, dataset)) == set(state):
         return name
@@ -179,8 +178,7 @@ def guess_model_flags(dataset: str, state: dict) -> Optional[str]:
 
 
 def load_weights(model: nn.Module, checkpoint: Union[Source, dict], map_location="cpu") -> dict:
-    """Load a path, checkpoint dict or state_dict into ``model`` strictly; returns the dict. Mismatches name the
-    rank flags the file was trained with, or say it belongs to another model."""
+    """Load a path, checkpoint dict or state_dict into ``model`` strictly; returns the dict (errors name the flags)."""
     obj = checkpoint if isinstance(checkpoint, dict) else read_checkpoint(checkpoint, map_location)
     state = state_dict_of(obj)
     target = unwrap_model(model)

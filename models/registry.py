@@ -59,10 +59,9 @@ class ModelCfg:
 class _Entry(NamedTuple):
     builder: Callable[..., nn.Module]  # builder(num_classes=..., basis=Optional[BasisCfg])
     bases_per_group: Optional[int]  # None: a plain model
-    rank_args: tuple  # the rank keywords this model takes, e.g. ("shared_rank", "unique_rank")
     rank_multiple: int  # grouped bases need ranks that are multiples of this
     max_rank: int  # KERNEL_AREA * input channels of the group-1 bases
-    defaults: dict  # the default of each rank keyword
+    defaults: dict  # each rank keyword this model takes, in order, with its default
 
 
 _REGISTRY: dict[tuple[str, str], _Entry] = {}
@@ -70,9 +69,8 @@ _REGISTRY: dict[tuple[str, str], _Entry] = {}
 
 def register_model(dataset: str, name: str, *, channels: int = 0, rank_multiple: int = 1,
                    bases_per_group: Optional[int] = None, **defaults):
-    """Decorator: register ``builder(num_classes=..., basis=...)`` as ``name`` for ``dataset``. ``channels``: input
-    channels of the group-1 bases (bounds the ranks); ``bases_per_group`` overrides the variant's count (CIFAR-100's
-    SharedOnly has one); ``defaults``: rank defaults other than :data:`DEFAULT_RANKS`."""
+    """Decorator: register ``builder(num_classes=..., basis=...)`` as ``name`` for ``dataset``; ``channels`` (of the
+    group-1 bases) bound the ranks; ``bases_per_group`` overrides the variant's; ``defaults``: other rank defaults."""
     _check_dataset(dataset)
     suffix = name.split("_", 1)[1] if "_" in name else None
     if suffix is not None and suffix not in VARIANTS:
@@ -88,7 +86,7 @@ def register_model(dataset: str, name: str, *, channels: int = 0, rank_multiple:
     def wrap(builder):
         if (dataset, name) in _REGISTRY:
             raise ValueError(f"model {name!r} is already registered for {dataset}")
-        _REGISTRY[(dataset, name)] = _Entry(builder, bases, rank_args, rank_multiple, KERNEL_AREA * channels, defaults)
+        _REGISTRY[(dataset, name)] = _Entry(builder, bases, rank_multiple, KERNEL_AREA * channels, defaults)
         return builder
 
     return wrap
@@ -136,7 +134,7 @@ def _entry(name: str, dataset: str) -> _Entry:
 
 def model_rank_args(name: str, dataset: str) -> tuple:
     """The rank keywords ``name`` takes on ``dataset`` (empty for plain models and MobileNetV2_Shared)."""
-    return _entry(name, dataset).rank_args
+    return tuple(_entry(name, dataset).defaults)
 
 
 def model_defaults(name: str, dataset: str) -> dict:
@@ -158,17 +156,16 @@ def _check_ranks(name: str, entry: _Entry, ranks: dict) -> None:
 
 def get_model(name: str, dataset: str, *, shared_rank: Optional[int] = None, unique_rank: Optional[int] = None,
               num_classes: Optional[int] = None, ignore_unused_ranks: bool = False) -> nn.Module:
-    """Build a registered model (the paper's ``--model`` name, e.g. ``"ResNet56_DoubleShared"``) with ``model.cfg``;
-    ranks default to the model's. A rank the model does not take raises ValueError, unless ``ignore_unused_ranks``
-    (the authors' scripts, and so ours, ignore such flags); so do unknown names and ranks that cannot build."""
+    """Build a registered model (the paper's ``--model`` name) with ``model.cfg``. ValueError: unknown names, ranks
+    that cannot build, and ranks the model does not take unless ``ignore_unused_ranks`` (as the scripts do)."""
     entry = _entry(name, dataset)
     name = canonical_name(name)
     given = {k: v for k, v in zip(RANK_ARGS, (shared_rank, unique_rank)) if v is not None}
-    extra = [k for k in given if k not in entry.rank_args]
+    extra = [k for k in given if k not in entry.defaults]
     if extra and not ignore_unused_ranks:
-        takes = ", ".join(entry.rank_args) if entry.rank_args else "no rank arguments"
+        takes = ", ".join(entry.defaults) if entry.defaults else "no rank arguments"
         raise ValueError(f"{name} ({dataset}) does not take {', '.join(extra)}; it takes {takes}")
-    ranks = {k: given.get(k, entry.defaults[k]) for k in entry.rank_args}
+    ranks = {k: given.get(k, default) for k, default in entry.defaults.items()}
     classes = NUM_CLASSES[dataset] if num_classes is None else num_classes
     try:
         _check_ranks(name, entry, ranks)

@@ -57,9 +57,8 @@ class BasicBlock(nn.Module):
 
 
 class SharedBasicBlock(nn.Module):
-    """Residual block (``planes`` in and out, identity shortcut) whose two 3x3 convs are factorised over the group's
-    ``shared_bases``: ``()`` (NonShared), ``(b,)`` (both positions use b) or ``(b1, b2)``, plus ``unique_rank`` own
-    filters per position (0 = none)."""
+    """Residual block (``planes`` in and out, identity shortcut), its 3x3 convs factorised over ``shared_bases``: ``()``
+    (NonShared), ``(b,)`` (both positions) or ``(b1, b2)``, plus ``unique_rank`` own filters per position (0: none)."""
 
     def __init__(self, planes: int, unique_rank: int, shared_bases: Sequence[nn.Conv2d] = ()) -> None:
         super().__init__()

@@ -30,8 +30,7 @@ FILTERS_PER_GROUP = 4  # filters per group of both grouped bases (the authors di
 
 class Bottleneck(nn.Module):
     """Plain ResNeXt bottleneck: 1x1 -> BN -> ReLU -> grouped 3x3 (stride) -> BN -> ReLU -> 1x1 -> BN, + shortcut,
-    ReLU. Keys ``residual_function.{0,1,3,4,6,7}`` and ``shortcut.{0,1}``; its two inner ReLUs are modules (counted by
-    ptflops), the final one is not (the authors build a throwaway ``nn.ReLU`` in forward, which no hook sees)."""
+    ReLU; its inner ReLUs are modules (ptflops counts them), the final one is not (a throwaway in the authors' code)."""
 
     def __init__(self, in_channels: int, planes: int, width: int, cardinality: int, stride: int = 1) -> None:
         super().__init__()
@@ -116,9 +115,8 @@ def _check_groups(what: str, rank: int, width: int, layer: int) -> None:
 
 
 class ResNeXt(nn.Module):
-    """ResNeXt for 32x32 inputs, plain or with one shared grouped basis per layer (``basis=BasisCfg(1, s, u)``:
-    layer g's shared basis has ``s * 2^(g-1)`` filters in ``s / 4`` groups, its unique ones ``u * 2^(g-1)`` filters in
-    groups of 4; other ranks raise ValueError). Inner width is ``planes * base_width / 64 * cardinality``."""
+    """ResNeXt for 32x32 inputs, plain or with one shared grouped basis per layer (``BasisCfg(1, s, u)``: layer g's has
+    ``s * 2^(g-1)`` filters in ``s / 4`` groups, its unique ones ``u * 2^(g-1)`` in groups of 4, as the module says)."""
 
     def __init__(self, layers: Sequence[int], num_classes: int, *, cardinality: int = 32, base_width: int = 4,
                  basis: Optional[BasisCfg] = None) -> None:

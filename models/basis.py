@@ -3,9 +3,8 @@
 A factorised 3x3 conv is ``[unique basis conv || shared basis conv] -> basis BN -> 1x1 coefficient conv``; the shared
 basis is one ``nn.Conv2d`` used by every block of a group (unique channels come first, as in the authors' files).
 
-* **Flat keys.** The checkpoints store the parts as flat attributes of the *block* (``layer1.1.basis_conv1``,
-  ``layer1.1.coeff_conv1``); a nested module would need key remapping on every save and load. So blocks own the parts
-  and call :func:`basis_conv2d`; :class:`SharedBasisConv2d` is the same as one module, for new architectures.
+* **Flat keys.** The checkpoints store the parts as flat attributes of the *block* (``layer1.1.basis_conv1``), so
+  blocks own them and call :func:`basis_conv2d`; :class:`SharedBasisConv2d` is the same as one module.
 * **Shared parameters.** A shared conv is registered on the network *and* on every block using it (:func:`share_bases`,
   like a tied embedding): ``parameters()`` yields it once, ``state_dict()`` lists every alias, as the checkpoints do.
 """

@@ -187,8 +187,7 @@ class DenseNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.features(self.conv1(x))
-        x = torch.flatten(self.avgpool(x), 1)
-        return self.linear(x)
+        return self.linear(torch.flatten(self.avgpool(x), 1))
 
 
 _DENSENET121 = (6, 12, 24, 16)

@@ -20,7 +20,7 @@ import torch.nn as nn
 
 from .atomic import atomic_path
 from .fold import fold as fold_model
-from .pretrained import load_model, unwrap_model
+from .pretrained import error_line, load_model, unwrap_model
 from .registry import DATASETS, rank_flags
 from .summary import count_macs, count_params
 
@@ -34,10 +34,6 @@ class ExportError(RuntimeError):
 
 class OnnxUnavailableError(ExportError):
     """``onnx=True`` was asked for but the optional ``onnx`` or ``onnxscript`` package is not installed."""
-
-
-def _why(e: BaseException) -> str:
-    return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
 
 
 def _onnx_missing() -> bool:
@@ -63,17 +59,8 @@ def _export(model: nn.Module, example: torch.Tensor, dynamic: bool):
             shapes = ({0: torch.export.Dim("batch", min=1)},)
             return torch.export.export(model, (traced,), dynamic_shapes=shapes), True, note
         except Exception as e:  # noqa: BLE001  (any tracing failure: fall back to a fixed batch)
-            note = f"dynamic batch failed ({_why(e)}); "
+            note = f"dynamic batch failed ({error_line(e)}); "
     return torch.export.export(model, (example,)), False, note + f"fixed batch {example.shape[0]}"
-
-
-def _export_onnx(program, path: str) -> None:
-    """The dynamo exporter (onnxscript) on the exported program."""
-    try:
-        torch.onnx.export(program, f=path, dynamo=True, external_data=False, verbose=False, input_names=["input"],
-                          output_names=["logits"])
-    except Exception as e:  # noqa: BLE001
-        raise ExportError(f"ONNX export failed ({_why(e)}); {ONNX_HINT}") from e
 
 
 def _check_onnx(path: str, batches: list, refs: list) -> tuple[Optional[float], Optional[float]]:
@@ -96,7 +83,7 @@ def _fold(model: nn.Module, fold: bool, batches: list, refs: list, report: dict)
             target = fold_model(model)
             report["fold_rel_diff"] = _worst(target, batches[:1], refs[:1])[1]
         except Exception as e:  # noqa: BLE001
-            raise ExportError(f"fold() failed on {type(model).__name__} ({_why(e)}); this is a bug in the model's "
+            raise ExportError(f"fold() failed on {type(model).__name__} ({error_line(e)}); a bug in the model's "
                               f"folded() blocks: export without folding (fold=False, --no_fold)") from e
         report["folded"] = True
     elif fold:
@@ -122,7 +109,11 @@ def _save_checked(program, onnx: bool, batches: list, refs: list, rtol: float, r
         if onnx:
             onnx_out = os.path.splitext(report["out"])[0] + ".onnx"
             with atomic_path(onnx_out, ".onnx") as tmp_onnx:
-                _export_onnx(program, tmp_onnx)
+                try:  # the dynamo exporter (onnxscript), on the checked program
+                    torch.onnx.export(program, f=tmp_onnx, dynamo=True, external_data=False, verbose=False,
+                                      input_names=["input"], output_names=["logits"])
+                except Exception as e:  # noqa: BLE001
+                    raise ExportError(f"ONNX export failed ({error_line(e)}); {ONNX_HINT}") from e
                 checked = _check_onnx(tmp_onnx, batches, refs)
                 report["onnx_max_abs_diff"], report["onnx_max_rel_diff"] = checked
                 if checked[1] is not None and not checked[1] <= rtol:
@@ -160,7 +151,7 @@ def export_model(model: nn.Module, out: Union[str, os.PathLike], *, example_inpu
     try:
         program, report["dynamic_batch"], note = _export(target, example_input, dynamic_batch)
     except Exception as e:  # noqa: BLE001
-        raise ExportError(f"torch.export failed on {type(model).__name__}: {_why(e)}") from e
+        raise ExportError(f"torch.export failed on {type(model).__name__}: {error_line(e)}") from e
     report["note"] += note
     if not report["dynamic_batch"]:
         batches, refs = draw([n0])

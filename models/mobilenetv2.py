@@ -152,8 +152,7 @@ class MobileNetV2(nn.Module):
                 register_bases(self, shared, f"shared_basis_{SHARED_STAGES.index(i) + 1}")
             blocks = [InvertedResidual(in_channels, c, t, stride, cfg.projection_shortcuts)]
             attention = (1 if c < 96 else 3) if eca and shared else 0  # the authors' ECA kernel: 3 from stage 5 on
-            for _ in range(1, n):
-                blocks.append(InvertedResidual(c, c, t, 1, cfg.projection_shortcuts, shared, attention))
+            blocks += [InvertedResidual(c, c, t, 1, cfg.projection_shortcuts, shared, attention) for _ in range(1, n)]
             in_channels = c
             # Stages of one block are the block itself in the checkpoints (`stage1.conv1`), the others Sequentials.
             setattr(self, f"stage{i}", blocks[0] if n == 1 else nn.Sequential(*blocks))

@@ -23,6 +23,11 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be used as asked; the message says what to do."""
 
 
+def error_line(e: BaseException) -> str:
+    """``'TypeError: <first line of the message>'``, for one-line errors that wrap another."""
+    return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'no detail'}"
+
+
 def read_checkpoint(path: Source, map_location: Union[str, torch.device] = "cpu") -> dict:
     """``torch.load(weights_only=True)`` with a one-line error for missing or unreadable files."""
     path = os.fspath(path)
@@ -35,9 +40,7 @@ def read_checkpoint(path: Source, map_location: Union[str, torch.device] = "cpu"
     try:
         obj = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # truncated file, not a torch file, pickled objects we refuse to run
-        detail = str(e).splitlines()[0] if str(e) else "no detail"
-        raise CheckpointError(f"checkpoint {path!r} is not a readable PyTorch checkpoint "
-                              f"({type(e).__name__}: {detail})") from None
+        raise CheckpointError(f"checkpoint {path!r} is not a readable PyTorch checkpoint ({error_line(e)})") from None
     if not isinstance(obj, dict):
         raise CheckpointError(f"checkpoint {path!r} holds a {type(obj).__name__}, not a state_dict or checkpoint dict")
     return obj

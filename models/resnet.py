@@ -105,8 +105,7 @@ class SharedBasicBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = x
         for i, (unique, shared, basis_bn, coeff) in enumerate(self.basis_positions(), 1):
-            out = coeff(basis_bn(basis_conv2d(out, unique, shared, fused=self.fused)))
-            out = getattr(self, f"bn{i}")(out)
+            out = getattr(self, f"bn{i}")(coeff(basis_bn(basis_conv2d(out, unique, shared, fused=self.fused))))
             if i == 1:
                 out = F.relu(out, inplace=True)
         return F.relu(out + x, inplace=True)
@@ -124,10 +123,8 @@ class ResNet(nn.Module):
         self.basis_cfg = basis
         # the regulariser's form for these blocks (models/regularizer.py): one average per basis position
         self.bases_by_position = getattr(shared_block, "bases_by_position", False)
-        if stem == "imagenet":
-            self.conv1 = nn.Conv2d(3, widths[0], 7, stride=2, padding=3, bias=False)
-        else:
-            self.conv1 = nn.Conv2d(3, widths[0], 3, stride=1, padding=1, bias=False)
+        kernel, stride, padding = (7, 2, 3) if stem == "imagenet" else (3, 1, 1)
+        self.conv1 = nn.Conv2d(3, widths[0], kernel, stride=stride, padding=padding, bias=False)
         self.bn1 = nn.BatchNorm2d(widths[0])
         self.maxpool = nn.MaxPool2d(3, stride=2, padding=1) if stem == "imagenet" else nn.Identity()
         in_planes = widths[0]
@@ -140,10 +137,8 @@ class ResNet(nn.Module):
             group = [block(in_planes, planes, 1 if g == 1 else 2, shortcut)]
             in_planes = planes * block.expansion
             for _ in range(1, blocks):
-                if basis is None:
-                    group.append(block(in_planes, planes, 1, shortcut))
-                else:
-                    group.append(shared_block(in_planes, basis.unique_rank * k, bases))
+                group.append(block(in_planes, planes, 1, shortcut) if basis is None
+                             else shared_block(in_planes, basis.unique_rank * k, bases))
             setattr(self, f"layer{g}", nn.Sequential(*group))
         self.num_groups = len(layers)
         self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
@@ -160,8 +155,7 @@ class ResNet(nn.Module):
         x = self.maxpool(F.relu(self.bn1(self.conv1(x)), inplace=True))
         for g in range(1, self.num_groups + 1):
             x = getattr(self, f"layer{g}")(x)
-        x = torch.flatten(self.avgpool(x), 1)
-        return self.fc(x)
+        return self.fc(torch.flatten(self.avgpool(x), 1))
 
 
 # Registered models: the reference scripts' names; ranks, defaults and variants are the registry's.

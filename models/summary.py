@@ -1,10 +1,9 @@
 """Parameter and FLOP counts, the way the paper reports them (SPEC section 8).
 
-Params count a shared basis once (``model.parameters()`` yields it once). MACs are as ptflops 0.6 counted them for the
-paper, at batch 1: hooks on conv (with bias; Conv1d too, ECA), linear, BatchNorm, ReLU/ReLU6 and pooling *modules*, so
-a shared basis counts on every call, as it runs (ptflops 0.7's default backend miscounts shared models: SPEC section
-8). The paper's README calls 2 x MACs "FLOPs"; the authors' later README (SPEC_v2 section 6) calls 1 x MACs "FLOPs".
-``python -m models.summary --all`` prints both READMEs' tables, each in its own convention.
+Params count a shared basis once. MACs are as ptflops 0.6 counted them for the paper, at batch 1: hooks on conv (with
+bias; Conv1d too, ECA), linear, BatchNorm, ReLU/ReLU6 and pooling *modules*, so a shared basis counts on every call
+(ptflops 0.7's default backend miscounts shared models: SPEC section 8). FLOPs are 2 x MACs in the paper's README,
+1 x MACs in the authors' later one (SPEC_v2 section 6); ``--all`` prints both tables, each in its own convention.
 """
 from __future__ import annotations
 

@@ -24,8 +24,7 @@ def _import_models():
     if loaded is not None and not _os.path.realpath(where).startswith(_REPO + _os.sep):
         raise ImportError(f"another module named 'models' is already imported ({where or loaded!r}); load this "
                           f"repository's hub entry points in a fresh Python process, or before the other 'models'")
-    import models
-    import models.pretrained
+    import models  # with models.pretrained, which the package imports
     return models
 
 

@@ -1,8 +1,7 @@
 """Shared-filter-basis ConvNets ("Learning Deeply Shared Filter Bases for Efficient ConvNets").
 
-Importing the package registers every model of the paper: ``get_model("ResNet56_DoubleShared", dataset="cifar10",
-shared_rank=16, unique_rank=1)``; ``load_model("checkpoint.pth")`` rebuilds a checkpoint's model. Self-contained: it
-imports nothing from the training code (``utils``).
+Importing it registers every model: ``get_model("ResNet56_DoubleShared", dataset="cifar10", shared_rank=16,
+unique_rank=1)``; ``load_model("checkpoint.pth")`` rebuilds a checkpoint's model. It imports nothing from ``utils``.
 """
 from . import resnet, bottleneck, densenet, resnext, mobilenetv2  # noqa: F401  (importing registers their models)
 from .fold import fold

@@ -168,10 +168,8 @@ class SharedBasisConv2d(nn.Module):
             raise ValueError(f"shared basis takes {shared_basis.in_channels} input channels, not {in_channels}")
         self.stride = stride
         self.fused = fused
-        if shared_basis is not None:
-            share_bases(self, [shared_basis])
-        else:
-            self.shared_basis = None
+        self.shared_basis = None  # replaced by the basis, if any
+        share_bases(self, [shared_basis] if shared_basis is not None else [])
         self.basis_conv = (nn.Conv2d(in_channels, unique_rank, 3, stride=stride, padding=1, bias=False)
                            if unique_rank > 0 else None)
         self.basis_bn = nn.BatchNorm2d(unique_rank + shared_rank)

@@ -42,8 +42,7 @@ def _replace(module: nn.Module) -> None:
 
 
 def _drop_unused_bases(model: nn.Module) -> None:
-    # A root-level ``shared_basis*`` registration is dead once no block holds the basis (this also drops bases never
-    # called, like DenseNet's shared_basis_4); a root that uses its basis itself (a bare SharedBasisConv2d) keeps it.
+    # A root ``shared_basis*`` no block holds is dead (DenseNet's uncalled 4th too); a bare SharedBasisConv2d keeps it.
     if callable(getattr(model, "basis_positions", None)):
         return
     for name in [n for n in model._modules if n.startswith("shared_basis")]:

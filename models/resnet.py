@@ -121,8 +121,7 @@ class ResNet(nn.Module):
                  shared_block: type = SharedBasicBlock) -> None:
         super().__init__()
         self.basis_cfg = basis
-        # the regulariser's form for these blocks (models/regularizer.py): one average per basis position
-        self.bases_by_position = getattr(shared_block, "bases_by_position", False)
+        self.bases_by_position = getattr(shared_block, "bases_by_position", False)  # the regulariser's form
         kernel, stride, padding = (7, 2, 3) if stem == "imagenet" else (3, 1, 1)
         self.conv1 = nn.Conv2d(3, widths[0], kernel, stride=stride, padding=padding, bias=False)
         self.bn1 = nn.BatchNorm2d(widths[0])
@@ -157,8 +156,6 @@ class ResNet(nn.Module):
             x = getattr(self, f"layer{g}")(x)
         return self.fc(torch.flatten(self.avgpool(x), 1))
 
-
-# Registered models: the reference scripts' names; ranks, defaults and variants are the registry's.
 
 _FAMILIES = {"cifar10": dict(widths=(16, 32, 64), stem="cifar", shortcut="A"),
              "cifar100": dict(widths=(64, 128, 256, 512), stem="cifar", shortcut="B"),

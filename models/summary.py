@@ -105,8 +105,7 @@ def count_macs(model: nn.Module, input_size: Optional[tuple] = None) -> int:
 
 
 def summarize(name: str, dataset: str, flops_per_mac: int = 2, **ranks) -> dict:
-    """Params and FLOPs of a registered model, as numbers and as a README prints them (FLOPs = ``flops_per_mac`` x
-    MACs: 2 in the paper's README, 1 in the authors' later one)."""
+    """Params and FLOPs (``flops_per_mac`` x MACs) of a registered model, as numbers and as a README prints them."""
     model = get_model(name, dataset, **ranks)
     params, macs = count_params(model), count_macs(model)
     return {"dataset": dataset, "model": name, **model.cfg.build_kwargs(), "params": params, "macs": macs,
@@ -114,8 +113,7 @@ def summarize(name: str, dataset: str, flops_per_mac: int = 2, **ranks) -> dict:
 
 
 def paper_table(rows: tuple = PAPER_ROWS) -> list[dict]:
-    """Every row of a README table (the paper's, or :data:`LATER_ROWS`) with what this implementation measures
-    (params at the README's precision, FLOPs in its convention) and its flags."""
+    """Every row of a README table with what this code measures (at the README's precision and convention), flags."""
     table = []
     for r in rows:
         s = summarize(r.model, r.dataset, r.flops_per_mac, **dict(r.ranks))

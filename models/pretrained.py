@@ -238,8 +238,9 @@ def resolve_model(ckpt: dict, path: str, *, model: Optional[str] = None, dataset
     if isinstance(recorded, dict):
         claimed = {**model_defaults(name, dataset), **{k: v for k, v in recorded.items() if k in takes}}
         if claimed != ranks:
-            raise CheckpointError(f"checkpoint {path!r} records {rank_flags(claimed)}, its tensors {rank_flags(ranks)}"
-                                  f": its 'model_kwargs' were altered; use an unaltered copy or set them to {ranks}")
+            raise CheckpointError(f"checkpoint {path!r} records {rank_flags(claimed)} but its tensors hold "
+                                  f"{rank_flags(ranks)}: its 'model_kwargs' were altered; use an unaltered copy or "
+                                  f"set them to {ranks}")
     given = {k: v for k, v in zip(RANK_ARGS, (shared_rank, unique_rank)) if v is not None and k in takes}
     wrong = {k: v for k, v in given.items() if ranks[k] != v}
     if wrong:

@@ -100,7 +100,7 @@ def lock_run_files(out_dir: str, stem: str) -> IO:
     except OSError:
         handle.close()
         raise RunError(f"another process is writing the {stem} files in {out_dir!r} (it holds .{stem}.lock); "
-                           f"wait for it to end, or pass another --output_dir") from None
+                       f"wait for it to end, or pass another --output_dir") from None
     for name in (f"{stem}.pth", f"{stem}-last.pth", f"{stem}-args.json", f"{stem}epoch*.pth"):
         for tmp in glob.glob(os.path.join(glob.escape(out_dir), f".{name}.*.tmp")):
             os.unlink(tmp)

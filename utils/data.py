@@ -19,6 +19,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset, get_worker_info
 
+from models.pretrained import error_line
 from models.registry import DATASETS, NUM_CLASSES
 
 PathLike = Union[str, os.PathLike]
@@ -63,10 +64,6 @@ class _CifarUnpickler(pickle.Unpickler):
         return super().find_class(module, name)
 
 
-def _first_line(e: BaseException) -> str:
-    return str(e).splitlines()[0] if str(e) else "no detail"
-
-
 def _read_cifar_file(path: str, label_key: str, num_classes: int) -> Tuple[np.ndarray, np.ndarray]:
     """One pickle batch -> (uint8 [N, 3072] CHW rows, int64 [N] labels); DatasetError naming the file."""
     def bad(what: str) -> DatasetError:
@@ -75,7 +72,7 @@ def _read_cifar_file(path: str, label_key: str, num_classes: int) -> Tuple[np.nd
         with open(path, "rb") as f:
             obj = _CifarUnpickler(f, encoding="latin1").load()
     except Exception as e:  # noqa: BLE001  (not a pickle, truncated, a refused global, unreadable)
-        raise bad(f" is not a readable CIFAR python-pickle batch ({type(e).__name__}: {_first_line(e)})") from None
+        raise bad(f" is not a readable CIFAR python-pickle batch ({error_line(e)})") from None
     if not isinstance(obj, dict):
         raise bad(f" holds a {type(obj).__name__}, not a dict with 'data' and {label_key!r}")
     obj = {(k.decode("latin1") if isinstance(k, bytes) else k): v for k, v in obj.items()}
@@ -99,7 +96,7 @@ def _try_download(root: str, dataset: str) -> Optional[str]:
         getattr(torchvision.datasets, dataset.upper())(root, train=True, download=True)  # CIFAR10 or CIFAR100
         return None
     except Exception as e:  # noqa: BLE001  (no network, disk full, md5 of the download)
-        return f"{type(e).__name__}: {_first_line(e)}"
+        return error_line(e)
 
 
 def load_cifar(root: PathLike, dataset: str, train: bool, *, download: bool = True) -> Tuple[torch.Tensor, ...]:
@@ -230,7 +227,7 @@ def _read_image(path: str):
         with open(path, "rb") as f:
             return Image.open(f).convert("RGB")
     except (OSError, SyntaxError, ValueError) as e:  # PIL's errors for unreadable, truncated, unknown formats
-        raise DatasetError(f"image {path!r} cannot be read ({type(e).__name__}: {_first_line(e)}); replace or remove "
+        raise DatasetError(f"image {path!r} cannot be read ({error_line(e)}); replace or remove "
                            f"it") from None
 
 
@@ -244,7 +241,7 @@ def _imagefolder(root: PathLike, train: bool):
     try:
         return ImageFolder(path, transform=imagenet_transforms(train), loader=_read_image)
     except (FileNotFoundError, RuntimeError) as e:  # no class folders / no image files
-        raise DatasetError(f"ILSVRC directory {path!r} holds no images in class folders ({_first_line(e)}); expected "
+        raise DatasetError(f"ILSVRC directory {path!r} holds no images in class folders ({error_line(e)}); expected "
                            f"{split}/<class>/<image>.JPEG (sort the official flat val archive into class folders "
                            f"first)") from None
 

@@ -18,6 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from models.pretrained import error_line
 from utils import distributed
 
 
@@ -183,8 +184,7 @@ class CompiledOrEager:
                 raise
             except Exception as e:  # noqa: BLE001  (torch raises many types; eager then shows a real error again)
                 self.compiled = None
-                warn(f"torch.compile failed ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
-                     f"running eager from here")
+                warn(f"torch.compile failed ({error_line(e)}); running eager from here")
         return self.eager(x)
 
 

@@ -10,6 +10,7 @@ shapes. Prints the authors' ``Eval_Acc_top1 = ...`` / ``Eval_Acc_top5 = ...`` li
 The model is evaluated in its inference-folded form (``models.fold``: the same outputs up to float rounding, at
 plain-model speed); ``--no_fold`` evaluates it as trained. ``--amp``, ``--channels_last`` and ``--compile`` apply.
 """
+
 import sys
 
 from utils.cli import eval_main

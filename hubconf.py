@@ -6,6 +6,7 @@
 Keywords: see :func:`models.pretrained.build_model` (ranks not given are read from the checkpoint). Models come in
 train mode: call ``.eval()`` to predict. Every helper is private, so that torch.hub lists model names only.
 """
+
 import inspect as _inspect
 import os as _os
 import sys as _sys
@@ -22,9 +23,12 @@ def _import_models():
     loaded = _sys.modules.get("models")
     where = getattr(loaded, "__file__", None) or ""
     if loaded is not None and not _os.path.realpath(where).startswith(_REPO + _os.sep):
-        raise ImportError(f"another module named 'models' is already imported ({where or loaded!r}); load this "
-                          f"repository's hub entry points in a fresh Python process, or before the other 'models'")
+        raise ImportError(
+            f"another module named 'models' is already imported ({where or loaded!r}); load this "
+            f"repository's hub entry points in a fresh Python process, or before the other 'models'"
+        )
     import models  # with models.pretrained, which the package imports
+
     return models
 
 
@@ -49,22 +53,32 @@ def _doc(name: str) -> str:
         else:
             args.append(f"{arg}=" + "|".join(f"{v} ({d})" for d, v in values.items()))
     from_file = "; ranks not given are read from it" if len(args) > 1 else ""
-    return (f"{name}, {what} ({', '.join(datasets)}); kwargs: {', '.join(args)}, "
-            f"checkpoint=None (a local file{from_file}).")
+    return (
+        f"{name}, {what} ({', '.join(datasets)}); kwargs: {', '.join(args)}, checkpoint=None (a local file{from_file})."
+    )
 
 
 def _make_entry(name: str):
     def entry(dataset=None, *, shared_rank=None, unique_rank=None, num_classes=None, checkpoint=None):
-        return _models.pretrained.build_model(name, dataset, shared_rank=shared_rank, unique_rank=unique_rank,
-                                              num_classes=num_classes, checkpoint=checkpoint)
+        return _models.pretrained.build_model(
+            name,
+            dataset,
+            shared_rank=shared_rank,
+            unique_rank=unique_rank,
+            num_classes=num_classes,
+            checkpoint=checkpoint,
+        )
 
     entry.__name__ = entry.__qualname__ = name
     entry.__module__ = __name__
     entry.__doc__ = _doc(name)
     takes = set(_rank_args(name))  # show only the rank keywords this model takes (others are refused anyway)
     signature = _inspect.signature(entry)
-    entry.__signature__ = signature.replace(parameters=[
-        p for p in signature.parameters.values() if p.name not in ("shared_rank", "unique_rank") or p.name in takes])
+    entry.__signature__ = signature.replace(
+        parameters=[
+            p for p in signature.parameters.values() if p.name not in ("shared_rank", "unique_rank") or p.name in takes
+        ]
+    )
     return entry
 
 

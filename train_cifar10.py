@@ -12,6 +12,7 @@ e.g. ``torchrun --nproc_per_node=4 train_cifar10.py ... [--sync_bn]``. ``--val_s
 N held-out training images and scores the test set once, at the end. SIGINT/SIGTERM stop at the next step and save
 it (status 130/143; ``--resume`` continues from that step).
 """
+
 import sys
 
 from utils.cli import train_main

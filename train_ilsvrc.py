@@ -14,6 +14,7 @@ e.g. ``torchrun --nproc_per_node=4 train_ilsvrc.py ... [--sync_bn]``. ``--val_sp
 N held-out training images and scores the test set once, at the end. SIGINT/SIGTERM stop at the next step and save
 it (status 130/143; ``--resume`` continues from that step).
 """
+
 import sys
 
 from utils.cli import train_main

@@ -3,12 +3,13 @@
 A file is written under a temporary name in its directory, flushed and renamed onto its path, so the path is always
 the old file or the complete new one. In ``models`` so that the model package needs nothing from the training code.
 """
+
 from __future__ import annotations
 
 import contextlib
 import os
 import tempfile
-from typing import Iterator
+from collections.abc import Iterator
 
 
 def _umask() -> int:

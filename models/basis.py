@@ -8,10 +8,12 @@ basis is one ``nn.Conv2d`` used by every block of a group (unique channels come 
 * **Shared parameters.** A shared conv is registered on the network *and* on every block using it (:func:`share_bases`,
   like a tied embedding): ``parameters()`` yields it once, ``state_dict()`` lists every alias, as the checkpoints do.
 """
+
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import NamedTuple, Optional, Sequence
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
@@ -28,10 +30,11 @@ class BasisCfg:
     unique_rank: int = 0
 
 
-def require_basis(basis: Optional[BasisCfg], family: str, counts: tuple = (1,), fixed_size: bool = False):
+def require_basis(basis: BasisCfg | None, family: str, counts: tuple = (1,), fixed_size: bool = False):
     """``basis``, refused unless ``family`` can build it (``counts``: its bases per group); guards direct use."""
-    if basis is not None and (basis.bases_per_group not in counts
-                              or (fixed_size and (basis.shared_rank or basis.unique_rank))):
+    if basis is not None and (
+        basis.bases_per_group not in counts or (fixed_size and (basis.shared_rank or basis.unique_rank))
+    ):
         sizes = " and no ranks (the architecture fixes its size)" if fixed_size else ""
         count = " or ".join(map(str, counts))
         raise ValueError(f"{family} shares {count} basis per group{sizes}, not {basis}")
@@ -41,14 +44,15 @@ def require_basis(basis: Optional[BasisCfg], family: str, counts: tuple = (1,), 
 class BasisPosition(NamedTuple):
     """The parts of one factorised conv, as found in a block (for folding, FLOP counting and tests)."""
 
-    unique: Optional[nn.Conv2d]
-    shared: Optional[nn.Conv2d]
+    unique: nn.Conv2d | None
+    shared: nn.Conv2d | None
     basis_bn: nn.BatchNorm2d
     coeff: nn.Conv2d
 
 
-def register_bases(module: nn.Module, bases: Sequence[nn.Conv2d], name: str,
-                   keys: Optional[Sequence[str]] = None) -> tuple:
+def register_bases(
+    module: nn.Module, bases: Sequence[nn.Conv2d], name: str, keys: Sequence[str] | None = None
+) -> tuple:
     """Register ``bases`` on ``module`` under ``keys``, by default ``name`` for one basis and ``name_1``, ``name_2``...
     for several (the checkpoints' keys); returns the keys."""
     if keys is None:
@@ -58,11 +62,12 @@ def register_bases(module: nn.Module, bases: Sequence[nn.Conv2d], name: str,
     return tuple(keys)
 
 
-def share_bases(block: nn.Module, bases: Sequence[nn.Conv2d], keys: Optional[Sequence[str]] = None) -> None:
+def share_bases(block: nn.Module, bases: Sequence[nn.Conv2d], keys: Sequence[str] | None = None) -> None:
     """Register shared bases as aliases on the ``block`` using them (:func:`register_bases` keys ``shared_basis*``) and
     record them for :func:`shared_bases_of`, where the block's keys must come (calls append to the record)."""
-    block.shared_basis_names = (getattr(block, "shared_basis_names", ()) +
-                                register_bases(block, bases, "shared_basis", keys))
+    block.shared_basis_names = getattr(block, "shared_basis_names", ()) + register_bases(
+        block, bases, "shared_basis", keys
+    )
 
 
 def shared_bases_of(block: nn.Module) -> list[nn.Conv2d]:
@@ -75,8 +80,15 @@ def make_shared_basis(in_channels: int, rank: int, kernel_size: int = 3, groups:
     return nn.Conv2d(in_channels, rank, kernel_size, stride=1, padding=kernel_size // 2, groups=groups, bias=False)
 
 
-def basis_conv2d(x: torch.Tensor, unique: Optional[nn.Conv2d], shared: Optional[nn.Conv2d], *,
-                 stride: int = 1, padding: int = 1, fused: bool = True) -> torch.Tensor:
+def basis_conv2d(
+    x: torch.Tensor,
+    unique: nn.Conv2d | None,
+    shared: nn.Conv2d | None,
+    *,
+    stride: int = 1,
+    padding: int = 1,
+    fused: bool = True,
+) -> torch.Tensor:
     """``[unique || shared]`` basis convolutions of ``x``: with ``fused``, one conv over the concatenated weights (the
     same outputs and gradients in fewer kernels), else the authors' two convs (which the FLOP counter hooks)."""
     if fused and unique is not None and shared is not None and unique.groups == shared.groups == 1:
@@ -158,8 +170,16 @@ class SharedBasisConv2d(nn.Module):
     """Factorised convolution ``[unique || shared basis] -> BN -> 1x1 coefficients`` as one module: ``unique_rank``
     own filters (0 = none) and the ``shared_basis`` conv (None = none; stride 1, the ``stride`` is applied here)."""
 
-    def __init__(self, in_channels: int, out_channels: int, unique_rank: int,
-                 shared_basis: Optional[nn.Conv2d] = None, *, stride: int = 1, fused: bool = True) -> None:
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        unique_rank: int,
+        shared_basis: nn.Conv2d | None = None,
+        *,
+        stride: int = 1,
+        fused: bool = True,
+    ) -> None:
         super().__init__()
         shared_rank = shared_basis.out_channels if shared_basis is not None else 0
         if unique_rank + shared_rank <= 0:
@@ -170,8 +190,9 @@ class SharedBasisConv2d(nn.Module):
         self.fused = fused
         self.shared_basis = None  # replaced by the basis, if any
         share_bases(self, [shared_basis] if shared_basis is not None else [])
-        self.basis_conv = (nn.Conv2d(in_channels, unique_rank, 3, stride=stride, padding=1, bias=False)
-                           if unique_rank > 0 else None)
+        self.basis_conv = (
+            nn.Conv2d(in_channels, unique_rank, 3, stride=stride, padding=1, bias=False) if unique_rank > 0 else None
+        )
         self.basis_bn = nn.BatchNorm2d(unique_rank + shared_rank)
         self.coeff_conv = nn.Conv2d(unique_rank + shared_rank, out_channels, 1, bias=False)
 

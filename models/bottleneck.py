@@ -6,10 +6,11 @@ blocks: ``*_SharedSingle`` (README "Shared") shares the 3x3 conv (``shared_basis
 filters, no basis BN: nothing to fold. The tall 1x1 bases start with orthonormal columns and keep the orthogonality
 penalty above a floor (SPEC_v2 section 4).
 """
+
 from __future__ import annotations
 
+from collections.abc import Sequence
 from functools import partial
-from typing import Sequence
 
 import torch
 import torch.nn as nn
@@ -39,8 +40,9 @@ class Bottleneck(nn.Module):
         self.bn3 = nn.BatchNorm2d(out_planes)
         self.shortcut = nn.Sequential()
         if stride != 1 or in_planes != out_planes:
-            self.shortcut = nn.Sequential(nn.Conv2d(in_planes, out_planes, 1, stride=stride, bias=False),
-                                          nn.BatchNorm2d(out_planes))
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(in_planes, out_planes, 1, stride=stride, bias=False), nn.BatchNorm2d(out_planes)
+            )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = F.relu(self.bn1(self.conv1(x)), inplace=True)
@@ -85,8 +87,9 @@ class SharedBottleneck(nn.Module):
         return F.relu(out + x, inplace=True)
 
 
-_ILSVRC = dict(widths=(64, 128, 256, 512), stem="imagenet", shortcut="B", block=Bottleneck,
-               shared_block=SharedBottleneck)
+_ILSVRC = dict(
+    widths=(64, 128, 256, 512), stem="imagenet", shortcut="B", block=Bottleneck, shared_block=SharedBottleneck
+)
 # ResNet101 plain is in the authors' --model help but not their model table; here it is simply a working model.
 for _depth, _layers in (("ResNet50", (3, 4, 6, 3)), ("ResNet101", (3, 4, 23, 3))):
     _builder = partial(ResNet, _layers, **_ILSVRC)

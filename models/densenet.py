@@ -10,12 +10,13 @@ Each bottleneck's 3x3 conv is factorised over one of four network-level bases, w
 * Construction order is the authors' (``conv1``, the four bases, the features, ``linear``), so ``torch.manual_seed``
   reproduces their initial weights: PyTorch defaults, and the bases are *not* orthogonal at init (SPEC section 3).
 """
+
 from __future__ import annotations
 
 import copy
 from collections import OrderedDict
+from collections.abc import Sequence
 from functools import partial
-from typing import Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -31,9 +32,9 @@ class Transition(nn.Module):
 
     def __init__(self, in_channels: int, out_channels: int) -> None:
         super().__init__()
-        self.down_sample = nn.Sequential(nn.BatchNorm2d(in_channels),
-                                         nn.Conv2d(in_channels, out_channels, 1, bias=False),
-                                         nn.AvgPool2d(2, stride=2))
+        self.down_sample = nn.Sequential(
+            nn.BatchNorm2d(in_channels), nn.Conv2d(in_channels, out_channels, 1, bias=False), nn.AvgPool2d(2, stride=2)
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_sample(x)
@@ -47,10 +48,13 @@ class Bottleneck(nn.Module):
         super().__init__()
         inner = 4 * growth_rate
         self.residual_function = nn.Sequential(
-            nn.BatchNorm2d(in_channels), nn.ReLU(inplace=True),
+            nn.BatchNorm2d(in_channels),
+            nn.ReLU(inplace=True),
             nn.Conv2d(in_channels, inner, 1, bias=False),
-            nn.BatchNorm2d(inner), nn.ReLU(inplace=True),
-            nn.Conv2d(inner, growth_rate, 3, padding=1, bias=False))
+            nn.BatchNorm2d(inner),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(inner, growth_rate, 3, padding=1, bias=False),
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.cat((x, self.residual_function(x)), 1)
@@ -78,7 +82,7 @@ class SharedBottleneck(nn.Module):
         return [BasisPosition(self.basis_conv2, self.shared_basis, self.basis_bn2, self.coeff_conv2)]
 
     @torch.no_grad()
-    def folded(self, dense: Optional[bool] = None) -> nn.Module:
+    def folded(self, dense: bool | None = None) -> nn.Module:
         """The eval-mode layer without basis BN, its last conv with a bias (for :meth:`DenseNet.after_fold`): a plain
         :class:`Bottleneck` (``dense=True``), a :class:`FoldedSharedBottleneck` (``False``) or the fewer MACs (``None``:
         36,864 vs 1,184*r per pixel: S16U1, r = 17, stays factorised; S64U4, r = 68, becomes a plain DenseNet)."""
@@ -120,8 +124,15 @@ class DenseNet(nn.Module):
     """DenseNet-BC for 32x32 inputs (``layers``: bottlenecks per dense block), plain (``basis=None``) or with one
     shared basis per dense block; transitions keep ``floor(reduction * C)`` channels."""
 
-    def __init__(self, layers: Sequence[int], num_classes: int, *, growth_rate: int = 32, reduction: float = 0.5,
-                 basis: Optional[BasisCfg] = None) -> None:
+    def __init__(
+        self,
+        layers: Sequence[int],
+        num_classes: int,
+        *,
+        growth_rate: int = 32,
+        reduction: float = 0.5,
+        basis: BasisCfg | None = None,
+    ) -> None:
         super().__init__()
         self.basis_cfg = require_basis(basis, "DenseNet")
         self.num_blocks = len(layers)
@@ -136,8 +147,11 @@ class DenseNet(nn.Module):
             # Checkpoint quirk: the last dense block gets shared_basis_3, leaving shared_basis_4 unused in forward.
             shared = None if basis is None else getattr(self, f"shared_basis_{min(i, len(layers) - 2) + 1}")
             for j in range(n):
-                layer = (Bottleneck(channels, growth_rate) if shared is None
-                         else SharedBottleneck(channels, growth_rate, basis.unique_rank, shared))
+                layer = (
+                    Bottleneck(channels, growth_rate)
+                    if shared is None
+                    else SharedBottleneck(channels, growth_rate, basis.unique_rank, shared)
+                )
                 block.add_module(f"bottle_neck_layer_{j}", layer)
                 channels += growth_rate
             self.features.add_module(self._block_name(i), block)
@@ -182,8 +196,9 @@ class DenseNet(nn.Module):
             shared_name = self._block_name(self.num_blocks - 1)
             self.basis_cfg = None
             plain_name = self._block_name(self.num_blocks - 1)
-            self.features = nn.Sequential(OrderedDict((plain_name if n == shared_name else n, m)
-                                                      for n, m in self.features.named_children()))
+            self.features = nn.Sequential(
+                OrderedDict((plain_name if n == shared_name else n, m) for n, m in self.features.named_children())
+            )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.features(self.conv1(x))

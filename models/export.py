@@ -6,6 +6,7 @@
 *unfolded* model on seeded random batches and renamed into place only within :data:`RTOL`; run it with
 ``torch.export.load("r56.pt2").module()(images)``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -13,7 +14,7 @@ import importlib.util
 import math
 import os
 import sys
-from typing import Optional, Sequence, Union
+from collections.abc import Sequence
 
 import torch
 import torch.nn as nn
@@ -63,13 +64,15 @@ def _export(model: nn.Module, example: torch.Tensor, dynamic: bool):
     return torch.export.export(model, (example,)), False, note + f"fixed batch {example.shape[0]}"
 
 
-def _check_onnx(path: str, batches: list, refs: list) -> tuple[Optional[float], Optional[float]]:
+def _check_onnx(path: str, batches: list, refs: list) -> tuple[float | None, float | None]:
     """Validate the file with onnx.checker and, when onnxruntime is installed, run it against ``refs``."""
     import onnx
+
     onnx.checker.check_model(onnx.load(path))
     if importlib.util.find_spec("onnxruntime") is None:
         return None, None
     import onnxruntime
+
     session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
     name = session.get_inputs()[0].name
     return _worst(lambda x: torch.from_numpy(session.run(None, {name: x.cpu().numpy()})[0]), batches, refs)
@@ -83,16 +86,20 @@ def _fold(model: nn.Module, fold: bool, batches: list, refs: list, report: dict)
             target = fold_model(model)
             report["fold_rel_diff"] = _worst(target, batches[:1], refs[:1])[1]
         except Exception as e:  # noqa: BLE001
-            raise ExportError(f"fold() failed on {type(model).__name__} ({error_line(e)}); a bug in the model's "
-                              f"folded() blocks: export without folding (fold=False, --no_fold)") from e
+            raise ExportError(
+                f"fold() failed on {type(model).__name__} ({error_line(e)}); a bug in the model's "
+                f"folded() blocks: export without folding (fold=False, --no_fold)"
+            ) from e
         report["folded"] = True
     elif fold:
         report["note"] = "no foldable blocks: exported as is; "
     report["params_after"] = count_params(target)
     report["macs_after"] = count_macs(target, report["input_size"]) if target is not model else report["macs_before"]
     if report["macs_after"] > report["macs_before"]:
-        report["note"] += ("folding adds MACs here (at low ranks dense convs cost more than basis + coefficients): "
-                           "time both forms (fold=False / --no_fold) on the target hardware; ")
+        report["note"] += (
+            "folding adds MACs here (at low ranks dense convs cost more than basis + coefficients): "
+            "time both forms (fold=False / --no_fold) on the target hardware; "
+        )
     return target
 
 
@@ -102,48 +109,82 @@ def _save_checked(program, onnx: bool, batches: list, refs: list, rtol: float, r
         torch.export.save(program, tmp)
         report["max_abs_diff"], report["max_rel_diff"] = worst = _worst(torch.export.load(tmp).module(), batches, refs)
         if not worst[1] <= rtol:  # also catches nan
-            folding = (f"folded; the eager folded model alone differs by {report['fold_rel_diff']:.3g}"
-                       if report["folded"] else "not folded")
-            raise ExportError(f"the exported program differs from the model: max relative difference {worst[1]:.3g} "
-                              f"> {rtol:g} (max abs {worst[0]:.3g}; {folding}); nothing written")
+            folding = (
+                f"folded; the eager folded model alone differs by {report['fold_rel_diff']:.3g}"
+                if report["folded"]
+                else "not folded"
+            )
+            raise ExportError(
+                f"the exported program differs from the model: max relative difference {worst[1]:.3g} "
+                f"> {rtol:g} (max abs {worst[0]:.3g}; {folding}); nothing written"
+            )
         if onnx:
             onnx_out = os.path.splitext(report["out"])[0] + ".onnx"
             with atomic_path(onnx_out, ".onnx") as tmp_onnx:
                 try:  # the dynamo exporter (onnxscript), on the checked program
-                    torch.onnx.export(program, f=tmp_onnx, dynamo=True, external_data=False, verbose=False,
-                                      input_names=["input"], output_names=["logits"])
+                    torch.onnx.export(
+                        program,
+                        f=tmp_onnx,
+                        dynamo=True,
+                        external_data=False,
+                        verbose=False,
+                        input_names=["input"],
+                        output_names=["logits"],
+                    )
                 except Exception as e:  # noqa: BLE001
                     raise ExportError(f"ONNX export failed ({error_line(e)}); {ONNX_HINT}") from e
                 checked = _check_onnx(tmp_onnx, batches, refs)
                 report["onnx_max_abs_diff"], report["onnx_max_rel_diff"] = checked
                 if checked[1] is not None and not checked[1] <= rtol:
-                    raise ExportError(f"the ONNX model differs from the model: max relative difference "
-                                      f"{checked[1]:.3g} > {rtol:g}; nothing written")
+                    raise ExportError(
+                        f"the ONNX model differs from the model: max relative difference "
+                        f"{checked[1]:.3g} > {rtol:g}; nothing written"
+                    )
             report["onnx"] = onnx_out
 
 
 @torch.no_grad()
-def export_model(model: nn.Module, out: Union[str, os.PathLike], *, example_input: torch.Tensor, fold: bool = True,
-                 onnx: bool = False, dynamic_batch: bool = True, num_batches: int = 3, seed: int = 0,
-                 rtol: float = RTOL) -> dict:
+def export_model(
+    model: nn.Module,
+    out: str | os.PathLike,
+    *,
+    example_input: torch.Tensor,
+    fold: bool = True,
+    onnx: bool = False,
+    dynamic_batch: bool = True,
+    num_batches: int = 3,
+    seed: int = 0,
+    rtol: float = RTOL,
+) -> dict:
     """Fold an eval-mode ``model``, export it to ``out`` (and ``<out stem>.onnx``), check the saved files; returns the
     report. Check batches have the example's size (also 1 and one more when dynamic); ExportError: nothing written."""
     model = unwrap_model(model)
     if model.training:
-        raise ValueError("export_model() exports an inference graph, but the model is in training mode (BatchNorm "
-                         "would use batch statistics): call model.eval() first")
+        raise ValueError(
+            "export_model() exports an inference graph, but the model is in training mode (BatchNorm "
+            "would use batch statistics): call model.eval() first"
+        )
     if onnx and _onnx_missing():
         raise OnnxUnavailableError(ONNX_HINT)
     input_size = tuple(example_input.shape[1:])
-    report = {"out": os.fspath(out), "onnx": None, "onnx_max_abs_diff": None, "onnx_max_rel_diff": None,
-              "input_size": input_size, "params_before": count_params(model),
-              "macs_before": count_macs(model, input_size), "note": ""}
+    report = {
+        "out": os.fspath(out),
+        "onnx": None,
+        "onnx_max_abs_diff": None,
+        "onnx_max_rel_diff": None,
+        "input_size": input_size,
+        "params_before": count_params(model),
+        "macs_before": count_macs(model, input_size),
+        "note": "",
+    }
     gen = torch.Generator(device="cpu").manual_seed(seed)
     n0 = example_input.shape[0]
 
     def draw(sizes):
-        batches = [torch.randn(n, *input_size, generator=gen).to(example_input.device, example_input.dtype)
-                   for n in (sizes * num_batches)[:num_batches]]
+        batches = [
+            torch.randn(n, *input_size, generator=gen).to(example_input.device, example_input.dtype)
+            for n in (sizes * num_batches)[:num_batches]
+        ]
         return batches, [model(x) for x in batches]
 
     batches, refs = draw([n0, 1, n0 + 1] if dynamic_batch else [n0])
@@ -171,20 +212,27 @@ def _print_report(args, model: nn.Module, r: dict) -> None:
 
     batch = "dynamic batch" if r["dynamic_batch"] else f"fixed batch {args.batch_size}"
     cfg = model.cfg
-    print(f"exported {cfg.dataset} {cfg.name} {rank_flags(cfg.build_kwargs())}".rstrip() + f" -> {r['out']} "
-          f"({batch}, input {'x'.join(map(str, r['input_size']))}, {'folded' if r['folded'] else 'not folded'})")
+    print(
+        f"exported {cfg.dataset} {cfg.name} {rank_flags(cfg.build_kwargs())}".rstrip() + f" -> {r['out']} "
+        f"({batch}, input {'x'.join(map(str, r['input_size']))}, {'folded' if r['folded'] else 'not folded'})"
+    )
     print(f"  params   {count('params')}\n  MACs     {count('macs')}  (batch 1)")
-    print(f"  check    {len(r['batch_sizes'])} random batches {r['batch_sizes']} vs the unfolded model: max abs diff "
-          f"{r['max_abs_diff']:.2e}, max rel diff {r['max_rel_diff']:.2e} (limit {RTOL:g})")
+    print(
+        f"  check    {len(r['batch_sizes'])} random batches {r['batch_sizes']} vs the unfolded model: max abs diff "
+        f"{r['max_abs_diff']:.2e}, max rel diff {r['max_rel_diff']:.2e} (limit {RTOL:g})"
+    )
     if r["onnx"]:
-        checked = (f"max rel diff {r['onnx_max_rel_diff']:.2e}" if r["onnx_max_rel_diff"] is not None
-                   else "outputs not checked: pip install onnxruntime")
+        checked = (
+            f"max rel diff {r['onnx_max_rel_diff']:.2e}"
+            if r["onnx_max_rel_diff"] is not None
+            else "outputs not checked: pip install onnxruntime"
+        )
         print(f"  onnx     {r['onnx']} ({checked})")
     if r["note"]:
         print(f"  note     {r['note']}")
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
     p.add_argument("--dataset", choices=DATASETS, help="default: read from the checkpoint (the authors' files need it)")
     p.add_argument("--model", help="e.g. ResNet56_DoubleShared; default: read from the checkpoint")
@@ -199,8 +247,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         if args.batch_size <= 0:
             raise ValueError(f"--batch_size must be a positive integer, got {args.batch_size}")
-        model, _ = load_model(args.pretrained, model=args.model, dataset=args.dataset,
-                              shared_rank=args.shared_rank, unique_rank=args.unique_rank)
+        model, _ = load_model(
+            args.pretrained,
+            model=args.model,
+            dataset=args.dataset,
+            shared_rank=args.shared_rank,
+            unique_rank=args.unique_rank,
+        )
         example = torch.randn(args.batch_size, *model.cfg.input_size, generator=torch.Generator().manual_seed(0))
         report = export_model(model, args.out, example_input=example, fold=not args.no_fold, onnx=args.onnx)
     except (ValueError, ExportError, OSError) as e:  # CheckpointError is a ValueError

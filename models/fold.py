@@ -5,10 +5,10 @@ scaled filters and a bias; exact up to float rounding (~1e-7 relative). Protocol
 (an eval-only equivalent, built without modifying it); :func:`fold` replaces the outermost such modules, then calls
 ``after_fold()`` where a module defines it (work across blocks: DenseNet's bias moves, MobileNetV2's stem and head).
 """
+
 from __future__ import annotations
 
 import copy
-from typing import Optional
 
 import torch
 import torch.nn as nn
@@ -63,11 +63,21 @@ def bn_affine(bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @torch.no_grad()
-def conv_with_bias(conv: nn.Conv2d, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> nn.Conv2d:
+def conv_with_bias(conv: nn.Conv2d, weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Conv2d:
     """A new conv with ``conv``'s geometry (kernel, stride, padding, groups...) and the given weight and bias."""
-    new = nn.Conv2d(weight.shape[1] * conv.groups, weight.shape[0], conv.kernel_size, stride=conv.stride,
-                    padding=conv.padding, dilation=conv.dilation, groups=conv.groups, bias=bias is not None,
-                    padding_mode=conv.padding_mode, device=weight.device, dtype=weight.dtype)
+    new = nn.Conv2d(
+        weight.shape[1] * conv.groups,
+        weight.shape[0],
+        conv.kernel_size,
+        stride=conv.stride,
+        padding=conv.padding,
+        dilation=conv.dilation,
+        groups=conv.groups,
+        bias=bias is not None,
+        padding_mode=conv.padding_mode,
+        device=weight.device,
+        dtype=weight.dtype,
+    )
     new.weight.copy_(weight)
     if bias is not None:
         new.bias.copy_(bias)
@@ -96,7 +106,7 @@ def dense_is_cheaper(position) -> bool:
 
 
 @torch.no_grad()
-def fold_factorised(position, dense: Optional[bool] = None, keep_bias: bool = False) -> tuple[nn.Module, torch.Tensor]:
+def fold_factorised(position, dense: bool | None = None, keep_bias: bool = False) -> tuple[nn.Module, torch.Tensor]:
     """``(module, bias)``: a factorised conv (ungrouped bases) without its basis BN, in eval mode, as one dense conv
     (``dense=None``: if :func:`dense_is_cheaper`) or basis + 1x1 conv; ``bias`` on its last conv if ``keep_bias``."""
     scale, shift = bn_affine(position.basis_bn)
@@ -109,5 +119,6 @@ def fold_factorised(position, dense: Optional[bool] = None, keep_bias: bool = Fa
     if dense_is_cheaper(position) if dense is None else dense:
         weight = torch.einsum("or,rikl->oikl", coeff.flatten(1), basis)  # (out, in, kh, kw)
         return conv_with_bias(template, weight, bias if keep_bias else None), bias
-    return nn.Sequential(conv_with_bias(template, basis, None),
-                         conv_with_bias(position.coeff, coeff, bias if keep_bias else None)), bias
+    return nn.Sequential(
+        conv_with_bias(template, basis, None), conv_with_bias(position.coeff, coeff, bias if keep_bias else None)
+    ), bias

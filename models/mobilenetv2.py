@@ -12,11 +12,12 @@ since April 2021; ``MobileNetV2_SharedDouble_NoECA`` is the November 2020 layout
 Attribute names are checkpoint keys and construction order is the authors' (``pre``, stages with each shared conv
 built just before its stage, ``conv1``, head), so ``torch.manual_seed`` reproduces their initial weights.
 """
+
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import partial
-from typing import Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -27,8 +28,7 @@ from .fold import fold_conv_bn
 from .registry import register_model
 
 # (expansion t, output channels c, blocks n, first-block stride s) per stage; stage 6's stride comes from the cfg.
-STAGES = ((1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1), (6, 160, 3, None),
-          (6, 320, 1, 1))
+STAGES = ((1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1), (6, 160, 3, None), (6, 320, 1, 1))
 SHARED_STAGES = (3, 4, 5, 6)  # 1-based stages that get a shared expansion conv (shared_basis_1..4)
 
 
@@ -68,11 +68,19 @@ class InvertedResidual(nn.Module):
     plus the residual chosen by ``projection_shortcuts``. ``shared``: the stage's 1x1 convs in place of ``conv1`` (and
     ``conv3``), keys ``shared_basis1`` (``2``); ``attention``: an :class:`ECA` kernel size after ``bn3`` (0: none)."""
 
-    def __init__(self, in_channels: int, out_channels: int, expansion: int, stride: int, projection_shortcuts: bool,
-                 shared: Sequence[nn.Conv2d] = (), attention: int = 0) -> None:
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        expansion: int,
+        stride: int,
+        projection_shortcuts: bool,
+        shared: Sequence[nn.Conv2d] = (),
+        attention: int = 0,
+    ) -> None:
         super().__init__()
         planes = expansion * in_channels
-        self.shortcut: Optional[nn.Module] = None  # identity when residual
+        self.shortcut: nn.Module | None = None  # identity when residual
         share_bases(self, shared, keys=[f"shared_basis{j}" for j in range(1, len(shared) + 1)])
         if not shared:
             self.conv1 = nn.Conv2d(in_channels, planes, 1, bias=False)
@@ -84,8 +92,9 @@ class InvertedResidual(nn.Module):
         self.bn3 = nn.BatchNorm2d(out_channels)
         self.residual = stride == 1 and (projection_shortcuts or in_channels == out_channels)
         if self.residual and in_channels != out_channels:  # projection_shortcuts only
-            self.shortcut = nn.Sequential(nn.Conv2d(in_channels, out_channels, 1, bias=False),
-                                          nn.BatchNorm2d(out_channels))
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(in_channels, out_channels, 1, bias=False), nn.BatchNorm2d(out_channels)
+            )
         self.chan_attention = ECA(attention) if attention else None
 
     def _convs(self) -> tuple[nn.Conv2d, nn.Conv2d, nn.Conv2d]:
@@ -93,7 +102,7 @@ class InvertedResidual(nn.Module):
         shared = shared_bases_of(self)
         return (shared[0] if shared else self.conv1), self.conv2, (shared[1] if len(shared) > 1 else self.conv3)
 
-    def folded(self) -> "FoldedInvertedResidual":
+    def folded(self) -> FoldedInvertedResidual:
         return FoldedInvertedResidual(self).eval()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -134,8 +143,9 @@ class MobileNetV2(nn.Module):
     """MobileNetV2 (width 1.0) in the authors' layout ``cfg`` (:data:`CIFAR` or :data:`ILSVRC`); ``basis``: None
     (plain), ``BasisCfg()`` (``_Shared``) or ``BasisCfg(2)`` (``_SharedDouble``, with ECA if ``eca``)."""
 
-    def __init__(self, cfg: MobileNetV2Cfg, num_classes: int, *, basis: Optional[BasisCfg] = None,
-                 eca: bool = False) -> None:
+    def __init__(
+        self, cfg: MobileNetV2Cfg, num_classes: int, *, basis: BasisCfg | None = None, eca: bool = False
+    ) -> None:
         super().__init__()
         self.arch = cfg
         self.basis_cfg = require_basis(basis, "MobileNetV2", counts=(1, 2), fixed_size=True)

@@ -3,20 +3,32 @@
 Files are untrusted: loaded ``weights_only``, and the ranks this project's files record (``model_kwargs``) must agree
 with the tensor shapes before any model is built. Every refusal is a CheckpointError naming the flags that fit the file.
 """
+
 from __future__ import annotations
 
 import functools
 import os
-from typing import Optional, Union
 
 import torch
 import torch.nn as nn
 
-from .registry import (DATASETS, LAYOUTS, NUM_CLASSES, RANK_ARGS, canonical_name, datasets_of, get_model, list_models,
-                       model_defaults, model_rank_args, rank_flags, unknown_model)
+from .registry import (
+    DATASETS,
+    LAYOUTS,
+    NUM_CLASSES,
+    RANK_ARGS,
+    canonical_name,
+    datasets_of,
+    get_model,
+    list_models,
+    model_defaults,
+    model_rank_args,
+    rank_flags,
+    unknown_model,
+)
 
 _PREFIXES = ("module.", "_orig_mod.")
-Source = Union[str, os.PathLike]
+Source = str | os.PathLike
 
 
 class CheckpointError(ValueError):
@@ -28,7 +40,7 @@ def error_line(e: BaseException) -> str:
     return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'no detail'}"
 
 
-def read_checkpoint(path: Source, map_location: Union[str, torch.device] = "cpu") -> dict:
+def read_checkpoint(path: Source, map_location: str | torch.device = "cpu") -> dict:
     """``torch.load(weights_only=True)`` with a one-line error for missing or unreadable files."""
     path = os.fspath(path)
     if os.path.isdir(path):
@@ -70,7 +82,7 @@ def unwrap_model(model: nn.Module) -> nn.Module:
             return model
 
 
-def checkpoint_acc(obj: dict) -> Optional[float]:
+def checkpoint_acc(obj: dict) -> float | None:
     """The checkpoint's ``acc`` as a float (the authors store a 0-dim tensor), or None."""
     acc = obj.get("acc")
     if isinstance(acc, torch.Tensor) and acc.numel() == 1:
@@ -78,12 +90,14 @@ def checkpoint_acc(obj: dict) -> Optional[float]:
     return float(acc) if isinstance(acc, (int, float)) and not isinstance(acc, bool) else None
 
 
-def check_identity(obj: dict, path: str, *, dataset: str, model: Optional[str] = None) -> None:
+def check_identity(obj: dict, path: str, *, dataset: str, model: str | None = None) -> None:
     """Refuse a checkpoint that records another dataset or model (the authors' files record neither: accepted)."""
     recorded_ds, recorded_model = obj.get("dataset"), obj.get("model")
     if recorded_ds is not None and recorded_ds != dataset:
-        raise CheckpointError(f"checkpoint {path!r} was trained on {recorded_ds} ({recorded_model}), not {dataset}; "
-                              f"use the {recorded_ds} scripts")
+        raise CheckpointError(
+            f"checkpoint {path!r} was trained on {recorded_ds} ({recorded_model}), not {dataset}; "
+            f"use the {recorded_ds} scripts"
+        )
     if model is not None and recorded_model is not None and recorded_model != model:
         kwargs = obj.get("model_kwargs")
         flags = f"--model={recorded_model} {rank_flags(kwargs) if isinstance(kwargs, dict) else ''}".strip()
@@ -94,7 +108,7 @@ def _shapes(model: nn.Module) -> dict:
     return {k: tuple(v.shape) for k, v in model.state_dict().items()}
 
 
-def _layout(name: str, dataset: str, num_classes: Optional[int] = None, **ranks) -> dict:
+def _layout(name: str, dataset: str, num_classes: int | None = None, **ranks) -> dict:
     """The keys and shapes of a registered model (built on the meta device: no memory, no RNG draws)."""
     return dict(_cached_layout(name, dataset, num_classes, tuple(sorted(ranks.items()))))
 
@@ -110,12 +124,12 @@ class _SkipInit(torch.overrides.TorchFunctionMode):
 
 
 @functools.lru_cache(maxsize=256)  # probing a file asks for the same few layouts again and again
-def _cached_layout(name: str, dataset: str, num_classes: Optional[int], ranks: tuple) -> tuple:
+def _cached_layout(name: str, dataset: str, num_classes: int | None, ranks: tuple) -> tuple:
     with torch.device("meta"), _SkipInit():
         return tuple(_shapes(get_model(name, dataset, num_classes=num_classes, **dict(ranks))).items())
 
 
-def head_classes(dataset: str, state: dict) -> Optional[int]:
+def head_classes(dataset: str, state: dict) -> int | None:
     """The class count of an ILSVRC-family file that is not 1000 (they train on any ImageFolder tree), read off its
     last tensor, the head's bias in every family (bounded by the file itself); None: the dataset's own count."""
     last = next(reversed(state.values()), None) if dataset == "ilsvrc" else None
@@ -167,7 +181,7 @@ def pick_layout(name: str, dataset: str, state: dict) -> str:
     return next((o for o in others if set(_layout(o, dataset)) == set(state)), name)
 
 
-def guess_model_flags(dataset: str, state: dict) -> Optional[str]:
+def guess_model_flags(dataset: str, state: dict) -> str | None:
     """``--model=<name> <rank flags>`` of the first ``dataset`` model whose keys and shapes fit ``state``, or None."""
     for name in list_models(dataset):
         try:
@@ -180,7 +194,7 @@ def guess_model_flags(dataset: str, state: dict) -> Optional[str]:
     return None
 
 
-def load_weights(model: nn.Module, checkpoint: Union[Source, dict], map_location="cpu") -> dict:
+def load_weights(model: nn.Module, checkpoint: Source | dict, map_location="cpu") -> dict:
     """Load a path, checkpoint dict or state_dict into ``model`` strictly; returns the dict (errors name the flags)."""
     obj = checkpoint if isinstance(checkpoint, dict) else read_checkpoint(checkpoint, map_location)
     state = state_dict_of(obj)
@@ -199,22 +213,34 @@ def _explain_mismatch(model: nn.Module, state: dict, problem: str) -> str:
     try:
         ranks = infer_ranks(cfg.name, cfg.dataset, state)
     except ValueError:
-        return (f"checkpoint is not a {cfg.dataset} {cfg.name} ({problem}); check --model and the dataset "
-                f"the checkpoint was trained on")
-    return (f"checkpoint was trained with {rank_flags(ranks)} but the model was built with "
-            f"{rank_flags(cfg.build_kwargs())}; pass {rank_flags(ranks)}")
+        return (
+            f"checkpoint is not a {cfg.dataset} {cfg.name} ({problem}); check --model and the dataset "
+            f"the checkpoint was trained on"
+        )
+    return (
+        f"checkpoint was trained with {rank_flags(ranks)} but the model was built with "
+        f"{rank_flags(cfg.build_kwargs())}; pass {rank_flags(ranks)}"
+    )
 
 
-def resolve_model(ckpt: dict, path: str, *, model: Optional[str] = None, dataset: Optional[str] = None,
-                  shared_rank: Optional[int] = None, unique_rank: Optional[int] = None) -> tuple[nn.Module, bool]:
+def resolve_model(
+    ckpt: dict,
+    path: str,
+    *,
+    model: str | None = None,
+    dataset: str | None = None,
+    shared_rank: int | None = None,
+    unique_rank: int | None = None,
+) -> tuple[nn.Module, bool]:
     """The model ``ckpt`` holds, built without random init (load its weights next), and whether its ranks had to be
     read off the tensor shapes. Recorded ranks are trusted only once the shapes confirm them, so a hostile file cannot
     ask for any model size."""
     state = state_dict_of(ckpt)
     dataset = dataset or ckpt.get("dataset")
     if dataset is None:
-        raise CheckpointError(f"checkpoint {path!r} records no dataset (an authors' file?): give the dataset "
-                              f"({', '.join(DATASETS)})")
+        raise CheckpointError(
+            f"checkpoint {path!r} records no dataset (an authors' file?): give the dataset ({', '.join(DATASETS)})"
+        )
     model = pick_layout(canonical_name(model), dataset, state) if model else model
     check_identity(ckpt, path, dataset=dataset, model=model)
     name = model or ckpt.get("model")
@@ -238,22 +264,32 @@ def resolve_model(ckpt: dict, path: str, *, model: Optional[str] = None, dataset
     if isinstance(recorded, dict):
         claimed = {**model_defaults(name, dataset), **{k: v for k, v in recorded.items() if k in takes}}
         if claimed != ranks:
-            raise CheckpointError(f"checkpoint {path!r} records {rank_flags(claimed)} but its tensors hold "
-                                  f"{rank_flags(ranks)}: its 'model_kwargs' were altered; use an unaltered copy or "
-                                  f"set them to {ranks}")
+            raise CheckpointError(
+                f"checkpoint {path!r} records {rank_flags(claimed)} but its tensors hold "
+                f"{rank_flags(ranks)}: its 'model_kwargs' were altered; use an unaltered copy or "
+                f"set them to {ranks}"
+            )
     given = {k: v for k, v in zip(RANK_ARGS, (shared_rank, unique_rank)) if v is not None and k in takes}
     wrong = {k: v for k, v in given.items() if ranks[k] != v}
     if wrong:
-        raise CheckpointError(f"checkpoint {path!r} was trained with {rank_flags(ranks)}, not {rank_flags(wrong)}; "
-                              f"pass {rank_flags(ranks)}")
+        raise CheckpointError(
+            f"checkpoint {path!r} was trained with {rank_flags(ranks)}, not {rank_flags(wrong)}; "
+            f"pass {rank_flags(ranks)}"
+        )
     inferred = bool(takes) and not isinstance(recorded, dict) and given.keys() != set(takes)
     with _SkipInit():  # the caller loads every tensor next (ILSVRC ResNet34: 0.1 s instead of 3 s)
         return get_model(name, dataset, num_classes=head_classes(dataset, state), **ranks), inferred
 
 
-def load_model(path: Source, *, model: Optional[str] = None, dataset: Optional[str] = None,
-               shared_rank: Optional[int] = None, unique_rank: Optional[int] = None,
-               map_location: Union[str, torch.device] = "cpu") -> tuple[nn.Module, dict]:
+def load_model(
+    path: Source,
+    *,
+    model: str | None = None,
+    dataset: str | None = None,
+    shared_rank: int | None = None,
+    unique_rank: int | None = None,
+    map_location: str | torch.device = "cpu",
+) -> tuple[nn.Module, dict]:
     """``(model in eval mode, checkpoint dict)`` from a file; the authors' files need ``model`` and ``dataset``.
     Arguments given must agree with the file; ranks the model does not take are ignored, as the scripts do."""
     path = os.fspath(path)
@@ -263,9 +299,15 @@ def load_model(path: Source, *, model: Optional[str] = None, dataset: Optional[s
     return net.eval(), ckpt
 
 
-def build_model(name: str, dataset: Optional[str] = None, *, shared_rank: Optional[int] = None,
-                unique_rank: Optional[int] = None, num_classes: Optional[int] = None,
-                checkpoint: Union[Source, dict, None] = None) -> nn.Module:
+def build_model(
+    name: str,
+    dataset: str | None = None,
+    *,
+    shared_rank: int | None = None,
+    unique_rank: int | None = None,
+    num_classes: int | None = None,
+    checkpoint: Source | dict | None = None,
+) -> nn.Module:
     """The hub's entry points: model ``name`` with the weights of ``checkpoint`` (path or dict), in train mode.
     ``dataset`` may be omitted when the name or the file fixes it; ranks not given come from the file, else defaults."""
     name = canonical_name(name)

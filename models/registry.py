@@ -4,12 +4,14 @@ Names are the reference scripts' (users type them from the paper's README), so o
 on different datasets (``ResNet34`` on CIFAR-100 and ILSVRC): the registry is keyed by ``(dataset, name)``. A name's
 suffix is its variant (:data:`VARIANTS`); this module alone decides the ranks a model takes, their defaults and bounds.
 """
+
 from __future__ import annotations
 
 import difflib
 import fnmatch
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, NamedTuple, Optional
+from typing import NamedTuple
 
 import torch.nn as nn
 
@@ -27,8 +29,11 @@ VARIANTS = {
     "SingleShared": (1, RANK_ARGS, "one shared filter basis per group plus unique filters"),
     "SharedOnly": (2, ("shared_rank",), "shared filter bases only (no unique filters)"),
     "NonShared": (0, ("unique_rank",), "per-layer bases only (the no-sharing ablation)"),
-    "Shared": (1, (), "shared whole convs (MobileNetV2: 1x1 expansions; ResNet50/101: 3x3 and 1x1 expansions, "
-                      "README Shared++)"),
+    "Shared": (
+        1,
+        (),
+        "shared whole convs (MobileNetV2: 1x1 expansions; ResNet50/101: 3x3 and 1x1 expansions, README Shared++)",
+    ),
     "SharedSingle": (1, (), "a shared whole 3x3 conv per layer (README Shared)"),
     "SharedDouble": (2, (), "shared 1x1 expansion and projection convs (README Shared++; ILSVRC: with ECA attention)"),
     "SharedDouble_NoECA": (2, (), "shared 1x1 expansion and projection convs, the November 2020 layout without ECA"),
@@ -46,8 +51,8 @@ class ModelCfg:
 
     dataset: str
     name: str
-    shared_rank: Optional[int] = None
-    unique_rank: Optional[int] = None
+    shared_rank: int | None = None
+    unique_rank: int | None = None
     num_classes: int = 10
     input_size: tuple = (3, 32, 32)
 
@@ -58,7 +63,7 @@ class ModelCfg:
 
 class _Entry(NamedTuple):
     builder: Callable[..., nn.Module]  # builder(num_classes=..., basis=Optional[BasisCfg])
-    bases_per_group: Optional[int]  # None: a plain model
+    bases_per_group: int | None  # None: a plain model
     rank_multiple: int  # grouped bases need ranks that are multiples of this
     max_rank: int  # KERNEL_AREA * input channels of the group-1 bases
     defaults: dict  # each rank keyword this model takes, in order, with its default
@@ -67,8 +72,15 @@ class _Entry(NamedTuple):
 _REGISTRY: dict[tuple[str, str], _Entry] = {}
 
 
-def register_model(dataset: str, name: str, *, channels: int = 0, rank_multiple: int = 1,
-                   bases_per_group: Optional[int] = None, **defaults):
+def register_model(
+    dataset: str,
+    name: str,
+    *,
+    channels: int = 0,
+    rank_multiple: int = 1,
+    bases_per_group: int | None = None,
+    **defaults,
+):
     """Decorator: register ``builder(num_classes=..., basis=...)`` as ``name`` for ``dataset``; ``channels`` (of the
     group-1 bases) bound the ranks; ``bases_per_group`` overrides the variant's; ``defaults``: other rank defaults."""
     _check_dataset(dataset)
@@ -92,7 +104,7 @@ def register_model(dataset: str, name: str, *, channels: int = 0, rank_multiple:
     return wrap
 
 
-def list_models(dataset: Optional[str] = None, pattern: str = "*") -> list[str]:
+def list_models(dataset: str | None = None, pattern: str = "*") -> list[str]:
     """Registered names for ``dataset`` (all datasets when None, as ``dataset/name``), filtered by a glob pattern."""
     if dataset is None:
         return sorted(f"{d}/{n}" for d, n in _REGISTRY if fnmatch.fnmatch(n, pattern))
@@ -115,7 +127,7 @@ def canonical_name(name: str) -> str:
     return name.replace("-", "_")
 
 
-def unknown_model(name: str, dataset: Optional[str] = None) -> str:
+def unknown_model(name: str, dataset: str | None = None) -> str:
     """One line for a name not registered (for ``dataset``): the closest valid name first, then all of them."""
     valid = list_models(dataset) if dataset else sorted({n.split("/")[1] for n in list_models()})
     close = difflib.get_close_matches(canonical_name(name), valid, n=1, cutoff=0.6)
@@ -147,15 +159,26 @@ def _check_ranks(name: str, entry: _Entry, ranks: dict) -> None:
         if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
             raise ValueError(f"{k} must be a positive integer, got {v!r}")
         if v > entry.max_rank:  # before anything is allocated
-            raise ValueError(f"{k}={v} is too large for {name} (at most {entry.max_rank}: a 3x3 basis over the "
-                             f"{entry.max_rank // KERNEL_AREA} channels of group 1 is full rank there)")
+            raise ValueError(
+                f"{k}={v} is too large for {name} (at most {entry.max_rank}: a 3x3 basis over the "
+                f"{entry.max_rank // KERNEL_AREA} channels of group 1 is full rank there)"
+            )
         if v % entry.rank_multiple:
-            raise ValueError(f"{name} uses grouped bases of {entry.rank_multiple} filters per group, so {k} must be "
-                             f"a multiple of {entry.rank_multiple} (got {v})")
+            raise ValueError(
+                f"{name} uses grouped bases of {entry.rank_multiple} filters per group, so {k} must be "
+                f"a multiple of {entry.rank_multiple} (got {v})"
+            )
 
 
-def get_model(name: str, dataset: str, *, shared_rank: Optional[int] = None, unique_rank: Optional[int] = None,
-              num_classes: Optional[int] = None, ignore_unused_ranks: bool = False) -> nn.Module:
+def get_model(
+    name: str,
+    dataset: str,
+    *,
+    shared_rank: int | None = None,
+    unique_rank: int | None = None,
+    num_classes: int | None = None,
+    ignore_unused_ranks: bool = False,
+) -> nn.Module:
     """Build a registered model (the paper's ``--model`` name) with ``model.cfg``. ValueError: unknown names, ranks
     that cannot build, and ranks the model does not take unless ``ignore_unused_ranks`` (as the scripts do)."""
     entry = _entry(name, dataset)
@@ -175,8 +198,13 @@ def get_model(name: str, dataset: str, *, shared_rank: Optional[int] = None, uni
         if name not in PAPER_RANKS:
             raise
         raise ValueError(f"{e} (the paper's {name} was trained with {PAPER_RANKS[name]})") from None
-    model.cfg = ModelCfg(dataset=dataset, name=name, num_classes=classes, input_size=INPUT_SIZE[dataset],
-                         **{k: ranks.get(k) for k in RANK_ARGS})
+    model.cfg = ModelCfg(
+        dataset=dataset,
+        name=name,
+        num_classes=classes,
+        input_size=INPUT_SIZE[dataset],
+        **{k: ranks.get(k) for k in RANK_ARGS},
+    )
     return model
 
 

@@ -10,9 +10,8 @@ R = sum_g selected_sum(D_g) / sum_g selected_count, one global average. Two form
 The authors' later scripts (SPEC_v2 section 4), for models with ``bases_by_position``: R = R(all ``_1`` bases) +
 R(all ``_2`` bases), each basis its own group (no cross terms); each average is over a *set* of groups here.
 """
-from __future__ import annotations
 
-from typing import Optional
+from __future__ import annotations
 
 import torch
 import torch.nn as nn
@@ -25,13 +24,15 @@ def includes_unique(dataset: str) -> bool:
     return dataset == "cifar10"
 
 
-def _form(model: nn.Module, include_unique: Optional[bool]) -> bool:
+def _form(model: nn.Module, include_unique: bool | None) -> bool:
     if include_unique is not None:
         return include_unique
     cfg = getattr(model, "cfg", None)
     if cfg is None:
-        raise ValueError("include_unique=None means the form of the model's dataset, but this model has no cfg "
-                         "(build it with models.get_model, or pass include_unique=True/False)")
+        raise ValueError(
+            "include_unique=None means the form of the model's dataset, but this model has no cfg "
+            "(build it with models.get_model, or pass include_unique=True/False)"
+        )
     return includes_unique(cfg.dataset)
 
 
@@ -52,10 +53,12 @@ class OrthogonalityRegularizer:
     """R for the (unwrapped) model being trained: build once, after moving the model to its device, call every
     step. ``include_unique``: the CIFAR-10 form; None: the form of the authors' script for ``model.cfg.dataset``."""
 
-    def __init__(self, model: nn.Module, include_unique: Optional[bool] = None) -> None:
+    def __init__(self, model: nn.Module, include_unique: bool | None = None) -> None:
         if getattr(model, "folded", False) is True:
-            raise ValueError("this model was folded for inference (models.fold) and has no shared bases left; "
-                             "build the regulariser for the model being trained")
+            raise ValueError(
+                "this model was folded for inference (models.fold) and has no shared bases left; "
+                "build the regulariser for the model being trained"
+            )
         self.sets = basis_sets(model)
         self.groups = [g for groups in self.sets for g in groups]
         self.include_unique = _form(model, include_unique) if self.groups else bool(include_unique)
@@ -101,12 +104,12 @@ class OrthogonalityRegularizer:
         return total
 
 
-def orthogonality_penalty(model: nn.Module, include_unique: Optional[bool] = None) -> torch.Tensor:
+def orthogonality_penalty(model: nn.Module, include_unique: bool | None = None) -> torch.Tensor:
     """R for ``model`` in one call (training loops keep an :class:`OrthogonalityRegularizer` instead)."""
     return OrthogonalityRegularizer(model, include_unique)()
 
 
-def orthogonality_penalty_reference(model: nn.Module, include_unique: Optional[bool] = None) -> torch.Tensor:
+def orthogonality_penalty_reference(model: nn.Module, include_unique: bool | None = None) -> torch.Tensor:
     """The authors' straightforward form, full D_g per group and a selection mask: the slow reference for tests and
     for the benchmark's straightforward path."""
     include_unique = _form(model, include_unique)
@@ -123,7 +126,7 @@ def _reference_set(groups: list[BasisGroup], include_unique: bool) -> torch.Tens
             start = sum(w.shape[0] for w in g.shared)
             mask[start:] = False
             for w in g.unique:
-                mask[start:start + w.shape[0], start:start + w.shape[0]] = True
+                mask[start : start + w.shape[0], start : start + w.shape[0]] = True
                 start += w.shape[0]
         total = total + d[mask].sum()
         count += int(mask.sum())

@@ -5,17 +5,26 @@ of :mod:`models.bottleneck`, the later ILSVRC ResNet50/101. In every group block
 group g uses ``s*k`` shared and ``u*k`` unique filters, ``k = width_g / width_1``. Attribute names and registration
 order are the authors' checkpoint keys, construction order theirs too (``torch.manual_seed`` gives their weights).
 """
+
 from __future__ import annotations
 
+from collections.abc import Sequence
 from functools import partial
-from typing import Optional, Sequence
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .basis import (BasisCfg, BasisPosition, basis_conv2d, init_orthogonal_, make_shared_basis, register_bases,
-                    share_bases, shared_bases_of)
+from .basis import (
+    BasisCfg,
+    BasisPosition,
+    basis_conv2d,
+    init_orthogonal_,
+    make_shared_basis,
+    register_bases,
+    share_bases,
+    shared_bases_of,
+)
 from .fold import fold_factorised
 from .registry import register_model
 
@@ -47,8 +56,9 @@ class BasicBlock(nn.Module):
             if shortcut == "A":
                 self.shortcut = DownsampleA(planes)
             else:
-                self.shortcut = nn.Sequential(nn.Conv2d(in_planes, planes, 1, stride=stride, bias=False),
-                                              nn.BatchNorm2d(planes))
+                self.shortcut = nn.Sequential(
+                    nn.Conv2d(in_planes, planes, 1, stride=stride, bias=False), nn.BatchNorm2d(planes)
+                )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = F.relu(self.bn1(self.conv1(x)), inplace=True)
@@ -80,13 +90,20 @@ class SharedBasicBlock(nn.Module):
         """The shared bases of a group of these blocks (the network registers them before the group)."""
         return [make_shared_basis(planes, basis.shared_rank * k) for _ in range(basis.bases_per_group)]
 
-    def _shared(self, i: int) -> Optional[nn.Conv2d]:
+    def _shared(self, i: int) -> nn.Conv2d | None:
         bases = shared_bases_of(self)
         return bases[(i - 1) % len(bases)] if bases else None
 
     def basis_positions(self) -> list[BasisPosition]:
-        return [BasisPosition(getattr(self, f"basis_conv{i}", None), self._shared(i), getattr(self, f"basis_bn{i}"),
-                              getattr(self, f"coeff_conv{i}")) for i in (1, 2)]
+        return [
+            BasisPosition(
+                getattr(self, f"basis_conv{i}", None),
+                self._shared(i),
+                getattr(self, f"basis_bn{i}"),
+                getattr(self, f"coeff_conv{i}"),
+            )
+            for i in (1, 2)
+        ]
 
     @torch.no_grad()
     def folded(self) -> BasicBlock:
@@ -116,9 +133,18 @@ class ResNet(nn.Module):
     (7x7 stride-2 conv + max-pool); ``shortcut`` ``"A"`` (parameter-free) or ``"B"`` (1x1 conv + BN). With ``basis``,
     blocks 2..n of a group are ``shared_block``s over its ``shared_block.make_bases(...)``, begun by ``init_bases``."""
 
-    def __init__(self, layers: Sequence[int], widths: Sequence[int], num_classes: int, *, stem: str = "cifar",
-                 shortcut: str = "B", basis: Optional[BasisCfg] = None, block: type = BasicBlock,
-                 shared_block: type = SharedBasicBlock) -> None:
+    def __init__(
+        self,
+        layers: Sequence[int],
+        widths: Sequence[int],
+        num_classes: int,
+        *,
+        stem: str = "cifar",
+        shortcut: str = "B",
+        basis: BasisCfg | None = None,
+        block: type = BasicBlock,
+        shared_block: type = SharedBasicBlock,
+    ) -> None:
         super().__init__()
         self.basis_cfg = basis
         self.bases_by_position = getattr(shared_block, "bases_by_position", False)  # the regulariser's form
@@ -136,8 +162,11 @@ class ResNet(nn.Module):
             group = [block(in_planes, planes, 1 if g == 1 else 2, shortcut)]
             in_planes = planes * block.expansion
             for _ in range(1, blocks):
-                group.append(block(in_planes, planes, 1, shortcut) if basis is None
-                             else shared_block(in_planes, basis.unique_rank * k, bases))
+                group.append(
+                    block(in_planes, planes, 1, shortcut)
+                    if basis is None
+                    else shared_block(in_planes, basis.unique_rank * k, bases)
+                )
             setattr(self, f"layer{g}", nn.Sequential(*group))
         self.num_groups = len(layers)
         self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
@@ -157,18 +186,28 @@ class ResNet(nn.Module):
         return self.fc(torch.flatten(self.avgpool(x), 1))
 
 
-_FAMILIES = {"cifar10": dict(widths=(16, 32, 64), stem="cifar", shortcut="A"),
-             "cifar100": dict(widths=(64, 128, 256, 512), stem="cifar", shortcut="B"),
-             "ilsvrc": dict(widths=(64, 128, 256, 512), stem="imagenet", shortcut="B")}
-_DEPTHS = {"ResNet20": (3, 3, 3), "ResNet32": (5, 5, 5), "ResNet44": (7, 7, 7), "ResNet56": (9, 9, 9),
-           "ResNet110": (18, 18, 18), "ResNet1202": (200, 200, 200), "ResNet18": (2, 2, 2, 2),
-           "ResNet34": (3, 4, 6, 3)}
+_FAMILIES = {
+    "cifar10": dict(widths=(16, 32, 64), stem="cifar", shortcut="A"),
+    "cifar100": dict(widths=(64, 128, 256, 512), stem="cifar", shortcut="B"),
+    "ilsvrc": dict(widths=(64, 128, 256, 512), stem="imagenet", shortcut="B"),
+}
+_DEPTHS = {
+    "ResNet20": (3, 3, 3),
+    "ResNet32": (5, 5, 5),
+    "ResNet44": (7, 7, 7),
+    "ResNet56": (9, 9, 9),
+    "ResNet110": (18, 18, 18),
+    "ResNet1202": (200, 200, 200),
+    "ResNet18": (2, 2, 2, 2),
+    "ResNet34": (3, 4, 6, 3),
+}
 
 
-def _register(dataset: str, depth: str, variant: Optional[str] = None, **options) -> None:
+def _register(dataset: str, depth: str, variant: str | None = None, **options) -> None:
     family = _FAMILIES[dataset]
-    register_model(dataset, depth if variant is None else f"{depth}_{variant}", channels=family["widths"][0],
-                   **options)(partial(ResNet, _DEPTHS[depth], **family))
+    register_model(
+        dataset, depth if variant is None else f"{depth}_{variant}", channels=family["widths"][0], **options
+    )(partial(ResNet, _DEPTHS[depth], **family))
 
 
 for _depth in ("ResNet20", "ResNet32", "ResNet44", "ResNet56", "ResNet110", "ResNet1202"):

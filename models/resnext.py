@@ -11,10 +11,11 @@ defaults. The authors' scripts build neither that at their defaults (16, 1) nor 
 Attribute names are checkpoint keys and construction order is the authors', so ``torch.manual_seed`` reproduces their
 initial weights: PyTorch defaults, then each shared basis orthogonal on its own (SPEC section 3).
 """
+
 from __future__ import annotations
 
+from collections.abc import Sequence
 from functools import partial
-from typing import Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -36,14 +37,20 @@ class Bottleneck(nn.Module):
         super().__init__()
         out_channels = planes * EXPANSION
         self.residual_function = nn.Sequential(
-            nn.Conv2d(in_channels, width, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU(inplace=True),
+            nn.Conv2d(in_channels, width, 1, bias=False),
+            nn.BatchNorm2d(width),
+            nn.ReLU(inplace=True),
             nn.Conv2d(width, width, 3, stride=stride, padding=1, groups=cardinality, bias=False),
-            nn.BatchNorm2d(width), nn.ReLU(inplace=True),
-            nn.Conv2d(width, out_channels, 1, bias=False), nn.BatchNorm2d(out_channels))
+            nn.BatchNorm2d(width),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(width, out_channels, 1, bias=False),
+            nn.BatchNorm2d(out_channels),
+        )
         self.shortcut = nn.Sequential()
         if stride != 1 or in_channels != out_channels:
-            self.shortcut = nn.Sequential(nn.Conv2d(in_channels, out_channels, 1, stride=stride, bias=False),
-                                          nn.BatchNorm2d(out_channels))
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(in_channels, out_channels, 1, stride=stride, bias=False), nn.BatchNorm2d(out_channels)
+            )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.relu(self.residual_function(x) + self.shortcut(x), inplace=True)
@@ -60,8 +67,9 @@ class SharedBottleneck(nn.Module):
         share_bases(self, [shared_basis])  # first in the checkpoint's key order
         self.conv1 = nn.Conv2d(channels, width, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(width)
-        self.basis_conv2 = nn.Conv2d(width, unique_rank, 3, padding=1, groups=unique_rank // FILTERS_PER_GROUP,
-                                     bias=False)
+        self.basis_conv2 = nn.Conv2d(
+            width, unique_rank, 3, padding=1, groups=unique_rank // FILTERS_PER_GROUP, bias=False
+        )
         self.bn2 = nn.BatchNorm2d(rank)
         self.conv3 = nn.Conv2d(rank, channels, 1, bias=False)
         self.bn3 = nn.BatchNorm2d(channels)
@@ -72,7 +80,7 @@ class SharedBottleneck(nn.Module):
         return [self.basis_conv2]
 
     @torch.no_grad()
-    def folded(self) -> "FoldedSharedBottleneck":
+    def folded(self) -> FoldedSharedBottleneck:
         """The eval-mode equivalent block, every BN folded into the conv before it: ``bn2`` cannot cross its ReLU to
         ``conv3``, so it scales the two grouped bases (the shared one becomes this block's own copy)."""
         u = self.basis_conv2.out_channels
@@ -82,7 +90,8 @@ class SharedBottleneck(nn.Module):
             fold_conv_bn(self.conv1, self.bn1),
             conv_with_bias(self.basis_conv2, self.basis_conv2.weight * scale[:u], shift[:u]),
             conv_with_bias(self.shared_basis, self.shared_basis.weight * scale[u:], shift[u:]),
-            fold_conv_bn(self.conv3, self.bn3)).eval()
+            fold_conv_bn(self.conv3, self.bn3),
+        ).eval()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = F.relu(self.bn1(self.conv1(x)), inplace=True)
@@ -109,17 +118,26 @@ class FoldedSharedBottleneck(nn.Module):
 def _check_groups(what: str, rank: int, width: int, layer: int) -> None:
     groups = rank // FILTERS_PER_GROUP
     if rank % FILTERS_PER_GROUP or groups <= 0 or width % groups:
-        raise ValueError(f"ResNeXt's grouped bases hold {FILTERS_PER_GROUP} filters per group, so {what} must be a "
-                         f"positive multiple of {FILTERS_PER_GROUP} whose group count divides the conv's input width "
-                         f"(layer {layer}: {rank} filters in {groups} groups over {width} channels)")
+        raise ValueError(
+            f"ResNeXt's grouped bases hold {FILTERS_PER_GROUP} filters per group, so {what} must be a "
+            f"positive multiple of {FILTERS_PER_GROUP} whose group count divides the conv's input width "
+            f"(layer {layer}: {rank} filters in {groups} groups over {width} channels)"
+        )
 
 
 class ResNeXt(nn.Module):
     """ResNeXt for 32x32 inputs, plain or with one shared grouped basis per layer (``BasisCfg(1, s, u)``: layer g's has
     ``s * 2^(g-1)`` filters in ``s / 4`` groups, its unique ones ``u * 2^(g-1)`` in groups of 4, as the module says)."""
 
-    def __init__(self, layers: Sequence[int], num_classes: int, *, cardinality: int = 32, base_width: int = 4,
-                 basis: Optional[BasisCfg] = None) -> None:
+    def __init__(
+        self,
+        layers: Sequence[int],
+        num_classes: int,
+        *,
+        cardinality: int = 32,
+        base_width: int = 4,
+        basis: BasisCfg | None = None,
+    ) -> None:
         super().__init__()
         self.basis_cfg = require_basis(basis, "ResNeXt")
         self.num_layers = len(layers)
@@ -141,8 +159,11 @@ class ResNeXt(nn.Module):
             group = [Bottleneck(in_channels, planes, width, cardinality, stride=1 if g == 1 else 2)]
             in_channels = planes * EXPANSION
             for _ in range(1, blocks):
-                group.append(Bottleneck(in_channels, planes, width, cardinality) if shared is None
-                             else SharedBottleneck(planes, width, u, shared))
+                group.append(
+                    Bottleneck(in_channels, planes, width, cardinality)
+                    if shared is None
+                    else SharedBottleneck(planes, width, u, shared)
+                )
             setattr(self, f"layer{g}", nn.Sequential(*group))
         self.linear = nn.Linear(in_channels, num_classes)
         init_orthogonal_(self)  # each basis orthogonal on its own, in layer order
@@ -157,5 +178,6 @@ class ResNeXt(nn.Module):
 
 _RESNEXT50 = (3, 4, 6, 3)
 register_model("cifar100", "ResNext50")(partial(ResNeXt, _RESNEXT50))
-register_model("cifar100", "ResNext50_SingleShared", channels=128, rank_multiple=FILTERS_PER_GROUP, shared_rank=64,
-               unique_rank=4)(partial(ResNeXt, _RESNEXT50))
+register_model(
+    "cifar100", "ResNext50_SingleShared", channels=128, rank_multiple=FILTERS_PER_GROUP, shared_rank=64, unique_rank=4
+)(partial(ResNeXt, _RESNEXT50))

@@ -6,6 +6,7 @@ backward sums the gradients of those sums over ranks, as torch's CUDA kernel doe
 ``utils.distributed`` that CPU runs may use ``--sync_bn``; a process started through :data:`LAUNCHER` runs a script
 with it installed.
 """
+
 import torch
 import torch.nn as nn
 
@@ -31,7 +32,7 @@ def _cpu_forward(self: nn.SyncBatchNorm, x: torch.Tensor) -> torch.Tensor:
     c = x.shape[1]
     n = stats[-1]
     mean = stats[:c] / n
-    var = stats[c:2 * c] / n - mean * mean
+    var = stats[c : 2 * c] / n - mean * mean
     with torch.no_grad():  # torch's update: biased variance normalises, unbiased one is tracked
         self.num_batches_tracked += 1
         m = self.momentum
@@ -49,11 +50,11 @@ def _forward(self, x):
     return _cpu_forward(self, x) if x.device.type == "cpu" else _torch_forward(self, x)
 
 
-
 def install() -> None:
     from torch.nn.parallel import DistributedDataParallel
 
     from utils import distributed
+
     nn.SyncBatchNorm.forward = _forward
     DistributedDataParallel._passing_sync_batchnorm_handle = lambda self, module: None  # its "GPU only" check
     distributed.SYNC_BN_DEVICES = distributed.SYNC_BN_DEVICES + ("cpu",)

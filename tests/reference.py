@@ -1,4 +1,5 @@
 """Access to the reference facts copied from the authors' code (tests/data), for the tests."""
+
 import functools
 import gzip
 import json
@@ -9,7 +10,7 @@ import torch
 DATA = Path(__file__).parent / "data"
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def manifest() -> dict:
     with gzip.open(DATA / "reference_manifest.json.gz", "rt") as f:
         return json.load(f)

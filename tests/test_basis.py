@@ -1,4 +1,5 @@
 """SharedBasisConv2d and the shared blocks: fused == two-conv form, sharing is one tensor, init, BN settings."""
+
 import pytest
 import torch
 import torch.nn as nn
@@ -66,11 +67,16 @@ def test_basis_conv_equals_dense_conv_built_from_parts():
         torch.testing.assert_close(conv(x), F.conv2d(x, dense, bias, padding=1), rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("name,dataset,bases", [("ResNet56_DoubleShared", "cifar10", 2),
-                                                ("ResNet56_SingleShared", "cifar10", 1),
-                                                ("ResNet56_SharedOnly", "cifar10", 2),
-                                                ("ResNet34_SharedOnly", "cifar100", 1),
-                                                ("ResNet34_DoubleShared", "ilsvrc", 2)])
+@pytest.mark.parametrize(
+    "name,dataset,bases",
+    [
+        ("ResNet56_DoubleShared", "cifar10", 2),
+        ("ResNet56_SingleShared", "cifar10", 1),
+        ("ResNet56_SharedOnly", "cifar10", 2),
+        ("ResNet34_SharedOnly", "cifar100", 1),
+        ("ResNet34_DoubleShared", "ilsvrc", 2),
+    ],
+)
 def test_each_block_uses_the_groups_bases(name, dataset, bases):
     model = get_model(name, dataset, shared_rank=4)
     groups = basis_groups(model)
@@ -88,10 +94,10 @@ def test_each_block_uses_the_groups_bases(name, dataset, bases):
 
 def test_non_shared_blocks_own_distinct_weights():
     model = get_model("ResNet32_NonShared", "cifar10", unique_rank=2)
-    weights = [p.unique.weight for m in model.modules() if isinstance(m, SharedBasicBlock)
-               for p in m.basis_positions()]
-    assert all(p.shared is None for m in model.modules() if isinstance(m, SharedBasicBlock)
-               for p in m.basis_positions())
+    weights = [p.unique.weight for m in model.modules() if isinstance(m, SharedBasicBlock) for p in m.basis_positions()]
+    assert all(
+        p.shared is None for m in model.modules() if isinstance(m, SharedBasicBlock) for p in m.basis_positions()
+    )
     assert len({id(w) for w in weights}) == len(weights) == 2 * 3 * 4
     assert basis_groups(model) == []  # unique filters only: nothing to regularise
 
@@ -124,9 +130,16 @@ def test_sharing_survives_load_state_dict_and_to():
     assert sum(1 for _ in dst.parameters()) == len({id(p) for p in dst.parameters()})
 
 
-@pytest.mark.parametrize("name,dataset", [("ResNet56_DoubleShared", "cifar10"), ("ResNet56_SharedOnly", "cifar10"),
-                                          ("ResNet32_SingleShared", "cifar10"), ("ResNet34_SingleShared", "cifar100"),
-                                          ("ResNet34_DoubleShared", "ilsvrc")])
+@pytest.mark.parametrize(
+    "name,dataset",
+    [
+        ("ResNet56_DoubleShared", "cifar10"),
+        ("ResNet56_SharedOnly", "cifar10"),
+        ("ResNet32_SingleShared", "cifar10"),
+        ("ResNet34_SingleShared", "cifar100"),
+        ("ResNet34_DoubleShared", "ilsvrc"),
+    ],
+)
 def test_initial_shared_bases_are_orthonormal(name, dataset):
     model = get_model(name, dataset)
     for group in basis_groups(model):

@@ -1,5 +1,6 @@
 """utils/checkpoint.py (atomic writes, round trips, RNG state) and models/pretrained.py (weights_only loading, prefix
 stripping, the right model from a file), on CPU, in seconds."""
+
 import os
 import random
 import time
@@ -35,6 +36,7 @@ def _ckpt(model, **extra):
 # ---------------------------------------------------------------------------------------------------------------------
 # atomic writes
 # ---------------------------------------------------------------------------------------------------------------------
+
 
 def test_atomic_write_replaces_whole_file(tmp_path):
     path = str(tmp_path / "a.pth")
@@ -76,18 +78,24 @@ def test_failed_save_keeps_old_file(tmp_path, monkeypatch, where):
         monkeypatch.setattr(os, "fdopen", lambda fd, mode: _Full(real_fdopen(fd, mode)))
         error = OSError
     elif where == "fsync":
+
         def fail(fd):
             raise OSError(5, "Input/output error")
+
         monkeypatch.setattr(os, "fsync", fail)
         error = OSError
     elif where == "replace":
+
         def fail(src, dst):
             raise OSError(18, "Invalid cross-device link")
+
         monkeypatch.setattr(os, "replace", fail)
         error = OSError
     else:
+
         def interrupt(fd):
             raise KeyboardInterrupt
+
         monkeypatch.setattr(os, "fsync", interrupt)
         error = KeyboardInterrupt
 
@@ -101,7 +109,7 @@ def test_failed_save_keeps_old_file(tmp_path, monkeypatch, where):
 
 def test_serialisation_failure_writes_nothing(tmp_path):
     path = str(tmp_path / "x.pth")
-    with pytest.raises(Exception):
+    with pytest.raises(Exception):  # noqa: B017 (whatever pickle raises)
         C.save_checkpoint({"bad": lambda: None}, path)  # not picklable
     assert _files(tmp_path) == []
 
@@ -117,13 +125,21 @@ def test_save_to_several_paths(tmp_path):
 # contents and round trip
 # ---------------------------------------------------------------------------------------------------------------------
 
+
 def test_round_trip_and_weights_only(tmp_path):
     model = _tiny()
     scaler = torch.amp.GradScaler("cpu", enabled=True)
-    ckpt, opt = _ckpt(model, acc5=50.0, best_acc=12.5, best_acc5=50.0, best_epoch=3, stage=1,
-                      scaler_state_dict=scaler.state_dict(), rng_state=C.capture_rng_state(),
-                      args={"lr": 0.1, "model": "ResNet32_DoubleShared", "schedule": {"milestones": [150, 225]},
-                            "path": tmp_path})
+    ckpt, opt = _ckpt(
+        model,
+        acc5=50.0,
+        best_acc=12.5,
+        best_acc5=50.0,
+        best_epoch=3,
+        stage=1,
+        scaler_state_dict=scaler.state_dict(),
+        rng_state=C.capture_rng_state(),
+        args={"lr": 0.1, "model": "ResNet32_DoubleShared", "schedule": {"milestones": [150, 225]}, "path": tmp_path},
+    )
     path = str(tmp_path / "ckpt.pth")
     C.save_checkpoint(ckpt, path)
 
@@ -173,8 +189,10 @@ def test_shared_basis_is_stored_once(tmp_path, device):
 def test_authors_four_key_file_loads(tmp_path):
     model = _tiny()
     path = str(tmp_path / "ref.pth")
-    torch.save({"net_state_dict": model.state_dict(), "optimizer_state_dict": {}, "acc": torch.tensor(93.07),
-                "epoch": 300}, path)
+    torch.save(
+        {"net_state_dict": model.state_dict(), "optimizer_state_dict": {}, "acc": torch.tensor(93.07), "epoch": 300},
+        path,
+    )
     obj = P.read_checkpoint(path)
     assert P.checkpoint_acc(obj) == pytest.approx(93.07)
     P.check_identity(obj, path, dataset="cifar100", model="Anything")  # records nothing: accepted
@@ -185,8 +203,14 @@ def test_authors_four_key_file_loads(tmp_path):
 def test_prefix_stripping(tmp_path, prefix):
     model = _tiny()
     path = str(tmp_path / "p.pth")
-    torch.save({"net_state_dict": {prefix + k: v for k, v in model.state_dict().items()}, "acc": torch.tensor(1.0),
-                "epoch": 1}, path)
+    torch.save(
+        {
+            "net_state_dict": {prefix + k: v for k, v in model.state_dict().items()},
+            "acc": torch.tensor(1.0),
+            "epoch": 1,
+        },
+        path,
+    )
     fresh = get_model("ResNet32_DoubleShared", "cifar10", shared_rank=1, unique_rank=1)
     P.load_weights(fresh, path)
     for k, v in model.state_dict().items():
@@ -276,8 +300,15 @@ def test_load_model_our_and_authors_files(tmp_path, dataset, name, ranks, one_th
     ours, authors = str(tmp_path / "ours.pth"), str(tmp_path / "authors.pth")
     C.save_checkpoint(C.make_checkpoint(model, None, epoch=7, acc=42.0), ours)
     prefix = "module." if dataset == "ilsvrc" else ""  # the authors' ILSVRC files are DataParallel state_dicts
-    torch.save({"net_state_dict": {prefix + k: v for k, v in model.state_dict().items()}, "optimizer_state_dict": {},
-                "acc": torch.tensor(42.0), "epoch": 7}, authors)
+    torch.save(
+        {
+            "net_state_dict": {prefix + k: v for k, v in model.state_dict().items()},
+            "optimizer_state_dict": {},
+            "acc": torch.tensor(42.0),
+            "epoch": 7,
+        },
+        authors,
+    )
 
     net, ckpt = P.load_model(ours)  # nothing but the path
     assert net.cfg.name == name and net.cfg.dataset == dataset and net.cfg.build_kwargs() == ranks
@@ -292,9 +323,14 @@ def test_load_model_our_and_authors_files(tmp_path, dataset, name, ranks, one_th
         P.load_model(authors, dataset=dataset)
 
 
-@pytest.mark.parametrize("dataset, name, ranks", [("cifar10", "ResNet56_DoubleShared", {"shared_rank": 2}),
-                                                   ("cifar100", "DenseNet121_SingleShared", {}),
-                                                   ("ilsvrc", "MobileNetV2_SharedDouble", {})])
+@pytest.mark.parametrize(
+    "dataset, name, ranks",
+    [
+        ("cifar10", "ResNet56_DoubleShared", {"shared_rank": 2}),
+        ("cifar100", "DenseNet121_SingleShared", {}),
+        ("ilsvrc", "MobileNetV2_SharedDouble", {}),
+    ],
+)
 def test_layouts_and_loading_skip_random_init_but_not_shapes(tmp_path, dataset, name, ranks, one_thread):
     """Layout probes (meta device) and load_model build without random init: the keys, order and shapes of a real
     build, the caller's random stream untouched, and exactly the file's weights."""
@@ -308,8 +344,9 @@ def test_layouts_and_loading_skip_random_init_but_not_shapes(tmp_path, dataset, 
     assert torch.equal(torch.get_rng_state(), expected) and _same_weights(net, model)
 
 
-@pytest.mark.parametrize("name, ranks", [("ResNet34_DoubleShared", {"shared_rank": 4, "unique_rank": 1}),
-                                         ("MobileNetV2_Shared", {})])
+@pytest.mark.parametrize(
+    "name, ranks", [("ResNet34_DoubleShared", {"shared_rank": 4, "unique_rank": 1}), ("MobileNetV2_Shared", {})]
+)
 def test_an_ilsvrc_model_of_another_class_count_loads_from_its_file(tmp_path, name, ranks, one_thread):
     """ILSVRC models train on any ImageFolder tree: a 4-class file (ours or the authors' format) rebuilds a 4-way head;
     CIFAR heads stay the dataset's."""
@@ -341,8 +378,9 @@ def test_load_model_mismatches_name_the_right_flags(tmp_path, one_thread):
         P.load_model(ours, model="ResNet56_DoubleShared")
     with pytest.raises(P.CheckpointError, match="trained on cifar10"):
         P.load_model(ours, dataset="cifar100")
-    with pytest.raises(P.CheckpointError, match="the file fits --model=ResNet32_DoubleShared --shared_rank=2 "
-                                                "--unique_rank=1"):
+    with pytest.raises(
+        P.CheckpointError, match="the file fits --model=ResNet32_DoubleShared --shared_rank=2 --unique_rank=1"
+    ):
         P.load_model(authors, model="ResNet20", dataset="cifar10")
     with pytest.raises(P.CheckpointError, match="records no dataset"):
         P.load_model(authors, model="ResNet32_DoubleShared")

@@ -1,4 +1,5 @@
 """utils/data.py: CIFAR pickle reader, both CIFAR pipelines, ILSVRC folders and build_loaders (CPU, seconds)."""
+
 import os
 import pickle
 
@@ -40,10 +41,14 @@ def imagenet_root(tmp_path_factory):
 
 # ---------------------------------------------------------------------------------------------- CIFAR file reading
 
-@pytest.mark.parametrize("dataset,files,key", [
-    ("cifar10", [f"cifar-10-batches-py/data_batch_{i}" for i in range(1, 6)], "labels"),
-    ("cifar100", ["cifar-100-python/train"], "fine_labels"),
-])
+
+@pytest.mark.parametrize(
+    "dataset,files,key",
+    [
+        ("cifar10", [f"cifar-10-batches-py/data_batch_{i}" for i in range(1, 6)], "labels"),
+        ("cifar100", ["cifar-100-python/train"], "fine_labels"),
+    ],
+)
 def test_load_cifar_round_trip(cifar_root, dataset, files, key):
     images, labels = D.load_cifar(cifar_root, dataset, train=True, download=False)
     rows = np.concatenate([_read_pickle(os.path.join(cifar_root, f))["data"] for f in files])
@@ -84,6 +89,7 @@ def test_failed_download_reported(tmp_path, monkeypatch):
     class NoNet:
         def __init__(self, *a, **k):
             raise OSError("network unreachable")
+
     monkeypatch.setattr(torchvision.datasets, "CIFAR100", NoNet)
     with pytest.raises(D.DatasetError) as e:
         D.load_cifar(tmp_path, "cifar100", train=False)
@@ -94,20 +100,23 @@ def test_failed_download_reported(tmp_path, monkeypatch):
 def test_partial_cifar10_names_missing_file(tmp_path):
     base = write_fake_cifar(tmp_path, "cifar10", 20, 5)
     os.remove(os.path.join(base, "data_batch_4"))
-    with pytest.raises(D.DatasetError) as e:   # no download attempt: some files exist
+    with pytest.raises(D.DatasetError) as e:  # no download attempt: some files exist
         D.load_cifar(tmp_path, "cifar10", train=True)
     assert "data_batch_4" in _one_line(e)
 
 
-@pytest.mark.parametrize("payload,fragment", [
-    (b"this is not a pickle", "not a readable"),
-    (pickle.dumps({"data": np.zeros((2, 3072), np.uint8), "fine_labels": [0, 1]}), "lacks key"),
-    (pickle.dumps({"data": np.zeros((2, 3, 32, 32), np.uint8), "labels": [0, 1]}), "expected uint8 [N, 3072]"),
-    (pickle.dumps({"data": np.zeros((2, 3072), np.uint8), "labels": [0]}), "is not 2 labels in 0..9"),
-    (pickle.dumps({"data": np.zeros((2, 3072), np.uint8), "labels": [0, 10]}), "is not 2 labels in 0..9"),
-    (pickle.dumps([1, 2, 3]), "holds a list"),
-    (pickle.dumps({"data": os.getcwd, "labels": []}), "refusing to load global"),
-])
+@pytest.mark.parametrize(
+    "payload,fragment",
+    [
+        (b"this is not a pickle", "not a readable"),
+        (pickle.dumps({"data": np.zeros((2, 3072), np.uint8), "fine_labels": [0, 1]}), "lacks key"),
+        (pickle.dumps({"data": np.zeros((2, 3, 32, 32), np.uint8), "labels": [0, 1]}), "expected uint8 [N, 3072]"),
+        (pickle.dumps({"data": np.zeros((2, 3072), np.uint8), "labels": [0]}), "is not 2 labels in 0..9"),
+        (pickle.dumps({"data": np.zeros((2, 3072), np.uint8), "labels": [0, 10]}), "is not 2 labels in 0..9"),
+        (pickle.dumps([1, 2, 3]), "holds a list"),
+        (pickle.dumps({"data": os.getcwd, "labels": []}), "refusing to load global"),
+    ],
+)
 def test_malformed_pickle_raises(tmp_path, payload, fragment):
     base = write_fake_cifar(tmp_path, "cifar10", 20, 5)
     bad = os.path.join(base, "test_batch")
@@ -122,7 +131,7 @@ def test_malformed_pickle_raises(tmp_path, payload, fragment):
 def test_bytes_keys_and_int_data_accepted(tmp_path):
     base = os.path.join(tmp_path, "cifar-100-python")
     os.makedirs(base)
-    data = np.arange(2 * 3072).reshape(2, 3072) % 256   # int64, values 0..255
+    data = np.arange(2 * 3072).reshape(2, 3072) % 256  # int64, values 0..255
     for name in ("train", "test"):
         with open(os.path.join(base, name), "wb") as f:
             pickle.dump({b"data": data, b"fine_labels": [3, 99]}, f)
@@ -136,6 +145,7 @@ def test_bytes_keys_and_int_data_accepted(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------- batched crop/flip
+
 
 def _coded_images(n):
     """uint8 [N,3,32,32]: ch0 = column+1, ch1 = row+1, ch2 = (index % 250)+1 (all nonzero, position-recoverable)."""
@@ -155,7 +165,7 @@ def _recover(out):
         y0, c0, c1 = rows[0].item(), cols[0].item(), cols[1].item()
         dys.append(int(o[1, y0, c0]) - 1 - y0)
         flip = int(o[0, y0, c1]) < int(o[0, y0, c0])
-        src = int(o[0, y0, c0]) - 1                      # source column of output column c0
+        src = int(o[0, y0, c0]) - 1  # source column of output column c0
         dxs.append(src - ((31 - c0) if flip else c0))
         flips.append(flip)
     return torch.tensor(dys), torch.tensor(dxs), torch.tensor(flips)
@@ -173,11 +183,11 @@ def test_random_crop_flip_matches_torchvision_ops():
     out = random_crop_flip(img, pad=4, generator=g)
     assert out.dtype == torch.uint8 and out.shape == img.shape
     dy, dx, flip = _recover(out)
-    for d in (dy, dx):   # every offset in [-4, 4] occurs, roughly uniformly, on both axes
+    for d in (dy, dx):  # every offset in [-4, 4] occurs, roughly uniformly, on both axes
         counts = torch.bincount(d + 4, minlength=9)
         assert d.min() >= -4 and d.max() <= 4 and len(counts) == 9
         assert counts.min() > n / 9 * 0.7 and counts.max() < n / 9 * 1.3
-    assert abs(flip.sum().item() - n / 2) < 5 * (n * 0.25) ** 0.5   # Binomial(n, 1/2), 5 sigma
+    assert abs(flip.sum().item() - n / 2) < 5 * (n * 0.25) ** 0.5  # Binomial(n, 1/2), 5 sigma
     # each image equals torchvision's pad-with-zeros + crop (+ hflip) at the recovered parameters: padded region is
     # exactly zero, content moves with its image
     for i in range(0, n, 7):
@@ -192,13 +202,14 @@ def test_random_crop_flip_matches_torchvision_ops():
 def test_random_crop_flip_keeps_labels_with_images():
     img = _coded_images(300)
     out = random_crop_flip(img, generator=torch.Generator().manual_seed(3))
-    code = out[:, 2].flatten(1).max(1).values     # max over the valid region = the image's code
+    code = out[:, 2].flatten(1).max(1).values  # max over the valid region = the image's code
     assert torch.equal(code, img[:, 2, 0, 0])
     # the code channel is constant over the valid region and zero elsewhere
     assert ((out[:, 2] == 0) | (out[:, 2] == code.view(-1, 1, 1))).all()
 
 
 # ---------------------------------------------------------------------------------------------- GpuCifarLoader (CPU)
+
 
 def _decode(x, mean, std):
     """Normalised float batch -> uint8 pixels (exact inverse up to rounding)."""
@@ -232,19 +243,19 @@ def test_gpu_loader_epoch_coverage_and_reproducibility():
     loader = G.GpuCifarLoader(images, labels, bs, mean=mean, std=std, train=True, device="cpu", seed=5)
     assert len(loader) == 5 and loader.shard_samples == n and len(loader.dataset) == n
     sizes = [x.shape[0] for x, _ in loader]
-    assert sizes == [128] * 4 + [101]                     # drop_last=False
+    assert sizes == [128] * 4 + [101]  # drop_last=False
     loader.set_epoch(3)
     x3, y3, code3 = _epoch(loader, mean, std)
     assert x3.dtype == torch.float32 and y3.dtype == torch.int64
-    assert sorted(y3.tolist()) == list(range(n))          # every sample exactly once
-    assert torch.equal(code3, y3)                         # labels stay with their images
+    assert sorted(y3.tolist()) == list(range(n))  # every sample exactly once
+    assert torch.equal(code3, y3)  # labels stay with their images
     loader.set_epoch(3)
     x3b, y3b, _ = _epoch(loader, mean, std)
     assert torch.equal(x3, x3b) and torch.equal(y3, y3b)  # same seed + epoch -> same batches
     again = G.GpuCifarLoader(images, labels, bs, mean=mean, std=std, train=True, device="cpu", seed=5)
     again.set_epoch(3)
-    assert torch.equal(_epoch(again, mean, std)[0], x3)   # resumable: a fresh loader at epoch 3
-    x4, y4, _ = _epoch(loader, mean, std)                  # no set_epoch: advances to epoch 4
+    assert torch.equal(_epoch(again, mean, std)[0], x3)  # resumable: a fresh loader at epoch 3
+    x4, y4, _ = _epoch(loader, mean, std)  # no set_epoch: advances to epoch 4
     assert not torch.equal(y3, y4) and not torch.equal(x3, x4)
     other = G.GpuCifarLoader(images, labels, bs, mean=mean, std=std, train=True, device="cpu", seed=6)
     other.set_epoch(3)
@@ -262,13 +273,13 @@ def test_gpu_loader_test_mode_matches_torchvision_exactly(cifar_root, dataset):
     xg = torch.cat([x for x, _ in gpu])
     yg = torch.cat([y for _, y in gpu])
     xc = torch.stack([cpu[i][0] for i in range(len(cpu))])
-    assert torch.equal(yg, labels) and torch.equal(xg, xc)   # bit-identical, same order
+    assert torch.equal(yg, labels) and torch.equal(xg, xc)  # bit-identical, same order
 
 
 def test_gpu_loader_train_distribution_matches_torchvision_pipeline():
     """The DataLoader path's RandomCrop/flip on the same coded image gives offsets in the same range and zero fill
     in pixel space, i.e. its decoded output is one of the GPU path's 162 possible outputs."""
-    img = _coded_images(1)[0]                              # CHW uint8
+    img = _coded_images(1)[0]  # CHW uint8
     hwc = img.permute(1, 2, 0).contiguous()
     mean, std = D.MEAN_STD["cifar10"]
     ds = D.CifarDataset(hwc.unsqueeze(0), torch.zeros(1, dtype=torch.int64), D.cifar_transforms("cifar10", True))
@@ -292,6 +303,7 @@ def test_gpu_loader_channels_last():
 
 # ---------------------------------------------------------------------------------------------- DataLoader wrapper
 
+
 def _labels(loader):
     return torch.cat([y for _, y in loader])
 
@@ -300,29 +312,32 @@ def test_train_loader_order_is_resumable(cifar_root):
     train = D.build_loaders("cifar10", cifar_root, 16, num_workers=0, seed=3, download=False).train
     assert isinstance(train, D.TrainLoader)
     orders = []
-    for epoch in range(3):          # uninterrupted run: set_epoch each epoch
+    for epoch in range(3):  # uninterrupted run: set_epoch each epoch
         train.set_epoch(epoch)
         orders.append(_labels(train))
     resumed = D.build_loaders("cifar10", cifar_root, 16, num_workers=0, seed=3, download=False).train
     resumed.set_epoch(2)
     assert torch.equal(_labels(resumed), orders[2])
     assert not torch.equal(orders[0], orders[1])
-    resumed.set_epoch(2, start_step=3)   # mid-epoch resume: the remaining batches of that epoch
-    assert len(resumed) == len(train) - 3 and torch.equal(_labels(resumed), orders[2][3 * 16:])
+    resumed.set_epoch(2, start_step=3)  # mid-epoch resume: the remaining batches of that epoch
+    assert len(resumed) == len(train) - 3 and torch.equal(_labels(resumed), orders[2][3 * 16 :])
 
 
 def test_train_loader_batches_do_not_depend_on_workers(cifar_root):
     """Order and augmentation are functions of (seed, epoch, index): 0 and 2 workers give the same tensors."""
+
     def batches(workers, start=0):
         train = D.build_loaders("cifar100", cifar_root, 64, num_workers=workers, seed=0, download=False).train
         train.set_epoch(1, start_step=start)
         return list(train), train
+
     ref, _ = batches(0)
     two, train = batches(2)
     assert train.persistent_workers and not train.pin_memory
     assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(ref, two))
     assert len(ref) == len(two) and sorted(_labels(ref).tolist()) == sorted(
-        D.load_cifar(cifar_root, "cifar100", True)[1].tolist())
+        D.load_cifar(cifar_root, "cifar100", True)[1].tolist()
+    )
     tail, _ = batches(2, start=2)
     assert all(torch.equal(a[0], b[0]) for a, b in zip(ref[2:], tail))
 
@@ -335,7 +350,7 @@ def test_seeded_samples_keep_main_process_rng(cifar_root):
     after = torch.rand(1)
     torch.manual_seed(0)
     assert torch.equal(ds[(1, 5)][0], a) and torch.equal(torch.rand(1), after)
-    assert not torch.equal(ds[(2, 5)][0], a)   # another epoch, another crop
+    assert not torch.equal(ds[(2, 5)][0], a)  # another epoch, another crop
 
 
 def test_val_split_is_fixed_and_disjoint():
@@ -349,6 +364,7 @@ def test_val_split_is_fixed_and_disjoint():
 
 # ---------------------------------------------------------------------------------------------- ILSVRC folders
 
+
 @pytest.mark.parametrize("slash", ["", "/"])
 def test_imagefolder_train_val(imagenet_root, slash):
     train, _, test, num_classes = D.build_loaders("ilsvrc", imagenet_root + slash, 5, num_workers=0)
@@ -357,7 +373,7 @@ def test_imagefolder_train_val(imagenet_root, slash):
     x, y = next(iter(train))
     assert x.shape == (5, 3, 224, 224) and x.dtype == torch.float32 and y.dtype == torch.int64
     ys = torch.cat([y for _, y in test])
-    assert ys.tolist() == sorted(ys.tolist()) and set(ys.tolist()) == {0, 1, 2}   # test: not shuffled
+    assert ys.tolist() == sorted(ys.tolist()) and set(ys.tolist()) == {0, 1, 2}  # test: not shuffled
     x, _ = next(iter(test))
     assert x.shape == (5, 3, 224, 224)
 
@@ -376,21 +392,24 @@ def test_imagefolder_errors(tmp_path):
 def test_imagefolder_class_mismatch(tmp_path):
     write_fake_imagefolder(tmp_path, classes=3, per_class=1)
     import shutil
+
     shutil.rmtree(tmp_path / "val" / "n00000001")
     with pytest.raises(D.DatasetError) as e:
         D.build_loaders("ilsvrc", tmp_path, 4, num_workers=0)
     assert "class folders" in _one_line(e)
-    _, _, test, n = D.build_loaders("ilsvrc", tmp_path, 4, num_workers=0, train=False)   # eval only: no comparison
+    _, _, test, n = D.build_loaders("ilsvrc", tmp_path, 4, num_workers=0, train=False)  # eval only: no comparison
     assert n == 2 and len(test.dataset) == 2
 
 
 # ---------------------------------------------------------------------------------------------- build_loaders
 
+
 @pytest.mark.parametrize("dataset,classes,n_train,n_test", [("cifar10", 10, 103, 37), ("cifar100", 100, 211, 50)])
 @pytest.mark.parametrize("gpu_pipeline", [None, True, False])
 def test_build_loaders_cifar(cifar_root, dataset, classes, n_train, n_test, gpu_pipeline):
-    train, val, test, num_classes = D.build_loaders(dataset, cifar_root, 32, num_workers=0, device="cpu",
-                                                    gpu_pipeline=gpu_pipeline, download=False)
+    train, val, test, num_classes = D.build_loaders(
+        dataset, cifar_root, 32, num_workers=0, device="cpu", gpu_pipeline=gpu_pipeline, download=False
+    )
     assert num_classes == classes and val is None
     assert isinstance(train, G.GpuCifarLoader if gpu_pipeline else D.TrainLoader)
     assert len(train.dataset) == n_train and len(test.dataset) == n_test
@@ -423,6 +442,7 @@ def test_build_loaders_eval_only_and_errors(cifar_root, tmp_path):
 def test_fake_cifar_is_learnable():
     """Nearest class mean on raw pixels separates the fake classes far above chance (so smoke runs can learn)."""
     import tempfile
+
     with tempfile.TemporaryDirectory() as root:
         write_fake_cifar(root, "cifar100", 1000, 300, seed=0)
         xtr, ytr = D.load_cifar(root, "cifar100", True)

@@ -11,6 +11,7 @@ BatchNorm backward at initialisation is ill-conditioned (one process's native Ba
 float64 gradient for ResNet20, while the 2-process gradient is 3e-7 away), so float32 cannot show whether the
 maths is the same. In float64 the two runs agree to about 1e-12.
 """
+
 import os
 import subprocess
 import sys
@@ -40,18 +41,22 @@ for _k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
 
 # Runs a script with torch's SyncBatchNorm made to run on the CPU (tests/cpu_sync_bn.py), the loaders forced onto the
 # GPU-resident CIFAR path (identical augmentation) and everything in float64.
-RUNNER = LAUNCHER.replace("cpu_sync_bn.install()\n", """cpu_sync_bn.install()
+RUNNER = LAUNCHER.replace(
+    "cpu_sync_bn.install()\n",
+    """cpu_sync_bn.install()
 import functools, torch
 import utils.gpu_loader, utils.train
 torch.set_default_dtype(torch.float64)
 utils.train.build_loaders = functools.partial(utils.train.build_loaders, gpu_pipeline=True)
 utils.gpu_loader.normalize = lambda images, mean, std: images.to(torch.float64).div_(255).sub_(mean).div_(std)
-""").format(tests=str(REPO / "tests"))
+""",
+).format(tests=str(REPO / "tests"))
 
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Sharding (in-process)
 # ---------------------------------------------------------------------------------------------------------------------
+
 
 def _steps(batches_per_rank):
     """Per step: the union (as a sorted list) of what every rank's k-th batch holds."""
@@ -63,8 +68,10 @@ def test_distributed_sampler_matches_single_process_batches(n):
     ds = list(range(n))
 
     def loader(bs, rank=0, world=1):
-        return D.TrainLoader(D.SeededSamples(ds, seed=5), batch_size=bs,
-                             sampler=D.EpochSampler(ds, seed=5, rank=rank, world_size=world))
+        return D.TrainLoader(
+            D.SeededSamples(ds, seed=5), batch_size=bs, sampler=D.EpochSampler(ds, seed=5, rank=rank, world_size=world)
+        )
+
     single, shards = loader(8), [loader(4, r, 2) for r in range(2)]
     for epoch in (1, 2):
         single.set_epoch(epoch)
@@ -149,9 +156,11 @@ def test_batch_size_must_divide_over_processes(monkeypatch, capsys, tmp_path):
 # torchrun end to end
 # ---------------------------------------------------------------------------------------------------------------------
 
+
 def _run(args, timeout=300):
-    p = subprocess.run([sys.executable, *map(str, args)], cwd=REPO, env=ENV, capture_output=True, text=True,
-                       timeout=timeout)
+    p = subprocess.run(
+        [sys.executable, *map(str, args)], cwd=REPO, env=ENV, capture_output=True, text=True, timeout=timeout
+    )
     assert p.returncode == 0, f"{args}\nexit {p.returncode}\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}"
     return p
 
@@ -164,13 +173,33 @@ def ddp_runs(tmp_path_factory):
     data = write_fake_cifar(root / "c10", "cifar10", n_train=39, n_test=33, seed=1)
     runner = root / "runner.py"
     runner.write_text(RUNNER)
-    flags = ["--model=ResNet32_DoubleShared", "--shared_rank=2", "--unique_rank=1", "--epochs=3", "--batch_size=16",
-             "--lr=0.05", "--lambdaR=10", "--val_split=7", "--seed=2", f"--dataset_path={root / 'c10'}",
-             "--device=cpu", "--num_workers=0"]
+    flags = [
+        "--model=ResNet32_DoubleShared",
+        "--shared_rank=2",
+        "--unique_rank=1",
+        "--epochs=3",
+        "--batch_size=16",
+        "--lr=0.05",
+        "--lambdaR=10",
+        "--val_split=7",
+        "--seed=2",
+        f"--dataset_path={root / 'c10'}",
+        "--device=cpu",
+        "--num_workers=0",
+    ]
     jobs = {
         "one": [runner, "train_cifar10.py", *flags, f"--output_dir={root / 'one'}"],
-        "two": ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", runner, "train_cifar10.py",
-                *flags, "--sync_bn", f"--output_dir={root / 'two'}"],
+        "two": [
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+            runner,
+            "train_cifar10.py",
+            *flags,
+            "--sync_bn",
+            f"--output_dir={root / 'two'}",
+        ],
     }
     with ThreadPoolExecutor(max_workers=2) as pool:
         done = dict(zip(jobs, pool.map(_run, jobs.values())))
@@ -199,8 +228,9 @@ def test_two_processes_reproduce_one_process_with_twice_the_batch(ddp_runs):
     assert max((b[k].double() - a[k].double()).abs().max().item() for k in a) < 1e-9  # in fact: rounding only
     # momentum buffers too (the regulariser's gradient counted once, not once per process)
     for i, s in one["optimizer_state_dict"]["state"].items():
-        torch.testing.assert_close(two["optimizer_state_dict"]["state"][i]["momentum_buffer"], s["momentum_buffer"],
-                                   rtol=0, atol=1e-5)
+        torch.testing.assert_close(
+            two["optimizer_state_dict"]["state"][i]["momentum_buffer"], s["momentum_buffer"], rtol=0, atol=1e-5
+        )
 
 
 def _initial_weights():
@@ -244,10 +274,23 @@ def test_torchrun_imagefolder_dataloader_path(tmp_path):
         from fakedata import write_fake_imagefolder
 
     write_fake_imagefolder(tmp_path / "in", classes=2, per_class=4, size=36, seed=0)
-    p = _run(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train_ilsvrc.py",
-              "--model=MobileNetV2_Shared", "--epochs=1", "--batch_size=4", "--val_split=3",
-              f"--dataset_path={tmp_path / 'in'}", f"--output_dir={tmp_path / 'out'}", "--device=cpu",
-              "--num_workers=0"])
+    p = _run(
+        [
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+            "train_ilsvrc.py",
+            "--model=MobileNetV2_Shared",
+            "--epochs=1",
+            "--batch_size=4",
+            "--val_split=3",
+            f"--dataset_path={tmp_path / 'in'}",
+            f"--output_dir={tmp_path / 'out'}",
+            "--device=cpu",
+            "--num_workers=0",
+        ]
+    )
     out = p.stdout
     assert out.count("\nBasis Epoch: 1") == 1 and "DDP 2 processes x batch 2" in out
     assert "5 train / 3 val (held out" in out and "8 test images" in out
@@ -265,10 +308,21 @@ def test_a_rank_without_peers_says_whom_it_waits_for(tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    env = {**ENV, "WORLD_SIZE": "2", "RANK": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
-           "MASTER_PORT": str(port)}
-    proc = subprocess.Popen([sys.executable, "train_cifar10.py", "--device=cpu", f"--output_dir={tmp_path}"],
-                            cwd=REPO, env=env, stderr=subprocess.PIPE, text=True)
+    env = {
+        **ENV,
+        "WORLD_SIZE": "2",
+        "RANK": "1",
+        "LOCAL_RANK": "0",
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(port),
+    }
+    proc = subprocess.Popen(
+        [sys.executable, "train_cifar10.py", "--device=cpu", f"--output_dir={tmp_path}"],
+        cwd=REPO,
+        env=env,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         start, line = time.time(), ""
         while "waiting" not in line and time.time() - start < 60:
@@ -302,11 +356,30 @@ def test_sigterm_to_one_rank_stops_all_ranks_at_one_step_with_one_line_each(tmp_
     data = tmp_path / "c10"
     write_fake_cifar(data, "cifar10", n_train=64, n_test=16, seed=1)
     out = tmp_path / "out"
-    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                             "train_cifar10.py", "--model=ResNet32_DoubleShared", "--shared_rank=1", "--unique_rank=1",
-                             "--epochs=500", "--batch_size=8", f"--dataset_path={data}", f"--output_dir={out}",
-                             "--device=cpu", "--num_workers=0"],
-                            cwd=REPO, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+            "train_cifar10.py",
+            "--model=ResNet32_DoubleShared",
+            "--shared_rank=1",
+            "--unique_rank=1",
+            "--epochs=500",
+            "--batch_size=8",
+            f"--dataset_path={data}",
+            f"--output_dir={out}",
+            "--device=cpu",
+            "--num_workers=0",
+        ],
+        cwd=REPO,
+        env=ENV,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         last = out / "CIFAR10-ResNet32_DoubleShared-S1-U1-L10-0-last.pth"
         deadline = time.time() + 180

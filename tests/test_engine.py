@@ -1,4 +1,5 @@
 """The training layer in-process, on tiny data: one pass, evaluation, the run object, how a run starts."""
+
 import json
 import os
 import signal
@@ -61,8 +62,16 @@ def test_a_step_is_the_authors_step_in_float64(cifar, one_thread):
     x = x.double()
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
     ref_opt = torch.optim.SGD(ref.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
-    r = train_one_epoch(model, model, [(x, y)], opt, device=CPU, regularizer=OrthogonalityRegularizer(model),
-                        lambda_r=10.0, print_first=False)
+    r = train_one_epoch(
+        model,
+        model,
+        [(x, y)],
+        opt,
+        device=CPU,
+        regularizer=OrthogonalityRegularizer(model),
+        lambda_r=10.0,
+        print_first=False,
+    )
     ref.train()
     ce = F.cross_entropy(ref(x), y)
     loss = ce + 10.0 * orthogonality_penalty_reference(ref, include_unique=True)
@@ -108,16 +117,35 @@ def test_bf16_pass_keeps_fp32_master_weights(cifar, one_thread):
     model = get_model("ResNet20", "cifar10")
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     from utils.engine import wrap_model
+
     precision = Precision(torch.bfloat16)
-    r = train_one_epoch(wrap_model(model, CPU, precision), model, _loader(cifar), opt, device=CPU,
-                        precision=precision, print_first=False)
+    r = train_one_epoch(
+        wrap_model(model, CPU, precision),
+        model,
+        _loader(cifar),
+        opt,
+        device=CPU,
+        precision=precision,
+        print_first=False,
+    )
     assert torch.isfinite(torch.tensor(r["loss"])) and model.fc.weight.dtype == torch.float32
 
 
 def _args(cifar, out, *extra):
-    return cli.parse_train_args("cifar10", ["--model=ResNet20", "--epochs=2", "--batch_size=16",
-                                            f"--dataset_path={cifar}", f"--output_dir={out}",
-                                            "--device=cpu", "--num_workers=0", *extra], prog="t")
+    return cli.parse_train_args(
+        "cifar10",
+        [
+            "--model=ResNet20",
+            "--epochs=2",
+            "--batch_size=16",
+            f"--dataset_path={cifar}",
+            f"--output_dir={out}",
+            "--device=cpu",
+            "--num_workers=0",
+            *extra,
+        ],
+        prog="t",
+    )
 
 
 def test_decide_start(cifar, tmp_path, monkeypatch):
@@ -142,8 +170,15 @@ def test_fit_then_evaluate_in_process(cifar, tmp_path, monkeypatch, capsys, one_
     """The run object end to end (2 epochs), and the eval run reproduces the accuracy training reported."""
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", os.environ.get("CUDA_VISIBLE_DEVICES", "0"))
     monkeypatch.setenv("CI", "1")
-    argv = ["--model=ResNet20", "--epochs=2", "--batch_size=16", f"--dataset_path={cifar}", f"--output_dir={tmp_path}",
-            "--device=cpu", "--num_workers=0"]
+    argv = [
+        "--model=ResNet20",
+        "--epochs=2",
+        "--batch_size=16",
+        f"--dataset_path={cifar}",
+        f"--output_dir={tmp_path}",
+        "--device=cpu",
+        "--num_workers=0",
+    ]
     handlers = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
     assert cli.train_main("cifar10", argv) == 0
     assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == handlers
@@ -151,8 +186,13 @@ def test_fit_then_evaluate_in_process(cifar, tmp_path, monkeypatch, capsys, one_
     result = json.loads(out.strip().splitlines()[-1])
     assert result["epochs"] == 2 and result["last_checkpoint"].endswith("-last.pth")
     best = result["best_checkpoint"] or result["last_checkpoint"]
-    assert cli.eval_main("cifar10", [f"--pretrained={best}", "--batch_size=16", f"--dataset_path={cifar}",
-                                     "--device=cpu", "--num_workers=0"]) == 0
+    assert (
+        cli.eval_main(
+            "cifar10",
+            [f"--pretrained={best}", "--batch_size=16", f"--dataset_path={cifar}", "--device=cpu", "--num_workers=0"],
+        )
+        == 0
+    )
     report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert report["top1"] == pytest.approx(result["best_acc"]) and report["top5"] == pytest.approx(result["best_acc5"])
     assert report["paper_row"] is None  # ResNet20 is in no table of the paper
@@ -167,8 +207,9 @@ def test_eval_refuses_non_finite_weights_and_prints_strict_json(cifar, tmp_path,
         model.fc.weight[0, 0] = float("nan")
     path = str(tmp_path / "diverged.pth")
     save_checkpoint(make_checkpoint(model, None, epoch=3, acc=10.0), path)
-    code = cli.eval_main("cifar10", [f"--pretrained={path}", f"--dataset_path={cifar}", "--device=cpu",
-                                     "--num_workers=0"])
+    code = cli.eval_main(
+        "cifar10", [f"--pretrained={path}", f"--dataset_path={cifar}", "--device=cpu", "--num_workers=0"]
+    )
     out, err = capsys.readouterr()
     assert code == 1 and len(err.strip().splitlines()) == 1 and "non-finite weights (fc.weight)" in err, err
     assert "Eval_Acc" not in out

@@ -2,19 +2,28 @@
 
 Reference data: tests/data/reference_manifest.json.gz (via tests/reference.py).
 """
+
 import pytest
 import torch
+from reference import entry_args, manifest
 
 from models import BasisCfg, basis_groups, get_model, set_fused
 from models.densenet import DenseNet, SharedBottleneck
 from models.regularizer import OrthogonalityRegularizer
 from models.resnext import ResNeXt
 from models.summary import count_macs
-from reference import entry_args, manifest
 
-KEYS = ["cifar100/DenseNet121", "cifar100/DenseNet121_SingleShared/s16u1", "cifar100/DenseNet121_SingleShared/s64u4",
-        "cifar100/ResNext50", "cifar100/ResNext50_SingleShared/s64u4", "cifar100/MobileNetV2",
-        "cifar100/MobileNetV2_Shared", "ilsvrc/MobileNetV2", "ilsvrc/MobileNetV2_Shared"]
+KEYS = [
+    "cifar100/DenseNet121",
+    "cifar100/DenseNet121_SingleShared/s16u1",
+    "cifar100/DenseNet121_SingleShared/s64u4",
+    "cifar100/ResNext50",
+    "cifar100/ResNext50_SingleShared/s64u4",
+    "cifar100/MobileNetV2",
+    "cifar100/MobileNetV2_Shared",
+    "ilsvrc/MobileNetV2",
+    "ilsvrc/MobileNetV2_Shared",
+]
 SHARED_KEYS = [k for k in KEYS if "Shared" in k]
 
 

@@ -1,4 +1,5 @@
 """The opt-in fast paths run on CPU: bf16 autocast, channels_last, torch.compile; and the benchmark does not rot."""
+
 import threading
 
 import pytest
@@ -10,15 +11,25 @@ from utils.engine import Precision, train_one_epoch, wrap_model
 
 def _batches(n=2, size=4, classes=10):
     g = torch.Generator().manual_seed(0)
-    return [(torch.randn(size, 3, 32, 32, generator=g), torch.randint(0, classes, (size,), generator=g))
-            for _ in range(n)]
+    return [
+        (torch.randn(size, 3, 32, 32, generator=g), torch.randint(0, classes, (size,), generator=g)) for _ in range(n)
+    ]
 
 
 def _step(model, net, precision, channels_last=False):
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-    return train_one_epoch(net, model, _batches(), opt, device=torch.device("cpu"),
-                           regularizer=OrthogonalityRegularizer(model, True), lambda_r=10.0, precision=precision,
-                           print_first=False, channels_last=channels_last)
+    return train_one_epoch(
+        net,
+        model,
+        _batches(),
+        opt,
+        device=torch.device("cpu"),
+        regularizer=OrthogonalityRegularizer(model, True),
+        lambda_r=10.0,
+        precision=precision,
+        print_first=False,
+        channels_last=channels_last,
+    )
 
 
 def test_amp_bf16_training_step_on_cpu():
@@ -144,11 +155,32 @@ def test_out_of_memory_in_a_compiled_call_is_not_a_compile_failure(monkeypatch, 
 def test_benchmark_runs(capsys):
     from utils import benchmark
 
-    benchmark.main(["--model", "ResNet32_DoubleShared", "--shared_rank", "2", "--unique_rank", "1", "--reps", "1",
-                    "--warmup", "0", "--batch_size", "2", "--eval_batch_size", "2"])
+    benchmark.main(
+        [
+            "--model",
+            "ResNet32_DoubleShared",
+            "--shared_rank",
+            "2",
+            "--unique_rank",
+            "1",
+            "--reps",
+            "1",
+            "--warmup",
+            "0",
+            "--batch_size",
+            "2",
+            "--eval_batch_size",
+            "2",
+        ]
+    )
     out = capsys.readouterr().out
-    for line in ("straightforward (authors' form)", "plain ResNet32", "fast without one conv over",
-                 "fast without batched regulariser", "folded (models.fold)"):
+    for line in (
+        "straightforward (authors' form)",
+        "plain ResNet32",
+        "fast without one conv over",
+        "fast without batched regulariser",
+        "folded (models.fold)",
+    ):
         assert line in out
 
 
@@ -156,13 +188,42 @@ def test_benchmark_runs(capsys):
 def test_benchmark_data_mode_runs(capsys):
     from utils import benchmark
 
-    benchmark.main(["--data", "--device", "cpu", "--model", "ResNet32_DoubleShared", "--shared_rank", "2",
-                    "--unique_rank", "1", "--data_images", "256", "--data_test_images", "128", "--batch_size", "64",
-                    "--num_workers", "0", "--data_epochs", "1", "--data_warmup", "0"])
+    benchmark.main(
+        [
+            "--data",
+            "--device",
+            "cpu",
+            "--model",
+            "ResNet32_DoubleShared",
+            "--shared_rank",
+            "2",
+            "--unique_rank",
+            "1",
+            "--data_images",
+            "256",
+            "--data_test_images",
+            "128",
+            "--batch_size",
+            "64",
+            "--num_workers",
+            "0",
+            "--data_epochs",
+            "1",
+            "--data_warmup",
+            "0",
+        ]
+    )
     out = capsys.readouterr().out
-    for line in ("256 train / 128 test images", "Whole epochs (train + test pass)", "straightforward (authors' form)",
-                 "fast path", "TrainLoader", "fast / straightforward:", "x training throughput",
-                 "300 epochs = 300 x (train epoch x 50000/256 + test pass x 10000/128)"):
+    for line in (
+        "256 train / 128 test images",
+        "Whole epochs (train + test pass)",
+        "straightforward (authors' form)",
+        "fast path",
+        "TrainLoader",
+        "fast / straightforward:",
+        "x training throughput",
+        "300 epochs = 300 x (train epoch x 50000/256 + test pass x 10000/128)",
+    ):
         assert line in out, line
 
 

@@ -9,6 +9,7 @@ last good checkpoints as they were.
 Most cases call the scripts' ``train_main``/``eval_main`` in-process (the same code path as the entry points, minus the
 interpreter start); a few subprocess cases prove the real entry points.
 """
+
 import hashlib
 import os
 import pickle
@@ -31,9 +32,8 @@ except ImportError:  # pragma: no cover
 from models import get_model
 from models import pretrained as P
 from utils import checkpoint as C
-from utils import cli
+from utils import cli, engine, start, train
 from utils import data as D
-from utils import engine, start, train
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "CI": "1", "OMP_NUM_THREADS": "1", "PYTHONDONTWRITEBYTECODE": "1"}
@@ -100,8 +100,18 @@ def files(tmp_path_factory, data):
     (out / "runs").mkdir()
     (out / "runs" / "events.out").write_bytes(b"tb")
     torch.set_num_threads(threads)
-    return {"good": good, "authors": authors, "garbage": garbage, "empty": empty, "truncated": truncated,
-            "folder": folder, "text": text, "list": weights_list, "out": out, "root": root}
+    return {
+        "good": good,
+        "authors": authors,
+        "garbage": garbage,
+        "empty": empty,
+        "truncated": truncated,
+        "folder": folder,
+        "text": text,
+        "list": weights_list,
+        "out": out,
+        "root": root,
+    }
 
 
 def digest(directory):
@@ -146,22 +156,44 @@ def check(results):
 # ---------------------------------------------------------------------------------------------------------------------
 
 BAD_COMMON = [
-    (["--batch_size=0"], "--batch_size"), (["--batch_size=-8"], "--batch_size"), (["--batch_size=abc"], "--batch_size"),
-    (["--batch_size=1.5"], "--batch_size"), (["--shared_rank=0"], "--shared_rank"),
-    (["--shared_rank=-3"], "--shared_rank"), (["--shared_rank=x"], "--shared_rank"),
-    (["--unique_rank=0"], "--unique_rank"), (["--unique_rank=-1"], "--unique_rank"),
-    (["--num_workers=-1"], "--num_workers"), (["--num_workers=two"], "--num_workers"), (["--seed=abc"], "--seed"),
-    (["--device=gpu"], "--device"), (["--device=cuda:x"], "--device"), (["--model=ResNet99"], "valid names"),
-    (["--model="], "valid names"), (["--visible_device=../x"], "--visible_device"),
-    (["--visible_device="], "--visible_device"), (["--no_such_flag=1"], "unrecognized"),
+    (["--batch_size=0"], "--batch_size"),
+    (["--batch_size=-8"], "--batch_size"),
+    (["--batch_size=abc"], "--batch_size"),
+    (["--batch_size=1.5"], "--batch_size"),
+    (["--shared_rank=0"], "--shared_rank"),
+    (["--shared_rank=-3"], "--shared_rank"),
+    (["--shared_rank=x"], "--shared_rank"),
+    (["--unique_rank=0"], "--unique_rank"),
+    (["--unique_rank=-1"], "--unique_rank"),
+    (["--num_workers=-1"], "--num_workers"),
+    (["--num_workers=two"], "--num_workers"),
+    (["--seed=abc"], "--seed"),
+    (["--device=gpu"], "--device"),
+    (["--device=cuda:x"], "--device"),
+    (["--model=ResNet99"], "valid names"),
+    (["--model="], "valid names"),
+    (["--visible_device=../x"], "--visible_device"),
+    (["--visible_device="], "--visible_device"),
+    (["--no_such_flag=1"], "unrecognized"),
 ]
 BAD_TRAIN = [
-    (["--lr=nan"], "--lr"), (["--lr=inf"], "--lr"), (["--lr=-0.1"], "--lr"), (["--lr=abc"], "--lr"),
-    (["--momentum=nan"], "--momentum"), (["--momentum=-1"], "--momentum"), (["--weight_decay=inf"], "--weight_decay"),
-    (["--weight_decay=-1e-4"], "--weight_decay"), (["--lambdaR=nan"], "--lambdaR"), (["--lambdaR=-1"], "--lambdaR"),
-    (["--epochs=0"], "--epochs"), (["--epochs=-5"], "--epochs"), (["--epochs=1.5"], "--epochs"),
-    (["--starting_epoch=-1"], "--starting_epoch"), (["--epochs=3", "--starting_epoch=3"], "--starting_epoch"),
-    (["--val_split=-1"], "--val_split"), (["--val_split=ten"], "--val_split"),
+    (["--lr=nan"], "--lr"),
+    (["--lr=inf"], "--lr"),
+    (["--lr=-0.1"], "--lr"),
+    (["--lr=abc"], "--lr"),
+    (["--momentum=nan"], "--momentum"),
+    (["--momentum=-1"], "--momentum"),
+    (["--weight_decay=inf"], "--weight_decay"),
+    (["--weight_decay=-1e-4"], "--weight_decay"),
+    (["--lambdaR=nan"], "--lambdaR"),
+    (["--lambdaR=-1"], "--lambdaR"),
+    (["--epochs=0"], "--epochs"),
+    (["--epochs=-5"], "--epochs"),
+    (["--epochs=1.5"], "--epochs"),
+    (["--starting_epoch=-1"], "--starting_epoch"),
+    (["--epochs=3", "--starting_epoch=3"], "--starting_epoch"),
+    (["--val_split=-1"], "--val_split"),
+    (["--val_split=ten"], "--val_split"),
     (["--resume", "--pretrained=x.pth"], "exclusive"),
 ]
 BAD_EVAL = [([], "--pretrained=<checkpoint> is required"), (["--pretrained="], "--pretrained")]
@@ -175,8 +207,9 @@ def test_malformed_flags(dataset, files, capsys):
     for argv, needle in BAD_COMMON + BAD_TRAIN:
         code, err, _ = call(cli.train_main, TRAIN[dataset], [*argv, f"--output_dir={out}", *COMMON], capsys)
         results.append((f"train {dataset} {argv}", code, err, 2, [needle]))
-    for argv, needle, pretrained in [(a, n, [f"--pretrained={files['good']}"]) for a, n in BAD_COMMON] + \
-            [(a, n, []) for a, n in BAD_EVAL]:
+    for argv, needle, pretrained in [(a, n, [f"--pretrained={files['good']}"]) for a, n in BAD_COMMON] + [
+        (a, n, []) for a, n in BAD_EVAL
+    ]:
         code, err, _ = call(cli.eval_main, EVAL[dataset], [*argv, *pretrained, *COMMON], capsys)
         results.append((f"eval {dataset} {argv}", code, err, 2, [needle]))
     check(results)
@@ -187,15 +220,19 @@ def test_ranks_that_cannot_build_fail_before_the_data(files, capsys, monkeypatch
     """ResNeXt's grouped bases need multiples of 4: the scripts' default 16/1 fails at once, naming the paper's
     ranks, without reading the dataset (which does not exist here)."""
     monkeypatch.setattr(D, "load_cifar", lambda *a, **k: pytest.fail("the data was read"))
-    code, err, _ = call(cli.train_main, TRAIN["cifar100"], ["--model=ResNext50_SingleShared",
-                                                            "--dataset_path=/nonexistent", *COMMON,
-                                                            f"--output_dir={files['out']}"], capsys)
+    code, err, _ = call(
+        cli.train_main,
+        TRAIN["cifar100"],
+        ["--model=ResNext50_SingleShared", "--dataset_path=/nonexistent", *COMMON, f"--output_dir={files['out']}"],
+        capsys,
+    )
     check([("resnext 16/1", code, err, 1, ["multiple of 4", "--shared_rank=64 --unique_rank=4"])])
 
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Dataset layouts (status 1)
 # ---------------------------------------------------------------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def layouts(tmp_path_factory, data):
@@ -224,8 +261,7 @@ def layouts(tmp_path_factory, data):
         pickle.dump({"data": np.zeros((0, 3072), np.uint8), "labels": []}, f, protocol=2)
     bad["no test images"] = (str(p), ["test set", "holds no images"])
     bad["ImageFolder tree as CIFAR"] = (data["ilsvrc"], ["not found", "cifar-10-batches-py"])
-    bad["a file as dataset_path"] = (str(Path(data["cifar10"]) / "cifar-10-batches-py" / "batches.meta"),
-                                     ["not found"])
+    bad["a file as dataset_path"] = (str(Path(data["cifar10"]) / "cifar-10-batches-py" / "batches.meta"), ["not found"])
     return bad
 
 
@@ -234,12 +270,20 @@ def test_wrong_cifar_layouts(layouts, files, capsys):
     before = digest(out)
     results = []
     for label, (path, needles) in layouts.items():
-        code, err, _ = call(cli.train_main, TRAIN["cifar10"], [SMALL["cifar10"], f"--dataset_path={path}", *COMMON,
-                                                               f"--output_dir={out}"], capsys)
+        code, err, _ = call(
+            cli.train_main,
+            TRAIN["cifar10"],
+            [SMALL["cifar10"], f"--dataset_path={path}", *COMMON, f"--output_dir={out}"],
+            capsys,
+        )
         results.append((f"train {label}", code, err, 1, needles))
         if label not in ("garbage data_batch_2", "c100 pickles in cifar-10-batches-py"):  # eval reads test_batch only
-            code, err, _ = call(cli.eval_main, EVAL["cifar10"], [f"--pretrained={files['good']}",
-                                                                 f"--dataset_path={path}", *COMMON], capsys)
+            code, err, _ = call(
+                cli.eval_main,
+                EVAL["cifar10"],
+                [f"--pretrained={files['good']}", f"--dataset_path={path}", *COMMON],
+                capsys,
+            )
             results.append((f"eval {label}", code, err, 1, needles))
     check(results)
     assert digest(out) == before
@@ -266,11 +310,19 @@ def test_wrong_imagefolder_layouts(data, files, tmp_path, capsys):
     before = digest(out)
     results = []
     for label, (path, needles) in cases.items():
-        code, err, _ = call(cli.train_main, TRAIN["ilsvrc"], [SMALL["ilsvrc"], f"--dataset_path={path}", *COMMON,
-                                                              f"--output_dir={out}"], capsys)
+        code, err, _ = call(
+            cli.train_main,
+            TRAIN["ilsvrc"],
+            [SMALL["ilsvrc"], f"--dataset_path={path}", *COMMON, f"--output_dir={out}"],
+            capsys,
+        )
         results.append((f"train {label}", code, err, 1, needles))
-    code, err, _ = call(cli.train_main, TRAIN["ilsvrc"], [SMALL["ilsvrc"], f"--dataset_path={data['ilsvrc']}",
-                                                          "--val_split=4", *COMMON, f"--output_dir={out}"], capsys)
+    code, err, _ = call(
+        cli.train_main,
+        TRAIN["ilsvrc"],
+        [SMALL["ilsvrc"], f"--dataset_path={data['ilsvrc']}", "--val_split=4", *COMMON, f"--output_dir={out}"],
+        capsys,
+    )
     results.append(("val_split = all training images", code, err, 1, ["--val_split=4", "all 4 training images"]))
     check(results)
     assert digest(out) == before
@@ -280,11 +332,17 @@ def test_wrong_imagefolder_layouts(data, files, tmp_path, capsys):
 # Checkpoints (status 1)
 # ---------------------------------------------------------------------------------------------------------------------
 
+
 def test_bad_checkpoints(data, files, capsys):
     f, out = files, files["out"]
-    unreadable = {"garbage": ["not a readable PyTorch checkpoint"], "empty": ["the file is empty"],
-                  "truncated": ["not a readable PyTorch checkpoint"], "folder": ["is a directory"],
-                  "list": ["holds a list"], "missing": ["does not exist"]}
+    unreadable = {
+        "garbage": ["not a readable PyTorch checkpoint"],
+        "empty": ["the file is empty"],
+        "truncated": ["not a readable PyTorch checkpoint"],
+        "folder": ["is a directory"],
+        "list": ["holds a list"],
+        "missing": ["does not exist"],
+    }
     f = dict(f, missing=files["root"] / "missing.pth")
     before = digest(out)
     results = []
@@ -292,10 +350,16 @@ def test_bad_checkpoints(data, files, capsys):
         for script, (main, defaults, argv) in {
             "eval_cifar10": (cli.eval_main, EVAL["cifar10"], [f"--pretrained={f[what]}"]),
             "eval_ilsvrc": (cli.eval_main, EVAL["ilsvrc"], [f"--pretrained={f[what]}"]),
-            "train_cifar100 --pretrained": (cli.train_main, TRAIN["cifar100"], [SMALL["cifar100"],
-                                                                                f"--pretrained={f[what]}"]),
-            "train_cifar10 --resume=PATH": (cli.train_main, TRAIN["cifar10"], [SMALL["cifar10"],
-                                                                               f"--resume={f[what]}"]),
+            "train_cifar100 --pretrained": (
+                cli.train_main,
+                TRAIN["cifar100"],
+                [SMALL["cifar100"], f"--pretrained={f[what]}"],
+            ),
+            "train_cifar10 --resume=PATH": (
+                cli.train_main,
+                TRAIN["cifar10"],
+                [SMALL["cifar10"], f"--resume={f[what]}"],
+            ),
         }.items():
             ds = "cifar100" if "cifar100" in script else "ilsvrc" if "ilsvrc" in script else "cifar10"
             extra = [f"--output_dir={out}"] if main is cli.train_main else []
@@ -303,29 +367,61 @@ def test_bad_checkpoints(data, files, capsys):
             needle = needles if not (what == "missing" and "resume" in script) else ["nothing to resume"]
             results.append((f"{script} {what}", code, err, 1, needle))
     wrong = [
-        ("another model (eval)", cli.eval_main, EVAL["cifar10"], [f"--pretrained={f['good']}",
-                                                                  "--model=ResNet56_DoubleShared"],
-         ["holds a ResNet20", "--model=ResNet20"]),
-        ("another dataset (eval)", cli.eval_main, EVAL["cifar100"], [f"--pretrained={f['good']}"],
-         ["trained on cifar10"]),
-        ("another dataset (train)", cli.train_main, TRAIN["ilsvrc"], [SMALL["ilsvrc"], f"--pretrained={f['good']}"],
-         ["trained on cifar10"]),
-        ("another model (resume)", cli.train_main, TRAIN["cifar10"], ["--model=ResNet32", f"--resume={f['good']}"],
-         ["holds a ResNet20"]),
-        ("authors' file, wrong ranks", cli.eval_main, EVAL["cifar10"], [f"--pretrained={f['authors']}",
-                                                                        "--model=ResNet32_DoubleShared",
-                                                                        "--shared_rank=4"],
-         ["pass --shared_rank=2 --unique_rank=1"]),
-        ("authors' file, wrong model", cli.eval_main, EVAL["cifar10"], [f"--pretrained={f['authors']}",
-                                                                        "--model=ResNet56_DoubleShared"],
-         ["--model=ResNet32_DoubleShared --shared_rank=2 --unique_rank=1"]),
-        ("output_dir is a file", cli.train_main, TRAIN["cifar10"], [SMALL["cifar10"], f"--output_dir={f['text']}"],
-         ["exists and is not a directory"]),
+        (
+            "another model (eval)",
+            cli.eval_main,
+            EVAL["cifar10"],
+            [f"--pretrained={f['good']}", "--model=ResNet56_DoubleShared"],
+            ["holds a ResNet20", "--model=ResNet20"],
+        ),
+        (
+            "another dataset (eval)",
+            cli.eval_main,
+            EVAL["cifar100"],
+            [f"--pretrained={f['good']}"],
+            ["trained on cifar10"],
+        ),
+        (
+            "another dataset (train)",
+            cli.train_main,
+            TRAIN["ilsvrc"],
+            [SMALL["ilsvrc"], f"--pretrained={f['good']}"],
+            ["trained on cifar10"],
+        ),
+        (
+            "another model (resume)",
+            cli.train_main,
+            TRAIN["cifar10"],
+            ["--model=ResNet32", f"--resume={f['good']}"],
+            ["holds a ResNet20"],
+        ),
+        (
+            "authors' file, wrong ranks",
+            cli.eval_main,
+            EVAL["cifar10"],
+            [f"--pretrained={f['authors']}", "--model=ResNet32_DoubleShared", "--shared_rank=4"],
+            ["pass --shared_rank=2 --unique_rank=1"],
+        ),
+        (
+            "authors' file, wrong model",
+            cli.eval_main,
+            EVAL["cifar10"],
+            [f"--pretrained={f['authors']}", "--model=ResNet56_DoubleShared"],
+            ["--model=ResNet32_DoubleShared --shared_rank=2 --unique_rank=1"],
+        ),
+        (
+            "output_dir is a file",
+            cli.train_main,
+            TRAIN["cifar10"],
+            [SMALL["cifar10"], f"--output_dir={f['text']}"],
+            ["exists and is not a directory"],
+        ),
     ]
     for label, main, defaults, argv, needles in wrong:
         ds = defaults
-        extra = [] if any(a.startswith("--output_dir") for a in argv) or main is cli.eval_main else \
-            [f"--output_dir={out}"]
+        extra = (
+            [] if any(a.startswith("--output_dir") for a in argv) or main is cli.eval_main else [f"--output_dir={out}"]
+        )
         code, err, _ = call(main, defaults, [*argv, f"--dataset_path={data[ds]}", *extra, *COMMON], capsys)
         results.append((label, code, err, 1, needles))
     check(results)
@@ -337,9 +433,19 @@ def test_bad_checkpoints(data, files, capsys):
 # Non-finite loss and signals (in-process)
 # ---------------------------------------------------------------------------------------------------------------------
 
+
 def _train_argv(data, out, epochs=3):
-    return ["--model=ResNet32_DoubleShared", "--shared_rank=1", "--unique_rank=1", f"--epochs={epochs}",
-            "--batch_size=8", f"--dataset_path={data['cifar10']}", f"--output_dir={out}", "--seed=1", *COMMON]
+    return [
+        "--model=ResNet32_DoubleShared",
+        "--shared_rank=1",
+        "--unique_rank=1",
+        f"--epochs={epochs}",
+        "--batch_size=8",
+        f"--dataset_path={data['cifar10']}",
+        f"--output_dir={out}",
+        "--seed=1",
+        *COMMON,
+    ]
 
 
 def _at_epoch(monkeypatch, epoch, action):
@@ -367,8 +473,7 @@ def test_nonfinite_loss_stops_and_keeps_last_good_checkpoints(data, tmp_path, ca
 
     _at_epoch(monkeypatch, 2, poison)
     code, err, stdout = call(cli.train_main, TRAIN["cifar10"], _train_argv(data, out), capsys)
-    check([("nan", code, err, 1, ["the loss became nan at epoch 2, step 1 of 3", "-last.pth) is intact",
-                                  "--resume"])])
+    check([("nan", code, err, 1, ["the loss became nan at epoch 2, step 1 of 3", "-last.pth) is intact", "--resume"])])
     assert snapshot and digest(out) == snapshot  # epoch 1's files untouched, nothing of epoch 2 written
     stem = "CIFAR10-ResNet32_DoubleShared-S1-U1-L10-0"
     assert P.read_checkpoint(str(out / f"{stem}-last.pth"))["epoch"] == 1
@@ -394,8 +499,9 @@ def test_nonfinite_loss_is_found_mid_epoch(monkeypatch):
 
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     with pytest.raises(engine.NonFiniteLoss) as e:
-        engine.train_one_epoch(model, model, Loader(), opt, device=torch.device("cpu"), print_first=False,
-                               check_every=3)
+        engine.train_one_epoch(
+            model, model, Loader(), opt, device=torch.device("cpu"), print_first=False, check_every=3
+        )
     assert e.value.step == 2 and e.value.steps == 6 and seen == [0, 1, 2]
 
 
@@ -461,9 +567,11 @@ def test_stop_signals_first_sets_a_flag_second_stops_at_once():
 # The real entry points (subprocesses)
 # ---------------------------------------------------------------------------------------------------------------------
 
+
 def _proc(args, **kw):
-    return subprocess.run([sys.executable, *map(str, args)], cwd=REPO, env=ENV, capture_output=True, text=True,
-                          timeout=300, **kw)
+    return subprocess.run(
+        [sys.executable, *map(str, args)], cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300, **kw
+    )
 
 
 @pytest.mark.slow
@@ -482,8 +590,7 @@ def test_entry_points(data, files, tmp_path):
     }
     with ThreadPoolExecutor(max_workers=2) as pool:
         results = dict(zip(cases, pool.map(lambda c: _proc(c[0]), cases.values())))
-    check([(k, results[k].returncode, results[k].stderr.strip(), rc, needles)
-           for k, (_, rc, needles) in cases.items()])
+    check([(k, results[k].returncode, results[k].stderr.strip(), rc, needles) for k, (_, rc, needles) in cases.items()])
 
     deadline = time.time() + 240
     last = out / f"{stem}-last.pth"
@@ -497,6 +604,9 @@ def test_entry_points(data, files, tmp_path):
     assert "interrupted by SIGTERM" in err and "--resume" in err
     ckpt = P.read_checkpoint(str(last))
     epoch, step = ckpt["epoch"], ckpt.get("epoch_step") or 0
-    said = (f"during epoch {epoch + 1}: its first {step} of 3 steps are saved" if step
-            else f"epoch {epoch} (the last completed)")
+    said = (
+        f"during epoch {epoch + 1}: its first {step} of 3 steps are saved"
+        if step
+        else f"epoch {epoch} (the last completed)"
+    )
     assert epoch >= 1 and said in err, (epoch, step, err)

@@ -4,6 +4,7 @@ Each model is trained a few SGD steps first (random BN affine, then batch statis
 meets non-trivial weights and running statistics; the trained model is built once per case and shared by the tests,
 which must not modify it.
 """
+
 import functools
 
 import pytest
@@ -19,20 +20,50 @@ from models.summary import count_macs, count_params
 
 # id: (model, dataset, ranks, input size, plain model whose state_dict layout the folded one must have, or None)
 CASES = {
-    "cifar10/ResNet56_DoubleShared": ("ResNet56_DoubleShared", "cifar10", dict(shared_rank=16, unique_rank=1), 32,
-                                      "ResNet56"),
-    "cifar100/ResNet34_SingleShared/s4u1@16": ("ResNet34_SingleShared", "cifar100",
-                                               dict(shared_rank=4, unique_rank=1), 16, None),
+    "cifar10/ResNet56_DoubleShared": (
+        "ResNet56_DoubleShared",
+        "cifar10",
+        dict(shared_rank=16, unique_rank=1),
+        32,
+        "ResNet56",
+    ),
+    "cifar100/ResNet34_SingleShared/s4u1@16": (
+        "ResNet34_SingleShared",
+        "cifar100",
+        dict(shared_rank=4, unique_rank=1),
+        16,
+        None,
+    ),
     # Low ranks against the width keep a basis conv + 1x1 conv per position (dense_is_cheaper is False).
-    "ilsvrc/ResNet34_DoubleShared@64": ("ResNet34_DoubleShared", "ilsvrc", dict(shared_rank=32, unique_rank=1), 64,
-                                        None),
+    "ilsvrc/ResNet34_DoubleShared@64": (
+        "ResNet34_DoubleShared",
+        "ilsvrc",
+        dict(shared_rank=32, unique_rank=1),
+        64,
+        None,
+    ),
     # S16U1 (r = 17) keeps the factorisation, S64U4 (r = 68) becomes the plain DenseNet (dense_is_cheaper).
-    "cifar100/DenseNet121_SingleShared/s16u1@16": ("DenseNet121_SingleShared", "cifar100",
-                                                   dict(shared_rank=16, unique_rank=1), 16, None),
-    "cifar100/DenseNet121_SingleShared/s64u4@16": ("DenseNet121_SingleShared", "cifar100",
-                                                   dict(shared_rank=64, unique_rank=4), 16, "DenseNet121"),
-    "cifar100/ResNext50_SingleShared/s64u4": ("ResNext50_SingleShared", "cifar100", dict(shared_rank=64, unique_rank=4),
-                                              32, None),
+    "cifar100/DenseNet121_SingleShared/s16u1@16": (
+        "DenseNet121_SingleShared",
+        "cifar100",
+        dict(shared_rank=16, unique_rank=1),
+        16,
+        None,
+    ),
+    "cifar100/DenseNet121_SingleShared/s64u4@16": (
+        "DenseNet121_SingleShared",
+        "cifar100",
+        dict(shared_rank=64, unique_rank=4),
+        16,
+        "DenseNet121",
+    ),
+    "cifar100/ResNext50_SingleShared/s64u4": (
+        "ResNext50_SingleShared",
+        "cifar100",
+        dict(shared_rank=64, unique_rank=4),
+        32,
+        None,
+    ),
     "cifar100/MobileNetV2_Shared": ("MobileNetV2_Shared", "cifar100", {}, 32, None),
     "ilsvrc/MobileNetV2_Shared@64": ("MobileNetV2_Shared", "ilsvrc", {}, 64, None),
 }
@@ -42,7 +73,7 @@ IDS = [pytest.param(c, marks=pytest.mark.slow) if c.startswith("cifar100/ResNext
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def trained(case: str) -> nn.Module:
     """The case's model after 3 SGD steps in train mode, returned in eval mode."""
     name, dataset, ranks, size, _ = CASES[case]
@@ -141,8 +172,15 @@ def test_fold_refuses_train_mode():
         fold(model)
 
 
-@pytest.mark.parametrize("case", ["cifar10/ResNet56_DoubleShared", "cifar100/DenseNet121_SingleShared/s16u1@16",
-                                  "cifar100/ResNext50_SingleShared/s64u4", "cifar100/MobileNetV2_Shared"])
+@pytest.mark.parametrize(
+    "case",
+    [
+        "cifar10/ResNet56_DoubleShared",
+        "cifar100/DenseNet121_SingleShared/s16u1@16",
+        "cifar100/ResNext50_SingleShared/s64u4",
+        "cifar100/MobileNetV2_Shared",
+    ],
+)
 def test_fold_does_not_modify_input(case):
     model = trained(case)
     state = {k: v.clone() for k, v in model.state_dict().items()}

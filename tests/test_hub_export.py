@@ -2,6 +2,7 @@
 
 CIFAR models run at 32x32, ILSVRC models at 64x64 (their global pooling allows it) to keep the file fast.
 """
+
 import copy
 import importlib.util
 import inspect
@@ -13,11 +14,10 @@ import pytest
 import torch
 import torch.nn as nn
 
-import models
 from models import export as E
 from models import fold, get_model, list_models
-from models.summary import count_macs, count_params
 from models.pretrained import CheckpointError
+from models.summary import count_macs, count_params
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -35,6 +35,7 @@ def _one_thread():
 # ---------------------------------------------------------------------------------------------------------------------
 # helpers
 # ---------------------------------------------------------------------------------------------------------------------
+
 
 def _hub_list(repo):
     """``torch.hub.list(repo, source="local")`` where torch supports it; torch 2.14's ``list`` only takes GitHub repos
@@ -79,9 +80,19 @@ def _authors_file(model, path):
 def _project_file(model, path):
     """This project's format: the authors' keys plus what rebuilding needs."""
     cfg = model.cfg
-    torch.save({"net_state_dict": model.state_dict(), "optimizer_state_dict": None, "acc": torch.tensor(70.0),
-                "epoch": 3, "format_version": 1, "model": cfg.name, "dataset": cfg.dataset,
-                "model_kwargs": cfg.build_kwargs()}, path)
+    torch.save(
+        {
+            "net_state_dict": model.state_dict(),
+            "optimizer_state_dict": None,
+            "acc": torch.tensor(70.0),
+            "epoch": 3,
+            "format_version": 1,
+            "model": cfg.name,
+            "dataset": cfg.dataset,
+            "model_kwargs": cfg.build_kwargs(),
+        },
+        path,
+    )
     return str(path)
 
 
@@ -99,6 +110,7 @@ def _rel(out, ref):
 # ---------------------------------------------------------------------------------------------------------------------
 # hubconf.py
 # ---------------------------------------------------------------------------------------------------------------------
+
 
 def test_hub_lists_every_registered_model_with_a_one_line_doc():
     listed = _hub_list(REPO)
@@ -158,8 +170,10 @@ def test_hub_load_without_checkpoint_and_clear_errors(tmp_path):
     with pytest.raises(CheckpointError, match="at any ranks"):
         _hub_load("ResNet56_DoubleShared", checkpoint=authors)
     project = _project_file(src, tmp_path / "p.pth")
-    with pytest.raises(CheckpointError, match="holds a ResNet32_DoubleShared, not a ResNet56_DoubleShared; "
-                                              "pass --model=ResNet32_DoubleShared"):
+    with pytest.raises(
+        CheckpointError,
+        match="holds a ResNet32_DoubleShared, not a ResNet56_DoubleShared; pass --model=ResNet32_DoubleShared",
+    ):
         _hub_load("ResNet56_DoubleShared", checkpoint=project)
     with pytest.raises(CheckpointError, match="does not exist"):
         _hub_load("ResNet56_DoubleShared", checkpoint=str(tmp_path / "missing.pth"))
@@ -176,6 +190,7 @@ def test_hubconf_refuses_a_foreign_models_package(monkeypatch):
 # ---------------------------------------------------------------------------------------------------------------------
 # models/export.py
 # ---------------------------------------------------------------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def trained_r56():
@@ -228,9 +243,11 @@ def test_export_without_folding_is_exact(tmp_path):
     assert report["params_after"] == report["params_before"] and report["max_abs_diff"] == 0.0
 
 
-_FAMILIES = [("DenseNet121_SingleShared", "cifar100", {}, 32),
-             ("ResNext50_SingleShared", "cifar100", {"shared_rank": 64, "unique_rank": 4}, 32),
-             ("MobileNetV2_Shared", "ilsvrc", {}, 64)]
+_FAMILIES = [
+    ("DenseNet121_SingleShared", "cifar100", {}, 32),
+    ("ResNext50_SingleShared", "cifar100", {"shared_rank": 64, "unique_rank": 4}, 32),
+    ("MobileNetV2_Shared", "ilsvrc", {}, 64),
+]
 
 
 @pytest.mark.slow
@@ -304,8 +321,21 @@ def test_cli_end_to_end(tmp_path, capsys):
     model = _randomize(get_model("ResNet32_DoubleShared", "cifar10", shared_rank=8, unique_rank=2)).eval()
     ckpt = _authors_file(model, tmp_path / "r32.pth")
     out = tmp_path / "r32.pt2"
-    cmd = [sys.executable, "-m", "models.export", "--dataset", "cifar10", "--model", "ResNet32_DoubleShared",
-           "--pretrained", ckpt, "--out", str(out), "--batch_size", "3"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "models.export",
+        "--dataset",
+        "cifar10",
+        "--model",
+        "ResNet32_DoubleShared",
+        "--pretrained",
+        ckpt,
+        "--out",
+        str(out),
+        "--batch_size",
+        "3",
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
     assert done.returncode == 0, done.stderr

@@ -1,11 +1,12 @@
 """Every reference model: state_dict layout, parameter count and FLOPs against the authors' code (models.json)."""
+
 import pytest
 import torch
+from reference import entries, entry_args
 
 from models import get_model, list_models
 from models.pretrained import build_model
 from models.summary import count_macs, count_params, paper_table
-from reference import entries, entry_args
 
 ENTRIES = entries()
 
@@ -31,16 +32,52 @@ def test_paper_rows_reproduced():
 
 
 SCRIPT_NAMES = {
-    "cifar10": ["ResNet20", "ResNet32", "ResNet44", "ResNet56", "ResNet110", "ResNet1202", "ResNet56_DoubleShared",
-                "ResNet32_DoubleShared", "ResNet56_SingleShared", "ResNet32_SingleShared", "ResNet56_SharedOnly",
-                "ResNet32_SharedOnly", "ResNet56_NonShared", "ResNet32_NonShared"],
-    "cifar100": ["ResNet18", "ResNet34", "ResNet34_SingleShared", "ResNet34_NonShared", "ResNet34_SharedOnly",
-                 "DenseNet121", "DenseNet121_SingleShared", "ResNext50", "ResNext50_SingleShared", "MobileNetV2",
-                 "MobileNetV2_Shared", "MobileNetV2_SharedDouble"],
-    "ilsvrc": ["ResNet18", "ResNet34", "ResNet34_DoubleShared", "ResNet34_SingleShared", "MobileNetV2",
-               "MobileNetV2_Shared", "ResNet50", "ResNet101", "ResNet50_SharedSingle", "ResNet50_Shared",
-               "ResNet101_SharedSingle", "ResNet101_Shared", "MobileNetV2_SharedDouble",
-               "MobileNetV2_SharedDouble_NoECA"],  # the authors' later names (SPEC_v2 section 1), one older layout
+    "cifar10": [
+        "ResNet20",
+        "ResNet32",
+        "ResNet44",
+        "ResNet56",
+        "ResNet110",
+        "ResNet1202",
+        "ResNet56_DoubleShared",
+        "ResNet32_DoubleShared",
+        "ResNet56_SingleShared",
+        "ResNet32_SingleShared",
+        "ResNet56_SharedOnly",
+        "ResNet32_SharedOnly",
+        "ResNet56_NonShared",
+        "ResNet32_NonShared",
+    ],
+    "cifar100": [
+        "ResNet18",
+        "ResNet34",
+        "ResNet34_SingleShared",
+        "ResNet34_NonShared",
+        "ResNet34_SharedOnly",
+        "DenseNet121",
+        "DenseNet121_SingleShared",
+        "ResNext50",
+        "ResNext50_SingleShared",
+        "MobileNetV2",
+        "MobileNetV2_Shared",
+        "MobileNetV2_SharedDouble",
+    ],
+    "ilsvrc": [
+        "ResNet18",
+        "ResNet34",
+        "ResNet34_DoubleShared",
+        "ResNet34_SingleShared",
+        "MobileNetV2",
+        "MobileNetV2_Shared",
+        "ResNet50",
+        "ResNet101",
+        "ResNet50_SharedSingle",
+        "ResNet50_Shared",
+        "ResNet101_SharedSingle",
+        "ResNet101_Shared",
+        "MobileNetV2_SharedDouble",
+        "MobileNetV2_SharedDouble_NoECA",
+    ],  # the authors' later names (SPEC_v2 section 1), one older layout
 }
 
 
@@ -114,8 +151,11 @@ def test_ignore_unused_ranks_drops_only_what_the_model_does_not_take():
 
 
 def test_ranks_that_cannot_build_name_the_papers_ranks():
-    with pytest.raises(ValueError, match=r"multiple of 4 .*the paper's ResNext50_SingleShared was trained with "
-                                         r"--shared_rank=64 --unique_rank=4"):
+    with pytest.raises(
+        ValueError,
+        match=r"multiple of 4 .*the paper's ResNext50_SingleShared was trained with "
+        r"--shared_rank=64 --unique_rank=4",
+    ):
         get_model("ResNext50_SingleShared", "cifar100", shared_rank=16, unique_rank=1, ignore_unused_ranks=True)
 
 
@@ -136,9 +176,11 @@ def test_models_package_imports_nothing_from_utils():
     import sys
     from pathlib import Path
 
-    code = ("import sys; import models, models.export, models.pretrained, models.summary, hubconf; "
-            "bad = sorted(m for m in sys.modules if m == 'utils' or m.startswith('utils.')); "
-            "assert not bad, bad")
+    code = (
+        "import sys; import models, models.export, models.pretrained, models.summary, hubconf; "
+        "bad = sorted(m for m in sys.modules if m == 'utils' or m.startswith('utils.')); "
+        "assert not bad, bad"
+    )
     root = Path(__file__).resolve().parent.parent
     done = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr

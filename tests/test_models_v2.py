@@ -2,6 +2,7 @@
 
 Reference data: tests/data/reference_manifest_v2.json.gz (a trimmed models_v2.json) and tests/data/SPEC_v2.md.
 """
+
 import copy
 import functools
 import gzip
@@ -12,20 +13,30 @@ import os
 import pytest
 import torch
 import torch.nn as nn
+from reference import DATA
 
 from models import OrthogonalityRegularizer, fold, get_model, list_models, load_model
 from models.mobilenetv2 import ECA
 from models.pretrained import CheckpointError, build_model
 from models.regularizer import orthogonality_penalty_reference
 from models.summary import LATER_ROWS, count_macs, count_params, paper_table
-from reference import DATA
 
-NEW = {"ilsvrc": ["ResNet50", "ResNet50_SharedSingle", "ResNet50_Shared", "ResNet101", "ResNet101_SharedSingle",
-                  "ResNet101_Shared", "MobileNetV2_SharedDouble", "MobileNetV2_SharedDouble_NoECA"],
-       "cifar100": ["MobileNetV2_SharedDouble"]}
+NEW = {
+    "ilsvrc": [
+        "ResNet50",
+        "ResNet50_SharedSingle",
+        "ResNet50_Shared",
+        "ResNet101",
+        "ResNet101_SharedSingle",
+        "ResNet101_Shared",
+        "MobileNetV2_SharedDouble",
+        "MobileNetV2_SharedDouble_NoECA",
+    ],
+    "cifar100": ["MobileNetV2_SharedDouble"],
+}
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def manifest() -> dict:
     with gzip.open(DATA / "reference_manifest_v2.json.gz", "rt") as f:
         return json.load(f)["models"]
@@ -92,18 +103,24 @@ def _shared_calls(model: nn.Module, conv: nn.Conv2d, size: int) -> tuple:
     handle.remove()
     grads = torch.autograd.grad(loss, [o for _, o in calls], retain_graph=True)
     loss.backward()
-    parts = [torch.nn.grad.conv2d_weight(i, conv.weight.shape, g, stride=conv.stride, padding=conv.padding)
-             for (i, _), g in zip(calls, grads)]
+    parts = [
+        torch.nn.grad.conv2d_weight(i, conv.weight.shape, g, stride=conv.stride, padding=conv.padding)
+        for (i, _), g in zip(calls, grads)
+    ]
     return parts, conv.weight.grad
 
 
-@pytest.mark.parametrize("key,basis,users", [("ilsvrc/ResNet50_Shared", "shared_basis_3_1", 5),
-                                             ("ilsvrc/ResNet50_Shared", "shared_basis_3_2", 5),
-                                             ("ilsvrc/ResNet50_SharedSingle", "shared_basis_2", 3),
-                                             pytest.param("ilsvrc/ResNet101_Shared", "shared_basis_3_2", 22,
-                                                          marks=pytest.mark.slow),
-                                             ("ilsvrc/MobileNetV2_SharedDouble", "shared_basis_2_2", 3),
-                                             ("cifar100/MobileNetV2_SharedDouble", "shared_basis_1_1", 2)])
+@pytest.mark.parametrize(
+    "key,basis,users",
+    [
+        ("ilsvrc/ResNet50_Shared", "shared_basis_3_1", 5),
+        ("ilsvrc/ResNet50_Shared", "shared_basis_3_2", 5),
+        ("ilsvrc/ResNet50_SharedSingle", "shared_basis_2", 3),
+        pytest.param("ilsvrc/ResNet101_Shared", "shared_basis_3_2", 22, marks=pytest.mark.slow),
+        ("ilsvrc/MobileNetV2_SharedDouble", "shared_basis_2_2", 3),
+        ("cifar100/MobileNetV2_SharedDouble", "shared_basis_1_1", 2),
+    ],
+)
 def test_shared_conv_is_one_tensor_with_gradient_from_every_block(key, basis, users):
     model = _build(key)
     conv = getattr(model, basis)
@@ -115,9 +132,14 @@ def test_shared_conv_is_one_tensor_with_gradient_from_every_block(key, basis, us
     torch.testing.assert_close(grad, sum(parts), rtol=1e-4, atol=1e-6)  # ... to the one tensor's gradient
 
 
-@pytest.mark.parametrize("key,kernels", [("ilsvrc/MobileNetV2_SharedDouble", {3: 1, 4: 1, 5: 3, 6: 3}),
-                                         ("ilsvrc/MobileNetV2_SharedDouble_NoECA", {}),
-                                         ("cifar100/MobileNetV2_SharedDouble", {})])
+@pytest.mark.parametrize(
+    "key,kernels",
+    [
+        ("ilsvrc/MobileNetV2_SharedDouble", {3: 1, 4: 1, 5: 3, 6: 3}),
+        ("ilsvrc/MobileNetV2_SharedDouble_NoECA", {}),
+        ("cifar100/MobileNetV2_SharedDouble", {}),
+    ],
+)
 def test_eca_only_in_ilsvrc_shared_blocks_with_the_authors_kernels(key, kernels):
     model = _build(key)
     found = {n: m.conv.kernel_size[0] for n, m in model.named_modules() if isinstance(m, ECA)}
@@ -131,7 +153,7 @@ def test_eca_is_sigmoid_of_a_channel_convolution_of_the_pooled_input():
     eca, x = ECA(3), torch.randn(2, 5, 4, 4)
     w = eca.conv.weight.detach().flatten()
     m = nn.functional.pad(x.mean((2, 3)), (1, 1))  # (N, C + 2)
-    a = torch.sigmoid(sum(w[j] * m[:, j:j + 5] for j in range(3)))
+    a = torch.sigmoid(sum(w[j] * m[:, j : j + 5] for j in range(3)))
     torch.testing.assert_close(eca(x), x * a[:, :, None, None])
 
 
@@ -168,12 +190,12 @@ def _by_loop(model: nn.Module, sets) -> torch.Tensor:
     return total
 
 
-POSITIONS = {"ilsvrc/ResNet50_Shared": [[f"shared_basis_{g}_{j}.weight" for g in (1, 2, 3, 4)] for j in (1, 2)],
-             "ilsvrc/ResNet50_SharedSingle": [[f"shared_basis_{g}.weight" for g in (1, 2, 3, 4)]],
-             "ilsvrc/MobileNetV2_SharedDouble": [[f"shared_basis_{g}_{j}.weight" for g in (1, 2, 3, 4)]
-                                                 for j in (1, 2)],
-             "cifar100/MobileNetV2_SharedDouble": [[f"shared_basis_{g}_{j}.weight" for g in (1, 2, 3, 4)]
-                                                   for j in (1, 2)]}
+POSITIONS = {
+    "ilsvrc/ResNet50_Shared": [[f"shared_basis_{g}_{j}.weight" for g in (1, 2, 3, 4)] for j in (1, 2)],
+    "ilsvrc/ResNet50_SharedSingle": [[f"shared_basis_{g}.weight" for g in (1, 2, 3, 4)]],
+    "ilsvrc/MobileNetV2_SharedDouble": [[f"shared_basis_{g}_{j}.weight" for g in (1, 2, 3, 4)] for j in (1, 2)],
+    "cifar100/MobileNetV2_SharedDouble": [[f"shared_basis_{g}_{j}.weight" for g in (1, 2, 3, 4)] for j in (1, 2)],
+}
 
 
 @pytest.mark.parametrize("key", list(POSITIONS))
@@ -197,10 +219,15 @@ def test_regulariser_is_the_authors_separate_averages(key):
             torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-9)
 
 
-@pytest.mark.parametrize("key,r1,r2", [("ilsvrc/ResNet50_Shared", 0.0, 3 * 960 / (16 * 348160)),
-                                       ("ilsvrc/ResNet50_SharedSingle", 0.0, None),
-                                       ("ilsvrc/MobileNetV2_SharedDouble", 1.63e-3, 4.09e-3),
-                                       ("cifar100/MobileNetV2_SharedDouble", 1.63e-3, 4.09e-3)])
+@pytest.mark.parametrize(
+    "key,r1,r2",
+    [
+        ("ilsvrc/ResNet50_Shared", 0.0, 3 * 960 / (16 * 348160)),
+        ("ilsvrc/ResNet50_SharedSingle", 0.0, None),
+        ("ilsvrc/MobileNetV2_SharedDouble", 1.63e-3, 4.09e-3),
+        ("cifar100/MobileNetV2_SharedDouble", 1.63e-3, 4.09e-3),
+    ],
+)
 def test_regulariser_at_init(key, r1, r2):
     """SPEC_v2 section 4, measured at seed-0 init: ResNet50_Shared R1 ~ 0 and R2 = 5.170e-4 (a tall basis cannot be
     orthonormal by rows: the floor 3p per group); SharedSingle ~ 0; MobileNetV2 (default init) 1.63e-3 and 4.09e-3."""
@@ -251,11 +278,16 @@ def test_a_cifar100_file_is_not_an_ilsvrc_layout(tmp_path):
 
 def test_the_march_2021_layout_is_refused_with_the_shape(tmp_path):
     """SPEC_v2 section 3: for four days ECA had k = 3 in every stage; such a file fits neither layout here."""
-    state = {k: torch.zeros(1, 1, 3) if "chan_attention" in k else v
-             for k, v in _build("ilsvrc/MobileNetV2_SharedDouble").state_dict().items()}
+    state = {
+        k: torch.zeros(1, 1, 3) if "chan_attention" in k else v
+        for k, v in _build("ilsvrc/MobileNetV2_SharedDouble").state_dict().items()
+    }
     torch.save({"net_state_dict": state}, tmp_path / "k3.pth")
-    with pytest.raises(CheckpointError, match=r"'stage3.1.chan_attention.conv.weight' has shape \(1, 1, 3\), the "
-                                              r"model expects \(1, 1, 1\)"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"'stage3.1.chan_attention.conv.weight' has shape \(1, 1, 3\), the "
+        r"model expects \(1, 1, 1\)",
+    ):
         load_model(tmp_path / "k3.pth", model="MobileNetV2_SharedDouble", dataset="ilsvrc")
 
 
@@ -289,9 +321,13 @@ def test_resnet_fold_is_a_copy_with_the_same_outputs():
         torch.testing.assert_close(folded(x), model(x))
 
 
-LATER = [("ResNet50-Shared", "20.51M", "4.11G"), ("ResNet50-Shared++", "18.26M", "4.11G"),
-         ("ResNet101-Shared", "29.47M", "7.83G"), ("MobileNetV2-Shared++", "2.98M", "0.33G"),
-         ("MobileNetV2-SharedDouble", "1.90M", "0.14G")]  # 1 x MACs, but the Nov-2020 CIFAR-100 row's 2 x
+LATER = [
+    ("ResNet50-Shared", "20.51M", "4.11G"),
+    ("ResNet50-Shared++", "18.26M", "4.11G"),
+    ("ResNet101-Shared", "29.47M", "7.83G"),
+    ("MobileNetV2-Shared++", "2.98M", "0.33G"),
+    ("MobileNetV2-SharedDouble", "1.90M", "0.14G"),
+]  # 1 x MACs, but the Nov-2020 CIFAR-100 row's 2 x
 
 
 @pytest.mark.parametrize("first", [pytest.param(0, marks=pytest.mark.slow), 3], ids=["all", "mobilenetv2"])
@@ -314,24 +350,33 @@ def _schedule(monkeypatch, dataset: str, model: str):
     return Schedule.from_recipe(args.lr, args.schedule, args.epochs)
 
 
-@pytest.mark.parametrize("model", ["ResNet50", "ResNet50_SharedSingle", "ResNet50_Shared", "ResNet101",
-                                   "ResNet101_SharedSingle", "ResNet101_Shared"])
+@pytest.mark.parametrize(
+    "model",
+    ["ResNet50", "ResNet50_SharedSingle", "ResNet50_Shared", "ResNet101", "ResNet101_SharedSingle", "ResNet101_Shared"],
+)
 def test_resnet_recipe(monkeypatch, model):
     s = _schedule(monkeypatch, "ilsvrc", model)
     assert s.epochs == 150 and not s.restart
     assert [s.lr_at(e) for e in (1, 60, 61, 100, 101, 140, 141, 150)] == pytest.approx(
-        [0.1, 0.1, 0.01, 0.01, 1e-3, 1e-3, 1e-4, 1e-4])
+        [0.1, 0.1, 0.01, 0.01, 1e-3, 1e-3, 1e-4, 1e-4]
+    )
 
 
-@pytest.mark.parametrize("dataset,model,last", [("ilsvrc", "MobileNetV2_SharedDouble", 5e-4),
-                                                ("ilsvrc", "MobileNetV2_SharedDouble_NoECA", 1e-4),
-                                                ("ilsvrc", "MobileNetV2_Shared", 1e-4)])
+@pytest.mark.parametrize(
+    "dataset,model,last",
+    [
+        ("ilsvrc", "MobileNetV2_SharedDouble", 5e-4),
+        ("ilsvrc", "MobileNetV2_SharedDouble_NoECA", 1e-4),
+        ("ilsvrc", "MobileNetV2_Shared", 1e-4),
+    ],
+)
 def test_mobilenetv2_recipes(monkeypatch, dataset, model, last):
     """HEAD's x0.5 last step for SharedDouble; the November 2020 layout and the old models keep x0.1."""
     s = _schedule(monkeypatch, dataset, model)
     assert s.epochs == 300
     assert [s.lr_at(e) for e in (150, 151, 225, 226, 285, 286, 300)] == pytest.approx(
-        [0.1, 0.01, 0.01, 1e-3, 1e-3, last, last])
+        [0.1, 0.01, 0.01, 1e-3, 1e-3, last, last]
+    )
 
 
 def test_cifar100_shareddouble_takes_the_recipe_of_its_published_number(monkeypatch):
@@ -381,17 +426,24 @@ def test_readme_commands_for_the_later_models_parse(monkeypatch):
         else:
             assert cli.parse_eval_args("ilsvrc", argv, prog="eval_ilsvrc.py").model in NEW["ilsvrc"]
     assert len(lines) == 8
-    assert decays == {"ResNet50_SharedSingle": 4e-5, "ResNet50_Shared": 1e-4, "ResNet101_SharedSingle": 1e-4,
-                      "MobileNetV2_SharedDouble": 1e-5}  # SPEC_v2 section 5
+    assert decays == {
+        "ResNet50_SharedSingle": 4e-5,
+        "ResNet50_Shared": 1e-4,
+        "ResNet101_SharedSingle": 1e-4,
+        "MobileNetV2_SharedDouble": 1e-5,
+    }  # SPEC_v2 section 5
 
 
 def test_each_published_model_names_its_readme_row(capsys):
     from models.summary import main, paper_row
+
     assert paper_row("ilsvrc", "ResNet50_Shared", {}).row == "ResNet50-Shared++"  # README "Shared++" = code "_Shared"
     assert paper_row("ilsvrc", "ResNet50_SharedSingle", {}).top1_err == "23.64%"
     assert paper_row("cifar10", "ResNet56_DoubleShared", {"shared_rank": 16, "unique_rank": 1}).row == "ResNet56-S16U1*"
     assert paper_row("cifar10", "ResNet56_DoubleShared", {"shared_rank": 8, "unique_rank": 1}) is None
     assert paper_row("ilsvrc", "ResNet101_Shared", {}) is None  # no README row
     assert main(["--dataset", "ilsvrc", "--model", "MobileNetV2_SharedDouble"]) == 0
-    assert ("paper row MobileNetV2-Shared++: 2.98M params, 0.33G FLOPs (1 x MACs), top-1 err 28.21%, top-5 err 9.85%"
-            in capsys.readouterr().out)
+    assert (
+        "paper row MobileNetV2-Shared++: 2.98M params, 0.33G FLOPs (1 x MACs), top-1 err 28.21%, top-5 err 9.85%"
+        in capsys.readouterr().out
+    )

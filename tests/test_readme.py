@@ -1,4 +1,5 @@
 """README's "Use in a notebook" section runs exactly as written, so it cannot go stale."""
+
 import os
 import re
 from pathlib import Path

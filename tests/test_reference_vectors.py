@@ -1,9 +1,10 @@
 """The authors' own outputs for ResNet32_DoubleShared(8, 1) (SPEC section 11)."""
-import torch
 
-from models import get_model, orthogonality_penalty
+import torch
 from reference import reference_weights
 from reference import test_vector as reference_vector  # not collected as a test
+
+from models import get_model, orthogonality_penalty
 
 
 def _model(bnrand=False):
@@ -56,6 +57,11 @@ def test_eval_and_train_logits():
 def test_regulariser_values():
     tv = reference_vector()
     model = _model()
-    assert abs(orthogonality_penalty(model, include_unique=True).item()
-               - tv["orthogonality_reg_cifar10_double_with_unique"]) < 1e-5
+    assert (
+        abs(
+            orthogonality_penalty(model, include_unique=True).item()
+            - tv["orthogonality_reg_cifar10_double_with_unique"]
+        )
+        < 1e-5
+    )
     assert orthogonality_penalty(model, include_unique=False).item() < 1e-12

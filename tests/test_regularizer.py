@@ -1,14 +1,21 @@
 """The orthogonality regulariser: batched form == the authors' straightforward form, values and gradients."""
+
 import pytest
 import torch
 
 from models import OrthogonalityRegularizer, basis_groups, get_model
 from models.regularizer import orthogonality_penalty_reference
 
-CASES = [("ResNet32_DoubleShared", "cifar10", True), ("ResNet32_SingleShared", "cifar10", True),
-         ("ResNet32_SharedOnly", "cifar10", True), ("ResNet32_DoubleShared", "cifar10", False),
-         ("ResNet34_SingleShared", "cifar100", False), ("ResNet34_SharedOnly", "cifar100", False),
-         ("ResNet34_DoubleShared", "ilsvrc", False), ("ResNet34_SingleShared", "ilsvrc", False)]
+CASES = [
+    ("ResNet32_DoubleShared", "cifar10", True),
+    ("ResNet32_SingleShared", "cifar10", True),
+    ("ResNet32_SharedOnly", "cifar10", True),
+    ("ResNet32_DoubleShared", "cifar10", False),
+    ("ResNet34_SingleShared", "cifar100", False),
+    ("ResNet34_SharedOnly", "cifar100", False),
+    ("ResNet34_DoubleShared", "ilsvrc", False),
+    ("ResNet34_SingleShared", "ilsvrc", False),
+]
 
 
 def _perturb(model):
@@ -78,9 +85,14 @@ def test_folded_models_are_refused_clearly():
         OrthogonalityRegularizer(folded, include_unique=False)
 
 
-@pytest.mark.parametrize("name,dataset,unique", [("ResNet32_DoubleShared", "cifar10", True),
-                                                 ("ResNet34_SingleShared", "cifar100", False),
-                                                 ("ResNet34_DoubleShared", "ilsvrc", False)])
+@pytest.mark.parametrize(
+    "name,dataset,unique",
+    [
+        ("ResNet32_DoubleShared", "cifar10", True),
+        ("ResNet34_SingleShared", "cifar100", False),
+        ("ResNet34_DoubleShared", "ilsvrc", False),
+    ],
+)
 def test_default_form_is_the_authors_script_for_the_dataset(name, dataset, unique):
     """include_unique=None (the default) is the form of the authors' training script: CIFAR-10 includes the unique
     filters, CIFAR-100 and ILSVRC do not."""

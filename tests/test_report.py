@@ -1,4 +1,5 @@
 """``python -m utils.report``: one row per run, read from the files the runs wrote, matching what training printed."""
+
 import json
 import os
 
@@ -19,13 +20,22 @@ def runs(tmp_path_factory):
     write_fake_cifar(data, "cifar10", n_train=64, n_test=32, seed=0)
     out = tmp_path_factory.mktemp("out")
     common = ["--batch_size=16", f"--dataset_path={data}", f"--output_dir={out}", "--device=cpu", "--num_workers=0"]
-    flags = {"plain": ["--model=ResNet20", "--epochs=2"],
-             "val": ["--model=ResNet32_DoubleShared", "--shared_rank=2", "--unique_rank=1", "--lambdaR=5",
-                     "--epochs=1", "--val_split=16"]}
+    flags = {
+        "plain": ["--model=ResNet20", "--epochs=2"],
+        "val": [
+            "--model=ResNet32_DoubleShared",
+            "--shared_rank=2",
+            "--unique_rank=1",
+            "--lambdaR=5",
+            "--epochs=1",
+            "--val_split=16",
+        ],
+    }
     results = {}
     for name, argv in flags.items():
         import io
         from contextlib import redirect_stdout
+
         buf = io.StringIO()
         with redirect_stdout(buf):
             assert cli.train_main("cifar10", argv + common) == 0
@@ -60,7 +70,7 @@ def test_report_lists_an_unreadable_run_and_refuses_an_empty_folder(runs, tmp_pa
     out, _ = runs
     (tmp_path / "Broken-last.pth").write_bytes(b"not a checkpoint")
     code, lines, _, _ = _rows(capsys, [str(out), str(tmp_path / "Broken-last.pth")])
-    assert code == 0 and len(lines) == 4 and any(l.startswith("Broken") and "(unreadable)" in l for l in lines)
+    assert code == 0 and len(lines) == 4 and any(line.startswith("Broken") and "(unreadable)" in line for line in lines)
     empty = tmp_path / "empty"
     empty.mkdir()
     code, _, _, err = _rows(capsys, [str(empty)])
@@ -74,6 +84,7 @@ def test_report_lists_an_unreadable_run_and_refuses_an_empty_folder(runs, tmp_pa
 
 def test_report_marks_a_run_stopped_inside_an_epoch(runs, tmp_path, capsys):
     import torch
+
     out, _ = runs
     last = torch.load(os.path.join(out, "CIFAR10-ResNet20-S16-U1-L10-0-last.pth"), weights_only=True)
     last.update(epoch=1, epoch_step=3)
@@ -84,6 +95,7 @@ def test_report_marks_a_run_stopped_inside_an_epoch(runs, tmp_path, capsys):
 
 def test_tensorboard_has_step_scalars_and_the_runs_hparams(runs):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
     out, results = runs
     events = EventAccumulator(os.path.join(out, "runs", "CIFAR10-ResNet32_DoubleShared-S2-U1-L5-0")).Reload()
     tags = events.Tags()
@@ -98,7 +110,9 @@ def test_tensorboard_has_step_scalars_and_the_runs_hparams(runs):
 
 def test_args_json_and_checkpoints_record_how_to_reproduce_the_run(runs):
     import subprocess
+
     import torch
+
     out, _ = runs
     stem = "CIFAR10-ResNet20-S16-U1-L10-0"
     recorded = json.loads((out / f"{stem}-args.json").read_text())["provenance"]

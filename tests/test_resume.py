@@ -1,4 +1,5 @@
 """A run stopped at any step resumes bit-exact (CPU, fixed seed), with or without DataLoader workers."""
+
 import os
 import signal
 
@@ -30,9 +31,19 @@ def cifar(tmp_path_factory):
 
 
 def _train(cifar, out, capsys, *extra, workers=0):
-    argv = ["--model=ResNet32_DoubleShared", "--shared_rank=1", "--unique_rank=1", "--epochs=3", "--batch_size=8",
-            "--seed=2", f"--dataset_path={cifar}", f"--output_dir={out}", "--device=cpu", f"--num_workers={workers}",
-            *extra]
+    argv = [
+        "--model=ResNet32_DoubleShared",
+        "--shared_rank=1",
+        "--unique_rank=1",
+        "--epochs=3",
+        "--batch_size=8",
+        "--seed=2",
+        f"--dataset_path={cifar}",
+        f"--output_dir={out}",
+        "--device=cpu",
+        f"--num_workers={workers}",
+        *extra,
+    ]
     code = cli.train_main("cifar10", argv)
     o, e = capsys.readouterr()
     return code, o, e.strip()
@@ -107,8 +118,9 @@ def test_periodic_saves_do_not_change_the_run(cifar, tmp_path, capsys, monkeypat
     assert _train(cifar, tmp_path / "plain", capsys, "--save_every_minutes=0")[0] == 0
     saves = []
     real = T.save_checkpoint
-    monkeypatch.setattr(T, "save_checkpoint", lambda obj, paths: (saves.append(obj.get("epoch_step")),
-                                                                    real(obj, paths)))
+    monkeypatch.setattr(
+        T, "save_checkpoint", lambda obj, paths: (saves.append(obj.get("epoch_step")), real(obj, paths))
+    )
     code, _, err = _train(cifar, tmp_path / "often", capsys, "--save_every_minutes=1e-9")  # after every step
     assert code == 0, err
     assert saves.count(0) == 3 and sorted(set(saves) - {0}) == [1, 2, 3]  # 3 epoch ends, steps 1-3 of each epoch
@@ -118,6 +130,7 @@ def test_periodic_saves_do_not_change_the_run(cifar, tmp_path, capsys, monkeypat
 # ---------------------------------------------------------------------------------------------------------------------
 # The output folder: one writer per run, no debris, true messages
 # ---------------------------------------------------------------------------------------------------------------------
+
 
 def test_a_second_writer_of_the_same_run_is_refused(cifar, tmp_path, capsys):
     from utils.checkpoint import lock_run_files
@@ -141,8 +154,10 @@ def test_a_killed_holder_leaves_no_stuck_lock(tmp_path):
     from utils.checkpoint import lock_run_files
 
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    code = (f"import sys, time; sys.path.insert(0, {repo!r}); from utils.checkpoint import lock_run_files; "
-            f"h = lock_run_files({str(tmp_path)!r}, 'X'); print('locked', flush=True); time.sleep(60)")
+    code = (
+        f"import sys, time; sys.path.insert(0, {repo!r}); from utils.checkpoint import lock_run_files; "
+        f"h = lock_run_files({str(tmp_path)!r}, 'X'); print('locked', flush=True); time.sleep(60)"
+    )
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
     try:
         assert proc.stdout.readline().strip() == "locked"
@@ -197,12 +212,23 @@ def test_signals_to_the_process_group_with_workers_print_one_line(cifar, tmp_pat
 
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     out = tmp_path / "out"
-    argv = [sys.executable, "train_cifar10.py", "--model=ResNet32_DoubleShared", "--shared_rank=1", "--unique_rank=1",
-            "--epochs=500", "--batch_size=8", f"--dataset_path={cifar}", f"--output_dir={out}", "--device=cpu",
-            "--num_workers=2"]
+    argv = [
+        sys.executable,
+        "train_cifar10.py",
+        "--model=ResNet32_DoubleShared",
+        "--shared_rank=1",
+        "--unique_rank=1",
+        "--epochs=500",
+        "--batch_size=8",
+        f"--dataset_path={cifar}",
+        f"--output_dir={out}",
+        "--device=cpu",
+        "--num_workers=2",
+    ]
     env = {**os.environ, "CI": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": repo}
-    proc = subprocess.Popen(argv, cwd=repo, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        argv, cwd=repo, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
     try:
         deadline = time.time() + 120
         while not (out / f"{STEM}-last.pth").exists() and proc.poll() is None and time.time() < deadline:

@@ -6,6 +6,7 @@ read off the shapes when not given); an interrupted run resumed with ``--resume`
 an uninterrupted one; the CIFAR-100 stages restart from the best weights with a fresh optimizer; bad inputs end with
 one line on stderr, a non-zero status, no traceback, and leave existing checkpoints byte-identical.
 """
+
 import hashlib
 import json
 import os
@@ -36,11 +37,14 @@ SHARED = ["--model=ResNet32_DoubleShared", "--shared_rank=1", "--unique_rank=1"]
 
 def run(args, rc=0, timeout=600):
     """Run ``python <args>`` in the repository root; check the exit status (None: any)."""
-    p = subprocess.run([sys.executable, *map(str, args)], cwd=REPO, env=ENV, capture_output=True, text=True,
-                       timeout=timeout)
+    p = subprocess.run(
+        [sys.executable, *map(str, args)], cwd=REPO, env=ENV, capture_output=True, text=True, timeout=timeout
+    )
     if rc is not None:
-        assert p.returncode == rc, (f"{' '.join(map(str, args))}\nexit {p.returncode}, expected {rc}\n"
-                                    f"--- stdout ---\n{p.stdout[-3000:]}\n--- stderr ---\n{p.stderr[-3000:]}")
+        assert p.returncode == rc, (
+            f"{' '.join(map(str, args))}\nexit {p.returncode}, expected {rc}\n"
+            f"--- stdout ---\n{p.stdout[-3000:]}\n--- stderr ---\n{p.stderr[-3000:]}"
+        )
     return p
 
 
@@ -57,14 +61,21 @@ def json_line(stdout):
 
 def digest(directory):
     """Every file under ``directory`` (TensorBoard's runs/ too) -> its hash."""
-    return {str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(Path(directory).rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(Path(directory).rglob("*"))
+        if p.is_file()
+    }
 
 
 def authors_format(ckpt, prefix=""):
     """The authors' checkpoint: four keys, optionally DataParallel's ``module.`` prefix."""
-    return {"net_state_dict": {prefix + k: v for k, v in ckpt["net_state_dict"].items()},
-            "optimizer_state_dict": ckpt["optimizer_state_dict"], "acc": ckpt["acc"], "epoch": ckpt["epoch"]}
+    return {
+        "net_state_dict": {prefix + k: v for k, v in ckpt["net_state_dict"].items()},
+        "optimizer_state_dict": ckpt["optimizer_state_dict"],
+        "acc": ckpt["acc"],
+        "epoch": ckpt["epoch"],
+    }
 
 
 def load(path):
@@ -84,12 +95,23 @@ def data(tmp_path_factory):
 # CIFAR-10: train, evaluate, resume
 # ---------------------------------------------------------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def shared_runs(data, tmp_path_factory):
     """ResNet32_DoubleShared (s1, u1), 3 epochs: once straight through, once interrupted after epoch 2 + resumed."""
     root = tmp_path_factory.mktemp("runs")
-    flags = [*SHARED, "--epochs=3", "--batch_size=16", "--lr=0.1", "--momentum=0.9", "--weight_decay=5e-4",
-             "--lambdaR=10", "--seed=3", f"--dataset_path={data['c10']}", *COMMON]
+    flags = [
+        *SHARED,
+        "--epochs=3",
+        "--batch_size=16",
+        "--lr=0.1",
+        "--momentum=0.9",
+        "--weight_decay=5e-4",
+        "--lambdaR=10",
+        "--seed=3",
+        f"--dataset_path={data['c10']}",
+        *COMMON,
+    ]
     full = run(["train_cifar10.py", *flags, f"--output_dir={root / 'full'}"])
     # A real SIGINT (Ctrl-C) right after epoch 2's checkpoints were written.
     stop_after_2 = (
@@ -102,23 +124,48 @@ def shared_runs(data, tmp_path_factory):
         "        os.kill(os.getpid(), signal.SIGINT)\n"
         "t.TrainingRun.save = stop\n"
         "sys.argv = sys.argv[1:]\n"
-        "runpy.run_path(sys.argv[0], run_name='__main__')\n")
+        "runpy.run_path(sys.argv[0], run_name='__main__')\n"
+    )
     interrupted = run(["-c", stop_after_2, "train_cifar10.py", *flags, f"--output_dir={root / 'resumed'}"], rc=130)
     stem = "CIFAR10-ResNet32_DoubleShared-S1-U1-L10-0"
     after_interrupt = load(root / "resumed" / f"{stem}-last.pth")
     resumed = run(["train_cifar10.py", *flags, f"--output_dir={root / 'resumed'}", "--resume"])
-    return {"root": root, "stem": stem, "full": full, "interrupted": interrupted, "resumed": resumed,
-            "after_interrupt": after_interrupt, "flags": flags}
+    return {
+        "root": root,
+        "stem": stem,
+        "full": full,
+        "interrupted": interrupted,
+        "resumed": resumed,
+        "after_interrupt": after_interrupt,
+        "flags": flags,
+    }
 
 
 @pytest.mark.slow
 def test_cifar10_train_then_eval(data, tmp_path):
     out = tmp_path / "out"
-    p = run(["train_cifar10.py", "--model=ResNet20", "--epochs=2", "--batch_size=16", "--lambdaR=10",
-             f"--dataset_path={data['c10']}", f"--output_dir={out}", *COMMON])
+    p = run(
+        [
+            "train_cifar10.py",
+            "--model=ResNet20",
+            "--epochs=2",
+            "--batch_size=16",
+            "--lambdaR=10",
+            f"--dataset_path={data['c10']}",
+            f"--output_dir={out}",
+            *COMMON,
+        ]
+    )
     # the authors' lines (ResNet20 has no shared bases: "Epoch", not "Basis Epoch")
-    for line in ("\nEpoch: 1", "\nEpoch: 2", "Training_Acc_Top1 = ", "Training_Acc_Top5 = ",
-                 "accuracy_loss: ", "Time:  ", "Best_Acc_top5 = "):
+    for line in (
+        "\nEpoch: 1",
+        "\nEpoch: 2",
+        "Training_Acc_Top1 = ",
+        "Training_Acc_Top5 = ",
+        "accuracy_loss: ",
+        "Time:  ",
+        "Best_Acc_top5 = ",
+    ):
         assert line in p.stdout
     assert "Cuda" not in p.stdout and "ETA " in p.stdout  # the authors' "Cuda N" prefix only on GPUs
     improved = [e == b for e, b in re.findall(r"\[epoch (\d+)/2\].*\| best [\d.]+ \(epoch (\w+)\)", p.stdout)]
@@ -149,8 +196,16 @@ def test_cifar10_train_then_eval(data, tmp_path):
     # the authors' four-key file with DataParallel's "module." prefix, evaluated with the README's flags
     ref = tmp_path / "authors.pth"
     torch.save(authors_format(ckpt, "module."), ref)
-    e = run(["eval_cifar10.py", f"--pretrained={ref}", "--model=ResNet20", "--batch_size=16",
-             f"--dataset_path={data['c10']}", *COMMON])
+    e = run(
+        [
+            "eval_cifar10.py",
+            f"--pretrained={ref}",
+            "--model=ResNet20",
+            "--batch_size=16",
+            f"--dataset_path={data['c10']}",
+            *COMMON,
+        ]
+    )
     assert value(e.stdout, "Eval_Acc_top1") == value(p.stdout, "Best_Acc_top1")
 
 
@@ -194,8 +249,16 @@ def test_eval_authors_file_infers_ranks(shared_runs, data, tmp_path):
     ref = tmp_path / "authors.pth"
     torch.save(authors_format(ckpt), ref)
     # --model given, ranks not: the defaults (16, 1) do not fit, so they are read off the shapes
-    e = run(["eval_cifar10.py", f"--pretrained={ref}", "--model=ResNet32_DoubleShared", "--batch_size=16",
-             f"--dataset_path={data['c10']}", *COMMON])
+    e = run(
+        [
+            "eval_cifar10.py",
+            f"--pretrained={ref}",
+            "--model=ResNet32_DoubleShared",
+            "--batch_size=16",
+            f"--dataset_path={data['c10']}",
+            *COMMON,
+        ]
+    )
     assert "Ranks read from the checkpoint: --shared_rank=1 --unique_rank=1" in e.stdout
     assert value(e.stdout, "Eval_Acc_top1") == "%.3f" % float(ckpt["acc"])
     assert json_line(e.stdout)["model_kwargs"] == {"shared_rank": 1, "unique_rank": 1}
@@ -205,20 +268,31 @@ def test_eval_authors_file_infers_ranks(shared_runs, data, tmp_path):
 # CIFAR-100: stages restart from the best weights with a fresh optimizer
 # ---------------------------------------------------------------------------------------------------------------------
 
+
 @pytest.mark.slow
 def test_cifar100_train_stages_then_eval(data, tmp_path):
     out = tmp_path / "out"
     # SharedOnly takes only --shared_rank: the given --unique_rank is ignored, as in the authors' scripts
-    p = run(["train_cifar100.py", "--model=ResNet34_SharedOnly", "--shared_rank=1", "--unique_rank=7", "--epochs=3",
-             "--batch_size=16", f"--dataset_path={data['c100']}", f"--output_dir={out}", *COMMON])
+    p = run(
+        [
+            "train_cifar100.py",
+            "--model=ResNet34_SharedOnly",
+            "--shared_rank=1",
+            "--unique_rank=7",
+            "--epochs=3",
+            "--batch_size=16",
+            f"--dataset_path={data['c100']}",
+            f"--output_dir={out}",
+            *COMMON,
+        ]
+    )
     assert "\nBasis Epoch: 1" in p.stdout and "similarity loss: " in p.stdout
     assert re.search(r"^Stage 2 from epoch 2: restarting from .* with a fresh SGD at lr 0\.01$", p.stdout, re.M)
     assert re.search(r"^Stage 3 from epoch 3: restarting from .* with a fresh SGD at lr 0\.001$", p.stdout, re.M)
     last = out / "CIFAR100-ResNet34_SharedOnly-S1-U7-L10-0-last.pth"
     ckpt = load(last)
     assert ckpt["epoch"] == 3 and ckpt["stage"] == 2 and ckpt["model_kwargs"] == {"shared_rank": 1}
-    e = run(["eval_cifar100.py", f"--pretrained={last}", "--batch_size=16", f"--dataset_path={data['c100']}",
-             *COMMON])
+    e = run(["eval_cifar100.py", f"--pretrained={last}", "--batch_size=16", f"--dataset_path={data['c100']}", *COMMON])
     assert value(e.stdout, "Eval_Acc_top1") == "%.3f" % float(ckpt["acc"])
 
 
@@ -240,8 +314,7 @@ def test_cifar100_restart_reloads_best_with_fresh_momentum(data, tmp_path, monke
         epoch = len(seen)
         scored.append((kw.get("desc"), epoch, {k: v.clone() for k, v in model.state_dict().items()}))
         top1 = 33.0 if len(scored) == 4 else accs[epoch]  # the 4th call: the final test score (--val_split)
-        return {"top1": top1, "top5": 90.0, "loss": 1.0, "images": 16, "correct1": 0, "correct5": 0,
-                "seconds": 0.0}
+        return {"top1": top1, "top5": 90.0, "loss": 1.0, "images": 16, "correct1": 0, "correct5": 0, "seconds": 0.0}
 
     def spy_train(net, model, loader, optimizer, **kw):
         epoch = len(seen) + 1
@@ -255,9 +328,19 @@ def test_cifar100_restart_reloads_best_with_fresh_momentum(data, tmp_path, monke
     monkeypatch.setitem(os.environ, "CUDA_VISIBLE_DEVICES", os.environ.get("CUDA_VISIBLE_DEVICES", "0"))
     monkeypatch.setattr(engine, "evaluate", fake_evaluate)
     monkeypatch.setattr(engine, "train_one_epoch", spy_train)
-    args = cli.parse_train_args("cifar100", [
-        "--model=ResNet18", "--epochs=3", "--batch_size=16", f"--dataset_path={data['c100']}",
-        f"--output_dir={tmp_path}", f"--val_split={val_split}", *COMMON], prog="train_cifar100.py")
+    args = cli.parse_train_args(
+        "cifar100",
+        [
+            "--model=ResNet18",
+            "--epochs=3",
+            "--batch_size=16",
+            f"--dataset_path={data['c100']}",
+            f"--output_dir={tmp_path}",
+            f"--val_split={val_split}",
+            *COMMON,
+        ],
+        prog="train_cifar100.py",
+    )
     result = engine.fit(args)
     assert result["best_epoch"] == 1 and result["best_acc"] == 50.0
     selection = "val" if val_split else "test"
@@ -286,13 +369,26 @@ def test_cifar100_restart_reloads_best_with_fresh_momentum(data, tmp_path, monke
 # ILSVRC: a plain model trains (the authors' script crashed) and evaluates from a DataParallel-style file
 # ---------------------------------------------------------------------------------------------------------------------
 
+
 @pytest.mark.slow
 def test_ilsvrc_train_then_eval(data, tmp_path):
     out = tmp_path / "out"
     # the README's ILSVRC MobileNetV2 command, shrunk (MobileNetV2_Shared takes no rank flags: they are ignored)
-    p = run(["train_ilsvrc.py", "--model=MobileNetV2_Shared", "--lr=0.1", "--momentum=0.9", "--weight_decay=1e-4",
-             "--lambdaR=10", "--epochs=1", "--batch_size=8", f"--dataset_path={data['in']}", f"--output_dir={out}",
-             *COMMON])
+    p = run(
+        [
+            "train_ilsvrc.py",
+            "--model=MobileNetV2_Shared",
+            "--lr=0.1",
+            "--momentum=0.9",
+            "--weight_decay=1e-4",
+            "--lambdaR=10",
+            "--epochs=1",
+            "--batch_size=8",
+            f"--dataset_path={data['in']}",
+            f"--output_dir={out}",
+            *COMMON,
+        ]
+    )
     top1, top5 = re.findall(r"^Test_Acc_Top1/5 = (\S+)\t(\S+)$", p.stdout, re.M)[-1]
     assert "\nBasis Epoch: 1" in p.stdout and "similarity loss: " in p.stdout
     assert "test images | 3 classes (the data's folders) |" in p.stdout  # the head is as wide as the tree
@@ -302,8 +398,16 @@ def test_ilsvrc_train_then_eval(data, tmp_path):
     assert ckpt["model_kwargs"] == {} and ckpt["dataset"] == "ilsvrc"
     ref = tmp_path / "authors.pth"
     torch.save(authors_format(ckpt, "module."), ref)  # the authors' ILSVRC files are DataParallel state_dicts
-    e = run(["eval_ilsvrc.py", f"--pretrained={ref}", "--model=MobileNetV2_Shared", "--batch_size=8",
-             f"--dataset_path={data['in']}", *COMMON])
+    e = run(
+        [
+            "eval_ilsvrc.py",
+            f"--pretrained={ref}",
+            "--model=MobileNetV2_Shared",
+            "--batch_size=8",
+            f"--dataset_path={data['in']}",
+            *COMMON,
+        ]
+    )
     assert value(e.stdout, "Eval_Acc_top1") == top1 and value(e.stdout, "Eval_Acc_top5") == top5
     assert "Compare: paper row MobileNetV2-Shared: 3.24M params, 0.66G FLOPs (2 x MACs), top-1 err 27.61%" in e.stdout
     assert json_line(e.stdout)["paper_top1_err"] == "27.61%"
@@ -311,10 +415,13 @@ def test_ilsvrc_train_then_eval(data, tmp_path):
     # a 1000-class file (the published ones) on this 3-class tree: one line, in eval and as --pretrained
     wide = tmp_path / "wide.pth"
     torch.save({"net_state_dict": get_model("MobileNetV2_Shared", "ilsvrc").state_dict()}, wide)
-    for argv in (["eval_ilsvrc.py", f"--pretrained={wide}"],
-                 ["train_ilsvrc.py", f"--pretrained={wide}", "--epochs=1", f"--output_dir={tmp_path / 'o'}"]):
-        bad = run([*argv, "--model=MobileNetV2_Shared", "--batch_size=8", f"--dataset_path={data['in']}", *COMMON],
-                  rc=1)
+    for argv in (
+        ["eval_ilsvrc.py", f"--pretrained={wide}"],
+        ["train_ilsvrc.py", f"--pretrained={wide}", "--epochs=1", f"--output_dir={tmp_path / 'o'}"],
+    ):
+        bad = run(
+            [*argv, "--model=MobileNetV2_Shared", "--batch_size=8", f"--dataset_path={data['in']}", *COMMON], rc=1
+        )
         assert "has 1000 outputs but the dataset under" in bad.stderr and "has 3 classes" in bad.stderr
         assert len(bad.stderr.strip().splitlines()) == 1
 
@@ -322,6 +429,7 @@ def test_ilsvrc_train_then_eval(data, tmp_path):
 # ---------------------------------------------------------------------------------------------------------------------
 # Bad inputs: one line on stderr, non-zero status, no traceback, existing files untouched
 # ---------------------------------------------------------------------------------------------------------------------
+
 
 @pytest.mark.slow
 def test_bad_inputs(shared_runs, data, tmp_path):
@@ -346,25 +454,49 @@ def test_bad_inputs(shared_runs, data, tmp_path):
     train = ["train_cifar10.py", *r["flags"], f"--output_dir={full}"]  # same run: would overwrite full/ on success
     ev = ["eval_cifar10.py", "--batch_size=16", f"--dataset_path={data['c10']}", *COMMON]
     cases = {
-        "unknown model (train)": ([*train, "--model=ResNet99"], 2, ["unknown --model 'ResNet99'",
-                                                                     "ResNet56_DoubleShared"]),
-        "unknown model (eval)": (["eval_cifar100.py", f"--pretrained={best}", "--model=ResNet56"], 2,
-                                 ["valid names", "ResNet34_SingleShared"]),
+        "unknown model (train)": (
+            [*train, "--model=ResNet99"],
+            2,
+            ["unknown --model 'ResNet99'", "ResNet56_DoubleShared"],
+        ),
+        "unknown model (eval)": (
+            ["eval_cifar100.py", f"--pretrained={best}", "--model=ResNet56"],
+            2,
+            ["valid names", "ResNet34_SingleShared"],
+        ),
         "eval without --pretrained": ([*ev], 2, ["--pretrained"]),
-        "wrong ranks (ours)": ([*ev, f"--pretrained={best}", "--shared_rank=2"], 1,
-                               ["pass --shared_rank=1 --unique_rank=1"]),
-        "wrong ranks (authors')": ([*ev, f"--pretrained={ref}", *SHARED[:1], "--shared_rank=4", "--unique_rank=1"], 1,
-                                   ["pass --shared_rank=1 --unique_rank=1"]),
+        "wrong ranks (ours)": (
+            [*ev, f"--pretrained={best}", "--shared_rank=2"],
+            1,
+            ["pass --shared_rank=1 --unique_rank=1"],
+        ),
+        "wrong ranks (authors')": (
+            [*ev, f"--pretrained={ref}", *SHARED[:1], "--shared_rank=4", "--unique_rank=1"],
+            1,
+            ["pass --shared_rank=1 --unique_rank=1"],
+        ),
         "other model": ([*ev, f"--pretrained={best}", "--model=ResNet20"], 1, ["--model=ResNet32_DoubleShared"]),
         "other dataset": (["eval_cifar100.py", f"--pretrained={best}", *COMMON], 1, ["trained on cifar10"]),
         "missing dataset (cifar)": ([*train, f"--dataset_path={partial}"], 1, ["data_batch_3", "not found"]),
-        "missing dataset (ilsvrc)": (["train_ilsvrc.py", "--model=ResNet18", f"--dataset_path={tmp_path / 'none'}",
-                                      f"--output_dir={full}", *COMMON], 1, ["not found"]),
+        "missing dataset (ilsvrc)": (
+            [
+                "train_ilsvrc.py",
+                "--model=ResNet18",
+                f"--dataset_path={tmp_path / 'none'}",
+                f"--output_dir={full}",
+                *COMMON,
+            ],
+            1,
+            ["not found"],
+        ),
         "garbage checkpoint (eval)": ([*ev, f"--pretrained={garbage}"], 1, ["not a readable PyTorch checkpoint"]),
         "truncated checkpoint (pretrained)": ([*train, f"--pretrained={truncated}"], 1, ["not a readable"]),
         "truncated checkpoint (resume)": ([*r["flags"], f"--output_dir={broken}", "--resume"], 1, ["not a readable"]),
-        "nothing to resume": ([*r["flags"], f"--output_dir={tmp_path / 'empty'}", "--resume"], 1,
-                              ["nothing to resume"]),
+        "nothing to resume": (
+            [*r["flags"], f"--output_dir={tmp_path / 'empty'}", "--resume"],
+            1,
+            ["nothing to resume"],
+        ),
     }
     cases["truncated checkpoint (resume)"][0].insert(0, "train_cifar10.py")
     cases["nothing to resume"][0].insert(0, "train_cifar10.py")
@@ -372,7 +504,7 @@ def test_bad_inputs(shared_runs, data, tmp_path):
     with ThreadPoolExecutor(max_workers=4) as pool:
         results = dict(zip(cases, pool.map(lambda c: run(c[0], rc=None), cases.values())))
     failures = []
-    for name, (args, rc, needles) in cases.items():
+    for name, (_, rc, needles) in cases.items():
         p = results[name]
         err = p.stderr.strip()
         problems = []
@@ -388,13 +520,25 @@ def test_bad_inputs(shared_runs, data, tmp_path):
     assert not (tmp_path / "empty").exists() or not any((tmp_path / "empty").iterdir())
 
 
-@pytest.mark.parametrize("argv, needle", [
-    (["--lr=-1"], "--lr"), (["--lr=nan"], "--lr"), (["--momentum=-0.5"], "--momentum"),
-    (["--weight_decay=-1"], "--weight_decay"), (["--lambdaR=-10"], "--lambdaR"), (["--batch_size=0"], "--batch_size"),
-    (["--shared_rank=0"], "--shared_rank"), (["--unique_rank=-1"], "--unique_rank"), (["--epochs=0"], "--epochs"),
-    (["--num_workers=-1"], "--num_workers"), (["--device=gpu"], "--device"), (["--model=resnet56"], "valid names"),
-    (["--epochs=5", "--starting_epoch=5"], "--starting_epoch"), (["--resume", "--pretrained=x.pth"], "exclusive"),
-])
+@pytest.mark.parametrize(
+    "argv, needle",
+    [
+        (["--lr=-1"], "--lr"),
+        (["--lr=nan"], "--lr"),
+        (["--momentum=-0.5"], "--momentum"),
+        (["--weight_decay=-1"], "--weight_decay"),
+        (["--lambdaR=-10"], "--lambdaR"),
+        (["--batch_size=0"], "--batch_size"),
+        (["--shared_rank=0"], "--shared_rank"),
+        (["--unique_rank=-1"], "--unique_rank"),
+        (["--epochs=0"], "--epochs"),
+        (["--num_workers=-1"], "--num_workers"),
+        (["--device=gpu"], "--device"),
+        (["--model=resnet56"], "valid names"),
+        (["--epochs=5", "--starting_epoch=5"], "--starting_epoch"),
+        (["--resume", "--pretrained=x.pth"], "exclusive"),
+    ],
+)
 def test_cli_validation(argv, needle, capsys):
     """Flag errors: argparse's exit status 2 and one line naming the flag (in-process: no data, no model)."""
     from utils import cli
@@ -411,10 +555,23 @@ def test_cli_defaults(monkeypatch):
 
     monkeypatch.setitem(os.environ, "CUDA_VISIBLE_DEVICES", os.environ.get("CUDA_VISIBLE_DEVICES", "0"))
     a = cli.parse_train_args("ilsvrc", [], prog="train_ilsvrc.py")
-    assert (a.lr, a.momentum, a.weight_decay, a.lambdaR, a.shared_rank, a.unique_rank, a.batch_size) == \
-        (0.1, 0.9, 1e-4, 10.0, 32, 1, 256)
-    assert (a.model, a.dataset_path, a.visible_device, a.pretrained, a.starting_epoch, a.output_dir) == \
-        ("ResNet34_DoubleShared", "/media/data/ILSVRC2012/", "0", None, 0, "./checkpoint")
+    assert (a.lr, a.momentum, a.weight_decay, a.lambdaR, a.shared_rank, a.unique_rank, a.batch_size) == (
+        0.1,
+        0.9,
+        1e-4,
+        10.0,
+        32,
+        1,
+        256,
+    )
+    assert (a.model, a.dataset_path, a.visible_device, a.pretrained, a.starting_epoch, a.output_dir) == (
+        "ResNet34_DoubleShared",
+        "/media/data/ILSVRC2012/",
+        "0",
+        None,
+        0,
+        "./checkpoint",
+    )
     assert a.epochs == 150 and a.schedule["milestones"] == [60, 100, 140]
     # the authors' script had no schedule for the plain ILSVRC models (NameError); they take their family's
     assert cli.parse_train_args("ilsvrc", ["--model=ResNet18"]).schedule["milestones"] == [60, 100, 140]
@@ -443,6 +600,7 @@ def test_schedules():
 # ---------------------------------------------------------------------------------------------------------------------
 # Evaluation folds for inference by default
 # ---------------------------------------------------------------------------------------------------------------------
+
 
 def _eval_in_process(argv, capsys, monkeypatch, defaults=None):
     from utils import cli
@@ -475,6 +633,7 @@ def test_eval_folds_by_default_with_the_same_accuracy(shared_runs, data, capsys,
 # ---------------------------------------------------------------------------------------------------------------------
 # --val_split: honest model selection
 # ---------------------------------------------------------------------------------------------------------------------
+
 
 def test_val_split_indices_and_loaders(data, tmp_path):
     from utils import data as D
@@ -514,8 +673,15 @@ def test_val_split_run_resume_and_final_test_score(data, tmp_path, capsys, monke
     from utils.train import TrainingRun
 
     monkeypatch.setitem(os.environ, "CUDA_VISIBLE_DEVICES", os.environ.get("CUDA_VISIBLE_DEVICES", "0"))
-    flags = [*SHARED, "--epochs=3", "--batch_size=16", "--val_split=6", "--seed=4", f"--dataset_path={data['c10']}",
-             *COMMON]
+    flags = [
+        *SHARED,
+        "--epochs=3",
+        "--batch_size=16",
+        "--val_split=6",
+        "--seed=4",
+        f"--dataset_path={data['c10']}",
+        *COMMON,
+    ]
     stem = "CIFAR10-ResNet32_DoubleShared-S1-U1-L10-0"
 
     def train(out, *extra):
@@ -535,8 +701,11 @@ def test_val_split_run_resume_and_final_test_score(data, tmp_path, capsys, monke
     assert "%.3f" % best["val_acc"] == value(full, "Best_Val_Acc_top1")
     assert load(tmp_path / "full" / f"{stem}-last.pth").get("test_acc") is None or result["best_epoch"] == 3
     # the eval script on the chosen checkpoint prints the training's final test numbers
-    ev = _eval_in_process([f"--pretrained={result['best_checkpoint']}", "--batch_size=16",
-                           f"--dataset_path={data['c10']}", *COMMON], capsys, monkeypatch)
+    ev = _eval_in_process(
+        [f"--pretrained={result['best_checkpoint']}", "--batch_size=16", f"--dataset_path={data['c10']}", *COMMON],
+        capsys,
+        monkeypatch,
+    )
     assert value(ev, "Eval_Acc_top1") == value(full, "Test_Acc_top1")
     assert value(ev, "Eval_Acc_top5") == value(full, "Test_Acc_top5")
 
@@ -564,8 +733,9 @@ def test_val_split_run_resume_and_final_test_score(data, tmp_path, capsys, monke
     before = digest(tmp_path / "resumed")
     code, again, _ = train(tmp_path / "resumed", "--resume")
     assert code == 0 and "Nothing to do" in again and value(again, "Test_Acc_top1") == value(full, "Test_Acc_top1")
-    assert {k: v for k, v in digest(tmp_path / "resumed").items() if k.endswith(".pth")} == \
-        {k: v for k, v in before.items() if k.endswith(".pth")}
+    assert {k: v for k, v in digest(tmp_path / "resumed").items() if k.endswith(".pth")} == {
+        k: v for k, v in before.items() if k.endswith(".pth")
+    }
 
 
 def test_authors_hyphen_model_spelling_and_closest_name(capsys):

@@ -10,6 +10,7 @@ data in the official layout, straightforward path against fast path, and estimat
 
     python -m utils.benchmark --data --device cuda --batch_size 256 --amp --channels_last --compile
 """
+
 from __future__ import annotations
 
 import argparse
@@ -19,11 +20,10 @@ import pickle
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import Callable
 
 import numpy as np
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -34,7 +34,7 @@ from models.regularizer import orthogonality_penalty_reference
 from utils.data import _CIFAR_LAYOUT, build_loaders
 from utils.engine import Precision, evaluate, resolve_device, train_one_epoch, wrap_model
 
-PAPER_EPOCHS, PAPER_TRAIN, PAPER_TEST = 300, 50000, 10000   # the paper's CIFAR run: 300 epochs over 50k/10k images
+PAPER_EPOCHS, PAPER_TRAIN, PAPER_TEST = 300, 50000, 10000  # the paper's CIFAR run: 300 epochs over 50k/10k images
 OPTS = ("amp", "channels_last", "compile")  # the opt-in switches of the fast path
 
 
@@ -65,8 +65,9 @@ def _seconds(fn: Callable[[], None], device: torch.device) -> float:
 
 def _model(name: str, cfg: Config, args, device: torch.device) -> nn.Module:
     torch.manual_seed(0)
-    model = get_model(name, args.dataset, shared_rank=args.shared_rank, unique_rank=args.unique_rank,
-                      ignore_unused_ranks=True).to(device)
+    model = get_model(
+        name, args.dataset, shared_rank=args.shared_rank, unique_rank=args.unique_rank, ignore_unused_ranks=True
+    ).to(device)
     set_fused(model, cfg.fused)
     return model.to(memory_format=torch.channels_last if cfg.channels_last else torch.contiguous_format)
 
@@ -127,8 +128,9 @@ def _interleaved(calls: dict, warmup: int, reps: int) -> dict:
 def measure(title: str, configs: list[Config], args, device: torch.device, train: bool) -> None:
     """Prints the median step time of each configuration (relative to the first) and its peak device memory."""
     runners = {c.label: Runner(c, args, device, train) for c in configs}
-    times = _interleaved({k: functools.partial(_seconds, r.step, device) for k, r in runners.items()},
-                         args.warmup, args.reps)
+    times = _interleaved(
+        {k: functools.partial(_seconds, r.step, device) for k, r in runners.items()}, args.warmup, args.reps
+    )
     base = statistics.median(times[configs[0].label])
     print(f"\n{title}")
     print(f"{'configuration':44} {'ms/step':>9} {'img/s':>9} {'vs straightforward':>19} {'peak MiB':>9}")
@@ -137,7 +139,7 @@ def measure(title: str, configs: list[Config], args, device: torch.device, train
         if device.type == "cuda":  # one more step, after all are timed
             torch.cuda.reset_peak_memory_stats()
             _seconds(runner.step, device)
-            peak = f"{torch.cuda.max_memory_allocated() / 2 ** 20:9.0f}"
+            peak = f"{torch.cuda.max_memory_allocated() / 2**20:9.0f}"
         t = statistics.median(times[label])
         print(f"{label:44} {t * 1e3:9.1f} {runner.images / t:9.0f} {t / base:18.2f}x {peak}")
 
@@ -150,8 +152,14 @@ def write_random_cifar(root: str, dataset: str, n_train: int, n_test: int, seed:
     for files, n in ((train_files, n_train), (test_files, n_test)):
         for name, idx in zip(files, np.array_split(np.arange(n), len(files))):
             with open(os.path.join(root, subdir, name), "wb") as f:
-                pickle.dump({"data": rng.integers(0, 256, (len(idx), 3072), dtype=np.uint8),
-                             label_key: rng.integers(0, NUM_CLASSES[dataset], len(idx)).tolist()}, f, protocol=2)
+                pickle.dump(
+                    {
+                        "data": rng.integers(0, 256, (len(idx), 3072), dtype=np.uint8),
+                        label_key: rng.integers(0, NUM_CLASSES[dataset], len(idx)).tolist(),
+                    },
+                    f,
+                    protocol=2,
+                )
     return root
 
 
@@ -164,15 +172,33 @@ class EpochRunner:
         self.precision = Precision.make(cfg.amp, device)
         self.net = wrap_model(self.model, device, self.precision, compile=cfg.compile, data_parallel=False)
         self.train_loader, _, self.test_loader, _ = build_loaders(
-            args.dataset, dataset_path, args.batch_size, num_workers=args.num_workers, device=device,
-            gpu_pipeline=None if cfg.gpu_pipeline else False, channels_last=cfg.channels_last, download=False)
+            args.dataset,
+            dataset_path,
+            args.batch_size,
+            num_workers=args.num_workers,
+            device=device,
+            gpu_pipeline=None if cfg.gpu_pipeline else False,
+            channels_last=cfg.channels_last,
+            download=False,
+        )
         self.pipeline = type(self.train_loader).__name__
 
     def epoch(self) -> tuple:
         """(train seconds, test seconds) of one epoch, device work included."""
         kw = dict(device=self.device, precision=self.precision, channels_last=self.cfg.channels_last)
-        train = _seconds(lambda: train_one_epoch(self.net, self.model, self.train_loader, self.opt, lambda_r=10.0,
-                                                 regularizer=self.reg, print_first=False, **kw), self.device)
+        train = _seconds(
+            lambda: train_one_epoch(
+                self.net,
+                self.model,
+                self.train_loader,
+                self.opt,
+                lambda_r=10.0,
+                regularizer=self.reg,
+                print_first=False,
+                **kw,
+            ),
+            self.device,
+        )
         return train, _seconds(lambda: evaluate(self.net, self.model, self.test_loader, **kw), self.device)
 
 
@@ -186,22 +212,30 @@ def measure_epochs(args, device: torch.device, straight: Config, fast: Config) -
         runners = {c.label: EpochRunner(c, args, device, path) for c in (straight, fast)}
         r0 = runners[straight.label]
         n_train, n_test = len(r0.train_loader.dataset), len(r0.test_loader.dataset)
-        print(f"--data: {n_train} train / {n_test} test images{' from ' + path if args.dataset_path else ''}, "
-              f"{args.data_warmup} warm-up + {args.data_epochs} timed epochs per configuration (interleaved), "
-              f"{args.num_workers} DataLoader workers")
+        print(
+            f"--data: {n_train} train / {n_test} test images{' from ' + path if args.dataset_path else ''}, "
+            f"{args.data_warmup} warm-up + {args.data_epochs} timed epochs per configuration (interleaved), "
+            f"{args.num_workers} DataLoader workers"
+        )
         times = _interleaved({k: r.epoch for k, r in runners.items()}, args.data_warmup, args.data_epochs)
     print("\nWhole epochs (train + test pass)")
-    print(f"{'configuration':34} {'pipeline':15} {'train s':>8} {'test s':>7} {'train img/s':>12} "
-          f"{'epoch img/s':>12} {'300 epochs':>11}")
+    print(
+        f"{'configuration':34} {'pipeline':15} {'train s':>8} {'test s':>7} {'train img/s':>12} "
+        f"{'epoch img/s':>12} {'300 epochs':>11}"
+    )
     rates = {}
     for label, ts in times.items():
         tr, te = (statistics.median(t[part] for t in ts) for part in (0, 1))
         rates[label] = n_train / tr, n_train / (tr + te)
         est = PAPER_EPOCHS * (tr * PAPER_TRAIN / n_train + te * PAPER_TEST / n_test)
-        print(f"{label:34} {runners[label].pipeline:15} {tr:8.2f} {te:7.2f} {rates[label][0]:12.0f} "
-              f"{rates[label][1]:12.0f} {est / 60:9.1f} m")
-    print(f"fast / straightforward: {rates[fast.label][0] / rates[straight.label][0]:.2f}x training throughput, "
-          f"{rates[fast.label][1] / rates[straight.label][1]:.2f}x per epoch (train + test)")
+        print(
+            f"{label:34} {runners[label].pipeline:15} {tr:8.2f} {te:7.2f} {rates[label][0]:12.0f} "
+            f"{rates[label][1]:12.0f} {est / 60:9.1f} m"
+        )
+    print(
+        f"fast / straightforward: {rates[fast.label][0] / rates[straight.label][0]:.2f}x training throughput, "
+        f"{rates[fast.label][1] / rates[straight.label][1]:.2f}x per epoch (train + test)"
+    )
     print(f"300 epochs = {PAPER_EPOCHS} x (train epoch x {PAPER_TRAIN}/{n_train} + test pass x {PAPER_TEST}/{n_test})")
 
 
@@ -211,23 +245,31 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     d = p.add_argument_group("--data: whole epochs through utils.data + utils.engine (train pass + test pass)")
     for g, name, kind, default, text in (
-            (p, "model", str, "ResNet56_DoubleShared", None),
-            (p, "plain_model", str, None, "baseline (default: the model name without its variant)"),
-            (p, "shared_rank", int, 16, None), (p, "unique_rank", int, 1, None),
-            (p, "batch_size", int, None, "training batch (default 64 on CPU, 256 on CUDA)"),
-            (p, "eval_batch_size", int, 256, None), (p, "warmup", int, 3, None), (p, "reps", int, 15, None),
-            (p, "threads", int, None, "torch CPU threads (default: torch's choice)"),
-            (d, "dataset_path", str, None, "an existing CIFAR directory (default: write random data)"),
-            (d, "data_images", int, None, "training images (default 50000 on CUDA, 2048 on CPU)"),
-            (d, "data_test_images", int, None, "test images (default: train / 5)"),
-            (d, "data_epochs", int, 2, "timed epochs per configuration"),
-            (d, "data_warmup", int, 1, "untimed warm-up epochs (compilation, cuDNN)"),
-            (d, "num_workers", int, min(8, os.cpu_count() or 1), "DataLoader workers (straightforward path; CPU)")):
+        (p, "model", str, "ResNet56_DoubleShared", None),
+        (p, "plain_model", str, None, "baseline (default: the model name without its variant)"),
+        (p, "shared_rank", int, 16, None),
+        (p, "unique_rank", int, 1, None),
+        (p, "batch_size", int, None, "training batch (default 64 on CPU, 256 on CUDA)"),
+        (p, "eval_batch_size", int, 256, None),
+        (p, "warmup", int, 3, None),
+        (p, "reps", int, 15, None),
+        (p, "threads", int, None, "torch CPU threads (default: torch's choice)"),
+        (d, "dataset_path", str, None, "an existing CIFAR directory (default: write random data)"),
+        (d, "data_images", int, None, "training images (default 50000 on CUDA, 2048 on CPU)"),
+        (d, "data_test_images", int, None, "test images (default: train / 5)"),
+        (d, "data_epochs", int, 2, "timed epochs per configuration"),
+        (d, "data_warmup", int, 1, "untimed warm-up epochs (compilation, cuDNN)"),
+        (d, "num_workers", int, min(8, os.cpu_count() or 1), "DataLoader workers (straightforward path; CPU)"),
+    ):
         g.add_argument(f"--{name}", type=kind, default=default, help=text)
-    for g, name, text in ((p, "amp", "autocast (bf16, or fp16 + GradScaler where bf16 is missing)"),
-                          (p, "channels_last", None), (p, "compile", "torch.compile the fast path"),
-                          (p, "skip_train", None), (p, "skip_eval", None),
-                          (d, "data", "time whole epochs instead of fixed-batch steps")):
+    for g, name, text in (
+        (p, "amp", "autocast (bf16, or fp16 + GradScaler where bf16 is missing)"),
+        (p, "channels_last", None),
+        (p, "compile", "torch.compile the fast path"),
+        (p, "skip_train", None),
+        (p, "skip_eval", None),
+        (d, "data", "time whole epochs instead of fixed-batch steps"),
+    ):
         g.add_argument(f"--{name}", action="store_true", help=text)
     return p
 
@@ -248,14 +290,20 @@ def main(argv=None) -> None:
     fast = Config("fast path", **{k: k in chosen for k in OPTS})
     straight = Config("straightforward (authors' form)", fused=False, batched_reg=False, gpu_pipeline=False)
     model = f"{args.dataset} {args.model} (s={args.shared_rank}, u={args.unique_rank})"
-    where = (f"device {device}{' ' + torch.cuda.get_device_name(device) if device.type == 'cuda' else ''}, "
-             f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads")
+    where = (
+        f"device {device}{' ' + torch.cuda.get_device_name(device) if device.type == 'cuda' else ''}, "
+        f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads"
+    )
     if args.data:
-        print(f"{model}; {where}, batch {args.batch_size}; fast path: fused, batched regulariser"
-              f"{''.join(' + ' + k for k in chosen)}")
+        print(
+            f"{model}; {where}, batch {args.batch_size}; fast path: fused, batched regulariser"
+            f"{''.join(' + ' + k for k in chosen)}"
+        )
         return measure_epochs(args, device, straight, fast)
-    print(f"{model} vs {args.plain_model}; {where}, train batch {args.batch_size}, eval batch {args.eval_batch_size}, "
-          f"{args.reps} interleaved rounds after {args.warmup} warm-up")
+    print(
+        f"{model} vs {args.plain_model}; {where}, train batch {args.batch_size}, eval batch {args.eval_batch_size}, "
+        f"{args.reps} interleaved rounds after {args.warmup} warm-up"
+    )
     fast = replace(fast, label="fast path (all on)")
     switches = [("fused", "one conv over [unique || shared]"), ("batched_reg", "batched regulariser")]
     switches += [(k, k) for k in chosen]
@@ -265,8 +313,12 @@ def main(argv=None) -> None:
         measure("Training step", configs, args, device, train=True)
     if not args.skip_eval:
         eval_fast = replace(fast, label="folded (models.fold)", folded=True)
-        configs = [Config("unfolded, two convs + cat", fused=False), Config(f"plain {args.plain_model}", plain=True),
-                   replace(fast, label="unfolded, fused basis conv", compile=False), eval_fast]
+        configs = [
+            Config("unfolded, two convs + cat", fused=False),
+            Config(f"plain {args.plain_model}", plain=True),
+            replace(fast, label="unfolded, fused basis conv", compile=False),
+            eval_fast,
+        ]
         configs += [replace(eval_fast, label=f"  folded without {k}", **{k: False}) for k in chosen]
         measure("Evaluation (forward only)", configs, args, device, train=False)
 

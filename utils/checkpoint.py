@@ -1,4 +1,5 @@
 """Checkpoint writing: atomic saves, the checkpoint dict, RNG state for exact resumes (reading: models.pretrained)."""
+
 from __future__ import annotations
 
 import fcntl
@@ -7,7 +8,8 @@ import io
 import json
 import os
 import random
-from typing import IO, Optional, Sequence, Union
+from collections.abc import Sequence
+from typing import IO
 
 import numpy as np
 import torch
@@ -43,16 +45,23 @@ def capture_rng_state() -> dict:
     """RNG states of torch (CPU and every CUDA device), numpy and Python ``random``, in weights_only-safe types."""
     kind, keys, pos, has_gauss, gauss = np.random.get_state()
     version, py_state, py_gauss = random.getstate()
-    state = {"torch": torch.get_rng_state(),
-             "numpy": {"kind": str(kind), "keys": torch.from_numpy(keys.astype("int64")), "pos": int(pos),
-                       "has_gauss": int(has_gauss), "gauss": float(gauss)},
-             "python": {"version": int(version), "state": [int(v) for v in py_state], "gauss": py_gauss}}
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": {
+            "kind": str(kind),
+            "keys": torch.from_numpy(keys.astype("int64")),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "gauss": float(gauss),
+        },
+        "python": {"version": int(version), "state": [int(v) for v in py_state], "gauss": py_gauss},
+    }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = [s.cpu() for s in torch.cuda.get_rng_state_all()]
     return state
 
 
-def restore_rng_state(state: Optional[dict]) -> None:
+def restore_rng_state(state: dict | None) -> None:
     """Inverse of :func:`capture_rng_state` (missing parts are left alone)."""
     state = state or {}
     if "torch" in state:
@@ -67,7 +76,7 @@ def restore_rng_state(state: Optional[dict]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(obj: dict, path: Union[str, Sequence[str]]) -> None:
+def save_checkpoint(obj: dict, path: str | Sequence[str]) -> None:
     """Atomically write ``obj`` (tensors moved to CPU) to one path or to each of several paths."""
     buffer = io.BytesIO()  # serialised once for all paths
     torch.save(_to_cpu(obj, {}), buffer)
@@ -75,13 +84,18 @@ def save_checkpoint(obj: dict, path: Union[str, Sequence[str]]) -> None:
         atomic_write_bytes(buffer.getvalue(), p)
 
 
-def make_checkpoint(model: nn.Module, optimizer: Optional[torch.optim.Optimizer], *, epoch: int, acc: float,
-                    **extra) -> dict:
+def make_checkpoint(
+    model: nn.Module, optimizer: torch.optim.Optimizer | None, *, epoch: int, acc: float, **extra
+) -> dict:
     """The checkpoint of ``model`` (unwrapped) at ``epoch`` with test top-1 ``acc`` (%); ``extra`` adds keys."""
     bare = unwrap_model(model)
-    ckpt = {"net_state_dict": bare.state_dict(),
-            "optimizer_state_dict": optimizer.state_dict() if optimizer is not None else None,
-            "acc": torch.tensor(float(acc), dtype=torch.float32), "epoch": int(epoch), "format_version": FORMAT_VERSION}
+    ckpt = {
+        "net_state_dict": bare.state_dict(),
+        "optimizer_state_dict": optimizer.state_dict() if optimizer is not None else None,
+        "acc": torch.tensor(float(acc), dtype=torch.float32),
+        "epoch": int(epoch),
+        "format_version": FORMAT_VERSION,
+    }
     cfg = getattr(bare, "cfg", None)
     if cfg is not None:
         ckpt.update(model=cfg.name, dataset=cfg.dataset, model_kwargs=dict(cfg.build_kwargs()))
@@ -99,8 +113,10 @@ def lock_run_files(out_dir: str, stem: str) -> IO:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
         handle.close()
-        raise RunError(f"another process is writing the {stem} files in {out_dir!r} (it holds .{stem}.lock); "
-                       f"wait for it to end, or pass another --output_dir") from None
+        raise RunError(
+            f"another process is writing the {stem} files in {out_dir!r} (it holds .{stem}.lock); "
+            f"wait for it to end, or pass another --output_dir"
+        ) from None
     for name in (f"{stem}.pth", f"{stem}-last.pth", f"{stem}-args.json", f"{stem}epoch*.pth"):
         for tmp in glob.glob(os.path.join(glob.escape(out_dir), f".{name}.*.tmp")):
             os.unlink(tmp)

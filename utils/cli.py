@@ -2,6 +2,7 @@
 added ones. User errors end with one stderr line ``<script>: error: ...`` and status 2 (flags) or 1, never a traceback;
 SIGINT/SIGTERM end training with one line and status 130/143. Multi-GPU: start the script with ``torchrun``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -11,7 +12,7 @@ import os
 import re
 import signal
 import sys
-from typing import Callable, Optional, Sequence
+from collections.abc import Callable, Sequence
 
 RANK_FLAGS = ("shared_rank", "unique_rank")
 _AUTHORS = dict(lr=0.1, momentum=0.9, lambdaR=10.0, unique_rank=1, batch_size=256, dataset_path="./data/")
@@ -20,18 +21,36 @@ _AUTHORS = dict(lr=0.1, momentum=0.9, lambdaR=10.0, unique_rank=1, batch_size=25
 # factor of each milestone, default x0.1 each). CIFAR-100 MobileNetV2_SharedDouble takes "*": the recipe of its
 # published number (the authors' later script never decays the LR; SPEC_v2 section 5).
 DEFAULTS = {
-    "cifar10": dict(_AUTHORS, weight_decay=5e-4, shared_rank=16, model="ResNet56_DoubleShared",
-                    recipes={"*": dict(epochs=300, milestones=[150, 225], restart=False)}),
-    "cifar100": dict(_AUTHORS, weight_decay=5e-4, shared_rank=16, model="ResNet34_SingleShared",
-                     recipes={"*": dict(epochs=300, milestones=[150, 225], restart=True)}),
+    "cifar10": dict(
+        _AUTHORS,
+        weight_decay=5e-4,
+        shared_rank=16,
+        model="ResNet56_DoubleShared",
+        recipes={"*": dict(epochs=300, milestones=[150, 225], restart=False)},
+    ),
+    "cifar100": dict(
+        _AUTHORS,
+        weight_decay=5e-4,
+        shared_rank=16,
+        model="ResNet34_SingleShared",
+        recipes={"*": dict(epochs=300, milestones=[150, 225], restart=True)},
+    ),
     # The authors schedule only the shared models (their plain runs crash); plain models take their family's here.
-    "ilsvrc": dict(_AUTHORS, weight_decay=1e-4, shared_rank=32, model="ResNet34_DoubleShared",
-                   dataset_path="/media/data/ILSVRC2012/",
-                   # HEAD's x0.5 last step; the NoECA layout takes its own time's recipe (x0.1), as MobileNetV2*
-                   recipes={"MobileNetV2_SharedDouble": dict(epochs=300, milestones=[150, 225, 285],
-                                                             gammas=[0.1, 0.1, 0.5], restart=False),
-                            "MobileNetV2*": dict(epochs=300, milestones=[150, 225, 285], restart=False),
-                            "ResNet*": dict(epochs=150, milestones=[60, 100, 140], restart=False)}),
+    "ilsvrc": dict(
+        _AUTHORS,
+        weight_decay=1e-4,
+        shared_rank=32,
+        model="ResNet34_DoubleShared",
+        dataset_path="/media/data/ILSVRC2012/",
+        # HEAD's x0.5 last step; the NoECA layout takes its own time's recipe (x0.1), as MobileNetV2*
+        recipes={
+            "MobileNetV2_SharedDouble": dict(
+                epochs=300, milestones=[150, 225, 285], gammas=[0.1, 0.1, 0.5], restart=False
+            ),
+            "MobileNetV2*": dict(epochs=300, milestones=[150, 225, 285], restart=False),
+            "ResNet*": dict(epochs=150, milestones=[60, 100, 140], restart=False),
+        },
+    ),
 }
 
 
@@ -51,14 +70,17 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescrip
         return super()._get_help_string(action)
 
 
-def _argtype(name: str, convert: Callable, ok: Callable, expected: Optional[str] = None) -> Callable[[str], object]:
+def _argtype(name: str, convert: Callable, ok: Callable, expected: str | None = None) -> Callable[[str], object]:
     """An argparse type: ``convert(text)`` where ``ok`` of it; argparse names ``name`` in "invalid <name> value"."""
+
     def parse(text: str):
         value = convert(text)
         if not ok(value):
-            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}" if expected
-                                             else f"must be a {name}, got {text}")
+            raise argparse.ArgumentTypeError(
+                f"expected {expected}, got {text!r}" if expected else f"must be a {name}, got {text}"
+            )
         return value
+
     parse.__name__ = name
     return parse
 
@@ -77,21 +99,30 @@ _visible_device = _argtype("device list", str, _VISIBLE.fullmatch, "comma-separa
 def _parser(prog: str, defaults: dict) -> argparse.ArgumentParser:
     """Flags of both the training and the evaluation scripts; ``--help`` shows the running script's docstring."""
     from models import list_models
-    p = _Parser(prog=prog, formatter_class=_HelpFormatter,
-                description=getattr(sys.modules.get("__main__"), "__doc__", None))
+
+    p = _Parser(
+        prog=prog, formatter_class=_HelpFormatter, description=getattr(sys.modules.get("__main__"), "__doc__", None)
+    )
     g = p.add_argument_group("model and data (the authors' flags)")
     g.add_argument("--model", help=f"model name, one of: {', '.join(list_models(defaults['dataset']))}")
     g.add_argument("--shared_rank", type=_rank, help="rank s of each shared filter basis (group 1)")
     g.add_argument("--unique_rank", type=_rank, help="rank u of each layer's own basis (group 1)")
     g.add_argument("--batch_size", type=_positive_int, help="batch size, train and test")
-    g.add_argument("--visible_device", type=_visible_device,
-                   help="CUDA_VISIBLE_DEVICES, e.g. 0,1,2,3 (several: DataParallel; default: the environment's or 0)")
+    g.add_argument(
+        "--visible_device",
+        type=_visible_device,
+        help="CUDA_VISIBLE_DEVICES, e.g. 0,1,2,3 (several: DataParallel; default: the environment's or 0)",
+    )
     g.add_argument("--pretrained", help="checkpoint to start from / to evaluate")
     g.add_argument("--dataset_path", help="dataset root")
     g = p.add_argument_group("added")
     g.add_argument("--device", type=_device, default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
-    g.add_argument("--num_workers", type=_nonneg_int, default=min(8, os.cpu_count() or 1),
-                   help="data-loading worker processes (the authors fixed 8)")
+    g.add_argument(
+        "--num_workers",
+        type=_nonneg_int,
+        default=min(8, os.cpu_count() or 1),
+        help="data-loading worker processes (the authors fixed 8)",
+    )
     g.add_argument("--seed", type=int, default=0, help="seed for torch, numpy, random and data order")
     g.add_argument("--amp", action="store_true", help="mixed precision: bf16 autocast where supported, else fp16")
     g.add_argument("--channels_last", action="store_true", help="NHWC memory format for model and inputs")
@@ -107,21 +138,43 @@ def _train_parser(prog: str, dataset: str) -> argparse.ArgumentParser:
     g.add_argument("--momentum", type=_nonneg_float, help="SGD momentum")
     g.add_argument("--weight_decay", type=_nonneg_float, help="weight decay (all parameters)")
     g.add_argument("--lambdaR", type=_nonneg_float, help="weight of the orthogonality regulariser")
-    g.add_argument("--starting_epoch", type=_nonneg_int, default=0,
-                   help="with --pretrained: the epoch the checkpoint ended at")
+    g.add_argument(
+        "--starting_epoch", type=_nonneg_int, default=0, help="with --pretrained: the epoch the checkpoint ended at"
+    )
     g = p.add_argument_group("added")
-    g.add_argument("--epochs", type=_positive_int,
-                   help="total epochs (default: the recipe's); LR milestones scale proportionally")
-    g.add_argument("--output_dir", default="./checkpoint",
-                   help="where best/last checkpoints, args JSON and TensorBoard logs go")
-    g.add_argument("--resume", nargs="?", const="auto", metavar="PATH",
-                   help="continue an interrupted run from its last checkpoint (or from PATH)")
-    g.add_argument("--val_split", type=_nonneg_int, default=0, metavar="N", help="choose the best checkpoint on N "
-                   "held-out training images, test it once at the end (0: choose on the test set, as the paper)")
-    g.add_argument("--save_every_minutes", type=_nonneg_float, default=30.0, metavar="N",
-                   help="also save a resumable mid-epoch -last.pth every N minutes (0: at epoch ends and on signals)")
-    g.add_argument("--sync_bn", action="store_true",
-                   help="under torchrun: BatchNorm statistics over the global batch (SyncBatchNorm)")
+    g.add_argument(
+        "--epochs", type=_positive_int, help="total epochs (default: the recipe's); LR milestones scale proportionally"
+    )
+    g.add_argument(
+        "--output_dir", default="./checkpoint", help="where best/last checkpoints, args JSON and TensorBoard logs go"
+    )
+    g.add_argument(
+        "--resume",
+        nargs="?",
+        const="auto",
+        metavar="PATH",
+        help="continue an interrupted run from its last checkpoint (or from PATH)",
+    )
+    g.add_argument(
+        "--val_split",
+        type=_nonneg_int,
+        default=0,
+        metavar="N",
+        help="choose the best checkpoint on N "
+        "held-out training images, test it once at the end (0: choose on the test set, as the paper)",
+    )
+    g.add_argument(
+        "--save_every_minutes",
+        type=_nonneg_float,
+        default=30.0,
+        metavar="N",
+        help="also save a resumable mid-epoch -last.pth every N minutes (0: at epoch ends and on signals)",
+    )
+    g.add_argument(
+        "--sync_bn",
+        action="store_true",
+        help="under torchrun: BatchNorm statistics over the global batch (SyncBatchNorm)",
+    )
     return p
 
 
@@ -131,17 +184,21 @@ def _eval_parser(prog: str, dataset: str) -> argparse.ArgumentParser:
     fallback = {k: DEFAULTS[dataset][k] for k in ("model", *RANK_FLAGS)}
     p.set_defaults(model=None, shared_rank=None, unique_rank=None, fallback=fallback)
     g = p.add_argument_group("added (evaluation)")
-    g.add_argument("--no_fold", action="store_true",
-                   help="evaluate the factorised model as trained, not its folded form (models.fold: same outputs)")
+    g.add_argument(
+        "--no_fold",
+        action="store_true",
+        help="evaluate the factorised model as trained, not its folded form (models.fold: same outputs)",
+    )
     for action in p._actions:
         if action.dest in fallback:
             action.help = f"{action.help} (default: what the checkpoint records, else {fallback[action.dest]})"
     return p
 
 
-def _check_model(parser: argparse.ArgumentParser, dataset: str, name: Optional[str]) -> Optional[str]:
+def _check_model(parser: argparse.ArgumentParser, dataset: str, name: str | None) -> str | None:
     """The registered spelling of ``--model`` (the authors' README writes ``ResNet56-DoubleShared``), or exit."""
     from models import canonical_name, list_models, unknown_model
+
     if name is not None and canonical_name(name) not in list_models(dataset):
         parser.error(unknown_model(name, dataset).replace("unknown model", "unknown --model", 1))
     return canonical_name(name) if name is not None else None
@@ -164,14 +221,16 @@ def _resolve_visible_device(args: argparse.Namespace) -> None:
     os.environ["CUDA_VISIBLE_DEVICES"] = args.visible_device
 
 
-def parse_train_args(dataset: str, argv: Optional[Sequence[str]] = None, prog: Optional[str] = None):
+def parse_train_args(dataset: str, argv: Sequence[str] | None = None, prog: str | None = None):
     """Parse and validate a training command line for ``dataset`` (defaults and recipe from :data:`DEFAULTS`)."""
     parser = _train_parser(prog or os.path.basename(sys.argv[0]), dataset)
     args = parser.parse_args(argv)
     args.model = _check_model(parser, args.dataset, args.model)
     if args.resume is not None and args.pretrained is not None:
-        parser.error("--resume and --pretrained are exclusive (--resume continues this run; --pretrained starts "
-                     "from another checkpoint)")
+        parser.error(
+            "--resume and --pretrained are exclusive (--resume continues this run; --pretrained starts "
+            "from another checkpoint)"
+        )
     recipes = vars(args).pop("recipes")
     recipe = next((dict(r) for glob, r in recipes.items() if fnmatch.fnmatch(args.model, glob)), None)
     if recipe is None:
@@ -186,7 +245,7 @@ def parse_train_args(dataset: str, argv: Optional[Sequence[str]] = None, prog: O
     return args
 
 
-def parse_eval_args(dataset: str, argv: Optional[Sequence[str]] = None, prog: Optional[str] = None):
+def parse_eval_args(dataset: str, argv: Sequence[str] | None = None, prog: str | None = None):
     """Parse and validate an evaluation command line (``--pretrained`` is required)."""
     parser = _eval_parser(prog or os.path.basename(sys.argv[0]), dataset)
     args = parser.parse_args(argv)
@@ -197,7 +256,7 @@ def parse_eval_args(dataset: str, argv: Optional[Sequence[str]] = None, prog: Op
     return args
 
 
-def run(main: Callable, args, prog: Optional[str] = None, exiting: bool = False) -> int:
+def run(main: Callable, args, prog: str | None = None, exiting: bool = False) -> int:
     """Call ``main(args)``: a user error is one stderr line and status 1, an interrupt one line and 130/143
     (``exiting``: the process ends after, so later signals are ignored)."""
     from models.pretrained import CheckpointError
@@ -218,8 +277,9 @@ def run(main: Callable, args, prog: Optional[str] = None, exiting: bool = False)
         return 1
     except KeyboardInterrupt as e:
         sys.stdout.flush()
-        message = getattr(e, "message", "") or ("interrupted (the last completed epoch, if any, is in the -last.pth "
-                                                "checkpoint; rerun with --resume)")
+        message = getattr(e, "message", "") or (
+            "interrupted (the last completed epoch, if any, is in the -last.pth checkpoint; rerun with --resume)"
+        )
         sys.stderr.write(f"{tag}{_one_line(message)}\n")
         if exiting:  # the process ends now: a further Ctrl-C would only interrupt the workers' shutdown
             for sig in (signal.SIGINT, signal.SIGTERM):
@@ -235,15 +295,17 @@ def _one_line(e) -> str:
     return " ".join(text.split("\n")).strip()
 
 
-def train_main(dataset: str, argv: Optional[Sequence[str]] = None) -> int:
+def train_main(dataset: str, argv: Sequence[str] | None = None) -> int:
     """Entry point of the training scripts."""
     args = parse_train_args(dataset, argv)
     from utils.train import fit
+
     return run(fit, args, exiting=argv is None)
 
 
-def eval_main(dataset: str, argv: Optional[Sequence[str]] = None) -> int:
+def eval_main(dataset: str, argv: Sequence[str] | None = None) -> int:
     """Entry point of the evaluation scripts."""
     args = parse_eval_args(dataset, argv)
     from utils.evaluate import evaluate_checkpoint
+
     return run(evaluate_checkpoint, args, exiting=argv is None)

@@ -2,6 +2,7 @@
 
 Order and augmentation are functions of ``(seed, epoch, sample index)`` alone, so batches do not depend on the
 number of workers and a run resumed at any step sees the batches an uninterrupted run sees."""
+
 from __future__ import annotations
 
 import collections
@@ -12,7 +13,6 @@ import os
 import pickle
 import signal
 import sys
-from typing import Optional, Tuple, Union
 
 import numpy as np
 import torch
@@ -22,18 +22,21 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset, ge
 from models.pretrained import error_line
 from models.registry import DATASETS, NUM_CLASSES
 
-PathLike = Union[str, os.PathLike]
+PathLike = str | os.PathLike
 
 MEAN_STD = {  # of ToTensor()-scaled images; cifar10 uses ImageNet's, as its published checkpoints need (SPEC 10.1)
     "cifar10": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
     "cifar100": ((0.507, 0.487, 0.441), (0.267, 0.256, 0.276)),
     "ilsvrc": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
 }
-CIFAR_URLS = {"cifar10": "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",
-              "cifar100": "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz"}
+CIFAR_URLS = {
+    "cifar10": "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",
+    "cifar100": "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz",
+}
 _CIFAR_LAYOUT = {  # dataset: (directory, train files, test files, label key)
     "cifar10": ("cifar-10-batches-py", tuple(f"data_batch_{i}" for i in range(1, 6)), ("test_batch",), "labels"),
-    "cifar100": ("cifar-100-python", ("train",), ("test",), "fine_labels")}
+    "cifar100": ("cifar-100-python", ("train",), ("test",), "fine_labels"),
+}
 VAL_SPLIT_SEED = 20240229  # seed of the --val_split hold-out: independent of --seed, recorded in the checkpoints
 
 
@@ -52,9 +55,18 @@ def mix_seed(*parts: int) -> int:
 
 class _CifarUnpickler(pickle.Unpickler):
     """Rebuilds numpy arrays only (torchvision's reader unpickles anything and insists on the official md5)."""
-    _ALLOWED = {(f"numpy.{c}.{m}", n) for c in ("core", "_core") for m, n in (
-        ("multiarray", "_reconstruct"), ("multiarray", "scalar"), ("numeric", "_frombuffer"))} | {("numpy", "ndarray"),
-        ("numpy", "dtype"), ("_codecs", "encode"), ("builtins", "bytearray"), ("builtins", "bytes")}
+
+    _ALLOWED = {
+        (f"numpy.{c}.{m}", n)
+        for c in ("core", "_core")
+        for m, n in (("multiarray", "_reconstruct"), ("multiarray", "scalar"), ("numeric", "_frombuffer"))
+    } | {
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+        ("_codecs", "encode"),
+        ("builtins", "bytearray"),
+        ("builtins", "bytes"),
+    }
     _PY2_NAMES = {"__builtin__": "builtins", "copy_reg": "copyreg"}  # protocol-2 pickles name python-2 modules
 
     def find_class(self, module: str, name: str):
@@ -64,10 +76,12 @@ class _CifarUnpickler(pickle.Unpickler):
         return super().find_class(module, name)
 
 
-def _read_cifar_file(path: str, label_key: str, num_classes: int) -> Tuple[np.ndarray, np.ndarray]:
+def _read_cifar_file(path: str, label_key: str, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
     """One pickle batch -> (uint8 [N, 3072] CHW rows, int64 [N] labels); DatasetError naming the file."""
+
     def bad(what: str) -> DatasetError:
         return DatasetError(f"CIFAR file {path!r}{what}; replace it with the file from the official archive")
+
     try:
         with open(path, "rb") as f:
             obj = _CifarUnpickler(f, encoding="latin1").load()
@@ -80,26 +94,34 @@ def _read_cifar_file(path: str, label_key: str, num_classes: int) -> Tuple[np.nd
     if missing:
         raise bad(f" lacks key {missing[0]!r} (has {sorted(map(str, obj))}), as the other CIFAR dataset's would")
     data, labels = np.asarray(obj["data"]), np.asarray(obj[label_key])
-    if data.ndim != 2 or data.shape[1] != 3072 or not np.issubdtype(data.dtype, np.integer) or (
-            data.size and (data.min() < 0 or data.max() > 255)):
+    if (
+        data.ndim != 2
+        or data.shape[1] != 3072
+        or not np.issubdtype(data.dtype, np.integer)
+        or (data.size and (data.min() < 0 or data.max() > 255))
+    ):
         raise bad(f": 'data' is {data.dtype} {tuple(data.shape)}, expected uint8 [N, 3072]")
-    if labels.shape != data.shape[:1] or not (labels.size == 0 or np.issubdtype(labels.dtype, np.integer)) or (
-            labels.size and (labels.min() < 0 or labels.max() >= num_classes)):
+    if (
+        labels.shape != data.shape[:1]
+        or not (labels.size == 0 or np.issubdtype(labels.dtype, np.integer))
+        or (labels.size and (labels.min() < 0 or labels.max() >= num_classes))
+    ):
         raise bad(f": {label_key!r} is not {data.shape[0]} labels in 0..{num_classes - 1}")
     return data.astype(np.uint8), labels.astype(np.int64)
 
 
-def _try_download(root: str, dataset: str) -> Optional[str]:
+def _try_download(root: str, dataset: str) -> str | None:
     """Fetch the official archive with torchvision; None on success, else why it failed."""
     try:
         import torchvision
+
         getattr(torchvision.datasets, dataset.upper())(root, train=True, download=True)  # CIFAR10 or CIFAR100
         return None
     except Exception as e:  # noqa: BLE001  (no network, disk full, md5 of the download)
         return error_line(e)
 
 
-def load_cifar(root: PathLike, dataset: str, train: bool, *, download: bool = True) -> Tuple[torch.Tensor, ...]:
+def load_cifar(root: PathLike, dataset: str, train: bool, *, download: bool = True) -> tuple[torch.Tensor, ...]:
     """``(uint8 [N, 32, 32, 3] HWC images, int64 [N] labels)`` of one split; downloads once if no file exists."""
     if dataset not in _CIFAR_LAYOUT:
         raise ValueError(f"load_cifar: dataset must be 'cifar10' or 'cifar100', got {dataset!r}")
@@ -111,9 +133,11 @@ def load_cifar(root: PathLike, dataset: str, train: bool, *, download: bool = Tr
     missing = [p for p in paths if not os.path.isfile(p)]
     if missing:
         how = f"automatic download failed ({reason}); " if reason else ""
-        raise DatasetError(f"{dataset} file {missing[0]!r} not found: put the python-pickle files "
-                           f"{', '.join(train_files + test_files)} in {base + os.sep!r} ({how}download "
-                           f"{CIFAR_URLS[dataset]} and extract it into {root!r})")
+        raise DatasetError(
+            f"{dataset} file {missing[0]!r} not found: put the python-pickle files "
+            f"{', '.join(train_files + test_files)} in {base + os.sep!r} ({how}download "
+            f"{CIFAR_URLS[dataset]} and extract it into {root!r})"
+        )
     parts = [_read_cifar_file(p, label_key, NUM_CLASSES[dataset]) for p in paths]
     data, labels = np.concatenate([d for d, _ in parts]), np.concatenate([lab for _, lab in parts])
     if not len(labels):  # found before anything is written or trained
@@ -138,6 +162,7 @@ class CifarDataset(Dataset):
 def cifar_transforms(dataset: str, train: bool):
     """The reference's CIFAR transforms: RandomCrop(32, padding=4) + flip for training, then ToTensor + Normalize."""
     import torchvision.transforms as T
+
     ops = [T.RandomCrop(32, padding=4), T.RandomHorizontalFlip()] if train else []
     return T.Compose(ops + [T.ToTensor(), T.Normalize(*MEAN_STD[dataset])])
 
@@ -145,6 +170,7 @@ def cifar_transforms(dataset: str, train: bool):
 def imagenet_transforms(train: bool):
     """The reference's ILSVRC transforms: RandomResizedCrop(224) + flip, or Resize(256) + CenterCrop(224)."""
     import torchvision.transforms as T
+
     ops = [T.RandomResizedCrop(224), T.RandomHorizontalFlip()] if train else [T.Resize(256), T.CenterCrop(224)]
     return T.Compose(ops + [T.ToTensor(), T.Normalize(*MEAN_STD["ilsvrc"])])
 
@@ -201,8 +227,14 @@ def _eval_loader(dataset: Dataset, batch_size: int, workers: int, pin: bool, ran
         whole = len(dataset)
         dataset = Subset(dataset, range(rank, whole, world))
         dataset.whole = whole
-    return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers, pin_memory=pin,
-                      worker_init_fn=_worker_signals)
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=workers,
+        pin_memory=pin,
+        worker_init_fn=_worker_signals,
+    )
 
 
 def images_in(loader) -> int:
@@ -210,7 +242,7 @@ def images_in(loader) -> int:
     return getattr(loader.dataset, "whole", len(loader.dataset))
 
 
-def val_split_indices(n: int, n_val: int, seed: int = VAL_SPLIT_SEED) -> Tuple[torch.Tensor, torch.Tensor]:
+def val_split_indices(n: int, n_val: int, seed: int = VAL_SPLIT_SEED) -> tuple[torch.Tensor, torch.Tensor]:
     """``(train_indices, val_indices)``: a random ``n_val`` of ``range(n)`` (a function of ``seed`` only), sorted."""
     if n_val >= n:
         raise DatasetError(f"--val_split={n_val} would hold out all {n} training images; use fewer than {n}")
@@ -227,38 +259,47 @@ def _read_image(path: str):
         with open(path, "rb") as f:
             return Image.open(f).convert("RGB")
     except (OSError, SyntaxError, ValueError) as e:  # PIL's errors for unreadable, truncated, unknown formats
-        raise DatasetError(f"image {path!r} cannot be read ({error_line(e)}); replace or remove "
-                           f"it") from None
+        raise DatasetError(f"image {path!r} cannot be read ({error_line(e)}); replace or remove it") from None
 
 
 def _imagefolder(root: PathLike, train: bool):
     from torchvision.datasets import ImageFolder
+
     split = "train" if train else "val"
     path = os.path.join(os.fspath(root), split)
     if not os.path.isdir(path):
-        raise DatasetError(f"ILSVRC directory {path!r} not found: expected {split}/<class>/<image> folders under "
-                           f"{os.fspath(root)!r} (pass the directory holding train/ and val/ as --dataset_path)")
+        raise DatasetError(
+            f"ILSVRC directory {path!r} not found: expected {split}/<class>/<image> folders under "
+            f"{os.fspath(root)!r} (pass the directory holding train/ and val/ as --dataset_path)"
+        )
     try:
         return ImageFolder(path, transform=imagenet_transforms(train), loader=_read_image)
     except (FileNotFoundError, RuntimeError) as e:  # no class folders / no image files
-        raise DatasetError(f"ILSVRC directory {path!r} holds no images in class folders ({error_line(e)}); expected "
-                           f"{split}/<class>/<image>.JPEG (sort the official flat val archive into class folders "
-                           f"first)") from None
+        raise DatasetError(
+            f"ILSVRC directory {path!r} holds no images in class folders ({error_line(e)}); expected "
+            f"{split}/<class>/<image>.JPEG (sort the official flat val archive into class folders "
+            f"first)"
+        ) from None
 
 
 def _datasets(dataset: str, root: PathLike, train: bool, val_split: int, split_seed: int, download: bool):
     """``(train, val, test)`` datasets (CIFAR: ``(images, labels)`` tensor pairs), None for the parts not asked for."""
     ilsvrc = dataset == "ilsvrc"
-    read = functools.partial(_imagefolder, root) if ilsvrc else functools.partial(load_cifar, root, dataset,
-                                                                                   download=download)
+    read = (
+        functools.partial(_imagefolder, root)
+        if ilsvrc
+        else functools.partial(load_cifar, root, dataset, download=download)
+    )
     test = read(train=False)
     if not train:
         return None, None, test
     train_set = read(train=True)
     if ilsvrc and train_set.classes != test.classes:
-        raise DatasetError(f"ILSVRC train/ has {len(train_set.classes)} class folders and val/ has "
-                           f"{len(test.classes)} (or other names) under {os.fspath(root)!r}: give both the same "
-                           f"class folders")
+        raise DatasetError(
+            f"ILSVRC train/ has {len(train_set.classes)} class folders and val/ has "
+            f"{len(test.classes)} (or other names) under {os.fspath(root)!r}: give both the same "
+            f"class folders"
+        )
     if not val_split:
         return train_set, None, test
     train_idx, val_idx = val_split_indices(len(train_set) if ilsvrc else len(train_set[1]), val_split, split_seed)
@@ -269,10 +310,23 @@ def _datasets(dataset: str, root: PathLike, train: bool, val_split: int, split_s
     return Subset(train_set, train_idx.tolist()), Subset(held_out, val_idx.tolist()), test
 
 
-def build_loaders(dataset: str, dataset_path: PathLike, batch_size: int, *, num_workers: int = 4,
-                  device: Union[str, torch.device] = "cpu", seed: int = 0, gpu_pipeline: Optional[bool] = None,
-                  channels_last: bool = False, train: bool = True, download: bool = True, val_split: int = 0,
-                  split_seed: int = VAL_SPLIT_SEED, rank: int = 0, world_size: int = 1) -> Loaders:
+def build_loaders(
+    dataset: str,
+    dataset_path: PathLike,
+    batch_size: int,
+    *,
+    num_workers: int = 4,
+    device: str | torch.device = "cpu",
+    seed: int = 0,
+    gpu_pipeline: bool | None = None,
+    channels_last: bool = False,
+    train: bool = True,
+    download: bool = True,
+    val_split: int = 0,
+    split_seed: int = VAL_SPLIT_SEED,
+    rank: int = 0,
+    world_size: int = 1,
+) -> Loaders:
     """The loaders of one dataset, as the scripts use them; each yields ``(x, y)``, training ones have set_epoch.
     ``batch_size`` is per process; ``device`` selects pin_memory and, for CIFAR with ``gpu_pipeline`` None, the
     GPU-resident pipeline on CUDA; ``train=False`` reads no training files; ``val_split`` holds out that many
@@ -290,16 +344,32 @@ def build_loaders(dataset: str, dataset_path: PathLike, batch_size: int, *, num_
             return None
         if on_gpu:
             from utils.gpu_loader import GpuCifarLoader
-            return GpuCifarLoader(*part, batch_size, mean=MEAN_STD[dataset][0], std=MEAN_STD[dataset][1],
-                                  train=augment, device=device, seed=seed, channels_last=channels_last,
-                                  rank=rank, world_size=world_size)
+
+            return GpuCifarLoader(
+                *part,
+                batch_size,
+                mean=MEAN_STD[dataset][0],
+                std=MEAN_STD[dataset][1],
+                train=augment,
+                device=device,
+                seed=seed,
+                channels_last=channels_last,
+                rank=rank,
+                world_size=world_size,
+            )
         if dataset != "ilsvrc":
             part = CifarDataset(*part, cifar_transforms(dataset, augment))
         if not augment:
             return _eval_loader(part, batch_size, num_workers, device.type == "cuda", rank, world_size)
-        return TrainLoader(SeededSamples(part, seed), batch_size=batch_size, num_workers=num_workers,
-                           pin_memory=device.type == "cuda", persistent_workers=num_workers > 0,
-                           sampler=EpochSampler(part, seed=seed, rank=rank, world_size=world_size),
-                           worker_init_fn=_worker_signals)
+        return TrainLoader(
+            SeededSamples(part, seed),
+            batch_size=batch_size,
+            num_workers=num_workers,
+            pin_memory=device.type == "cuda",
+            persistent_workers=num_workers > 0,
+            sampler=EpochSampler(part, seed=seed, rank=rank, world_size=world_size),
+            worker_init_fn=_worker_signals,
+        )
+
     classes = len(parts[2].classes) if dataset == "ilsvrc" else NUM_CLASSES[dataset]
     return Loaders(make(parts[0], True), make(parts[1], False), make(parts[2], False), classes)

@@ -1,15 +1,17 @@
 """torchrun support: join the process group from the environment, rank helpers, reductions of metric tensors.
 
 Without torchrun (or with ``WORLD_SIZE=1``) every function is the identity. Backend: NCCL on CUDA, gloo on CPU."""
+
 from __future__ import annotations
 
 import contextlib
 import os
 import sys
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any, Callable, Optional
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -40,7 +42,7 @@ class DistInfo:
 _INFO = DistInfo()
 
 
-def _env_int(name: str) -> Optional[int]:
+def _env_int(name: str) -> int | None:
     text = os.environ.get(name, "")
     try:
         return int(text) if text else None
@@ -61,25 +63,40 @@ def init_from_env(device_type: str, timeout_s: float = 1800.0) -> DistInfo:
         return _INFO
     rank, local_rank = _env_int("RANK"), _env_int("LOCAL_RANK")
     if rank is None or local_rank is None or not 0 <= rank < world:
-        raise DistError(f"WORLD_SIZE={world} but RANK/LOCAL_RANK are missing or out of range: start multi-process "
-                        f"runs with torchrun")
+        raise DistError(
+            f"WORLD_SIZE={world} but RANK/LOCAL_RANK are missing or out of range: start multi-process "
+            f"runs with torchrun"
+        )
     kwargs = {}
     if device_type == "cuda":
         if local_rank >= torch.cuda.device_count():
-            raise DistError(f"LOCAL_RANK={local_rank} but this node sees only {torch.cuda.device_count()} CUDA "
-                            f"device(s): start at most that many processes per node (--nproc_per_node)")
+            raise DistError(
+                f"LOCAL_RANK={local_rank} but this node sees only {torch.cuda.device_count()} CUDA "
+                f"device(s): start at most that many processes per node (--nproc_per_node)"
+            )
         torch.cuda.set_device(local_rank)
         kwargs["device_id"] = torch.device("cuda", local_rank)
     where = f"{os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')}"
-    waiting = threading.Timer(10.0, lambda: print(  # said only when the peers are late, by every rank that waits
-        f"rank {rank}: waiting for the other {world - 1} process(es) of WORLD_SIZE={world} at {where} (gives up "
-        f"after {timeout_s:.0f} s; start every rank with torchrun)", file=sys.stderr, flush=True))
+    waiting = threading.Timer(
+        10.0,
+        lambda: print(  # said only when the peers are late, by every rank that waits
+            f"rank {rank}: waiting for the other {world - 1} process(es) of WORLD_SIZE={world} at {where} (gives up "
+            f"after {timeout_s:.0f} s; start every rank with torchrun)",
+            file=sys.stderr,
+            flush=True,
+        ),
+    )
     waiting.daemon = True
     waiting.start()
     try:
         if not dist.is_initialized():
-            dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo", rank=rank, world_size=world,
-                                    timeout=timedelta(seconds=timeout_s), **kwargs)
+            dist.init_process_group(
+                backend="nccl" if device_type == "cuda" else "gloo",
+                rank=rank,
+                world_size=world,
+                timeout=timedelta(seconds=timeout_s),
+                **kwargs,
+            )
     finally:
         waiting.cancel()
     _INFO = DistInfo(rank=rank, world_size=world, local_rank=local_rank)
@@ -148,6 +165,7 @@ def all_gather_object(obj: Any) -> list:
 def convert_sync_batchnorm(model: nn.Module, device: torch.device) -> nn.Module:
     """``--sync_bn``: torch's converter keeps the parameter tensors, and aliased (shared) convs stay one module."""
     if torch.device(device).type not in SYNC_BN_DEVICES:
-        raise DistError(f"--sync_bn needs CUDA devices (torch's SyncBatchNorm does not run on {device}); "
-                        f"drop --sync_bn")
+        raise DistError(
+            f"--sync_bn needs CUDA devices (torch's SyncBatchNorm does not run on {device}); drop --sync_bn"
+        )
     return nn.SyncBatchNorm.convert_sync_batchnorm(model)

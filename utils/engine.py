@@ -1,4 +1,5 @@
 """Training and evaluation passes and how the model is run; counters stay on the device, read every check_every."""
+
 from __future__ import annotations
 
 import contextlib
@@ -10,8 +11,8 @@ import signal
 import sys
 import time
 import weakref
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Callable, Iterator, Optional
 
 import numpy as np
 import torch
@@ -34,6 +35,7 @@ class NonFiniteLoss(RunError):
 
 class Interrupted(KeyboardInterrupt):
     """SIGINT/SIGTERM; ``exit_code`` is the shell's ``128 + signal``, ``message`` says what is on disk."""
+
     def __init__(self, signum: int, message: str = ""):
         super().__init__(message)
         self.signum, self.message, self.exit_code = int(signum), message, 128 + int(signum)
@@ -41,8 +43,9 @@ class Interrupted(KeyboardInterrupt):
 
 class StopSignals:
     """First SIGINT/SIGTERM sets :attr:`signum` (stop at the next step); a second raises :class:`Interrupted`."""
+
     def __init__(self) -> None:
-        self.signum: Optional[int] = None
+        self.signum: int | None = None
         self.ending = False  # set while the run winds down: a further signal is the same stop, not a traceback
 
     def _handle(self, signum, frame) -> None:
@@ -53,7 +56,7 @@ class StopSignals:
     def __call__(self) -> bool:
         return self.signum is not None
 
-    def __enter__(self) -> "StopSignals":
+    def __enter__(self) -> StopSignals:
         self._previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGINT, signal.SIGTERM)}
         return self
 
@@ -66,6 +69,7 @@ class StopSignals:
 class Schedule:
     """Step LR: ``lr * gamma**#{m: epoch > m}``, or with ``gammas`` the product of the factors of the steps passed
     (ILSVRC MobileNetV2_SharedDouble's last step is x0.5); ``restart`` begins a stage from the best weights afresh."""
+
     lr: float
     milestones: tuple
     epochs: int
@@ -74,28 +78,35 @@ class Schedule:
     gammas: tuple = ()  # one factor per milestone; empty: gamma at every one
 
     @classmethod
-    def from_recipe(cls, lr: float, recipe: dict, epochs: Optional[int] = None) -> "Schedule":
+    def from_recipe(cls, lr: float, recipe: dict, epochs: int | None = None) -> Schedule:
         total = int(recipe["recipe_epochs"])
         epochs = total if epochs is None else int(epochs)
-        return cls(float(lr), tuple(max(1, int(m) * epochs // total) for m in recipe["milestones"]), epochs,
-                   bool(recipe.get("restart", False)), float(recipe.get("gamma", 0.1)),
-                   tuple(float(g) for g in recipe.get("gammas", ())))
+        return cls(
+            float(lr),
+            tuple(max(1, int(m) * epochs // total) for m in recipe["milestones"]),
+            epochs,
+            bool(recipe.get("restart", False)),
+            float(recipe.get("gamma", 0.1)),
+            tuple(float(g) for g in recipe.get("gammas", ())),
+        )
 
     def stage(self, epoch: int) -> int:
         return sum(epoch > m for m in self.milestones) if epoch > 0 else 0
 
     def lr_at(self, epoch: int) -> float:
         if self.gammas:
-            return self.lr * math.prod(self.gammas[:self.stage(epoch)])
+            return self.lr * math.prod(self.gammas[: self.stage(epoch)])
         return self.lr * self.gamma ** self.stage(epoch)
 
 
 def json_line(record: dict) -> str:
     """Strict JSON on one line: a non-finite number (a diverged run) becomes null."""
+
     def clean(v):
         if isinstance(v, float) and not math.isfinite(v):
             return None
         return {k: clean(x) for k, x in v.items()} if isinstance(v, dict) else v
+
     return json.dumps(clean(record), allow_nan=False)
 
 
@@ -107,7 +118,7 @@ def warn(message: str) -> None:
 
 def seed_everything(seed: int) -> None:
     random.seed(seed)
-    np.random.seed(seed % 2 ** 32)
+    np.random.seed(seed % 2**32)
     torch.manual_seed(seed)  # every CUDA device too
 
 
@@ -116,8 +127,10 @@ def resolve_device(name: str) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
     if device.type == "cuda" and (not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()):
-        raise RunError(f"--device={name}, but {torch.cuda.device_count()} CUDA device(s) are visible "
-                       f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', '')!r}); use --device=cpu")
+        raise RunError(
+            f"--device={name}, but {torch.cuda.device_count()} CUDA device(s) are visible "
+            f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', '')!r}); use --device=cpu"
+        )
     return device
 
 
@@ -128,11 +141,12 @@ def progress_enabled() -> bool:
 @dataclass
 class Precision:
     """Autocast dtype (None = the model's own dtype) and the GradScaler fp16 needs."""
-    dtype: Optional[torch.dtype] = None
-    scaler: Optional[torch.amp.GradScaler] = None
+
+    dtype: torch.dtype | None = None
+    scaler: torch.amp.GradScaler | None = None
 
     @classmethod
-    def make(cls, amp: bool, device: torch.device) -> "Precision":
+    def make(cls, amp: bool, device: torch.device) -> Precision:
         if not amp:
             return cls()
         if device.type == "cuda":
@@ -148,6 +162,7 @@ class Precision:
 
 class Autocast(nn.Module):
     """Autocast inside forward, so DataParallel's replica threads (which do not inherit it) use the run's dtype."""
+
     def __init__(self, module: nn.Module, device_type: str, dtype: torch.dtype):
         super().__init__()
         self.module, self.device_type, self.dtype = module, device_type, dtype
@@ -157,8 +172,15 @@ class Autocast(nn.Module):
             return self.module(x)
 
 
-def wrap_model(model: nn.Module, device: torch.device, precision: Precision, *, compile: bool = False,
-               ddp: bool = False, data_parallel: bool = True) -> Callable:
+def wrap_model(
+    model: nn.Module,
+    device: torch.device,
+    precision: Precision,
+    *,
+    compile: bool = False,
+    ddp: bool = False,
+    data_parallel: bool = True,
+) -> Callable:
     """Autocast, then DDP (torchrun) or DataParallel (several GPUs), then compile; checkpoints store ``model``."""
     net = Autocast(model, device.type, precision.dtype) if precision.dtype is not None else model
     if ddp:
@@ -188,8 +210,13 @@ class CompiledOrEager:
         return self.eager(x)
 
 
-def _count(counts: torch.Tensor, logits: torch.Tensor, y: torch.Tensor, ce_sum: torch.Tensor,
-           reg_sum: Optional[torch.Tensor] = None) -> None:
+def _count(
+    counts: torch.Tensor,
+    logits: torch.Tensor,
+    y: torch.Tensor,
+    ce_sum: torch.Tensor,
+    reg_sum: torch.Tensor | None = None,
+) -> None:
     """Adds to ``[CE sum, R sum, top-1 hits, top-5 hits, images]`` on the device, so that no step waits for a sync."""
     hits = logits.topk(min(5, logits.shape[1]), dim=1).indices.eq(y.unsqueeze(1))
     counts[0] += ce_sum
@@ -199,8 +226,8 @@ def _count(counts: torch.Tensor, logits: torch.Tensor, y: torch.Tensor, ce_sum: 
     counts[4] += y.shape[0]
 
 
-_WORKERS: "weakref.WeakSet" = weakref.WeakSet()  # DataLoader iterators of passes that may not have ended
-_BARS: "weakref.WeakSet" = weakref.WeakSet()  # their progress bars
+_WORKERS: weakref.WeakSet = weakref.WeakSet()  # DataLoader iterators of passes that may not have ended
+_BARS: weakref.WeakSet = weakref.WeakSet()  # their progress bars
 
 
 def end_passes() -> None:
@@ -218,6 +245,7 @@ def progress_bar(loader, desc: str, progress: bool):
     if not progress:
         return None
     from tqdm import tqdm
+
     bar = tqdm(total=len(loader), desc=desc, leave=False, dynamic_ncols=True, file=sys.stderr)
     _BARS.add(bar)
     return bar
@@ -227,6 +255,7 @@ def say(text: str) -> None:
     """Print a line on stdout above the open progress bars (tqdm redraws them below it)."""
     if len(_BARS):
         from tqdm import tqdm
+
         tqdm.write(text, file=sys.stdout)
     else:
         print(text)
@@ -254,17 +283,29 @@ def _stats(counts: torch.Tensor, seconds: float, has_reg: bool, what: str) -> di
     return pass_stats(totals, seconds, has_reg)
 
 
-def _ce(logits: torch.Tensor, y: torch.Tensor, precision: "Precision", **kw) -> torch.Tensor:
+def _ce(logits: torch.Tensor, y: torch.Tensor, precision: Precision, **kw) -> torch.Tensor:
     """In the model's own dtype (float64 stays float64); from fp32 logits under autocast."""
     return F.cross_entropy(logits.float() if precision.dtype is not None else logits, y, **kw)
 
 
-def train_one_epoch(net: Callable, model: nn.Module, loader, optimizer: torch.optim.Optimizer, *,
-                    device: torch.device, regularizer: Optional[Callable[[], torch.Tensor]] = None,
-                    lambda_r: float = 0.0, precision: Optional[Precision] = None, channels_last: bool = False,
-                    stop: Callable[[], bool] = lambda: False, print_first: bool = True, progress: bool = False,
-                    desc: str = "train", check_every: int = 50,
-                    on_check: Optional[Callable[[int, float, Optional[float]], None]] = None) -> dict:
+def train_one_epoch(
+    net: Callable,
+    model: nn.Module,
+    loader,
+    optimizer: torch.optim.Optimizer,
+    *,
+    device: torch.device,
+    regularizer: Callable[[], torch.Tensor] | None = None,
+    lambda_r: float = 0.0,
+    precision: Precision | None = None,
+    channels_last: bool = False,
+    stop: Callable[[], bool] = lambda: False,
+    print_first: bool = True,
+    progress: bool = False,
+    desc: str = "train",
+    check_every: int = 50,
+    on_check: Callable[[int, float, float | None], None] | None = None,
+) -> dict:
     """One pass of CE + ``lambda_r`` * R (R identical on every rank, so DDP counts its gradient once) until ``stop()``.
 
     Every ``check_every`` steps (when the pass syncs anyway) ``on_check(step, loss, R)`` is called; the bar shows the
@@ -312,7 +353,7 @@ def train_one_epoch(net: Callable, model: nn.Module, loader, optimizer: torch.op
     return dict(stats, steps=step, stopped=stopped)
 
 
-def _show(bar, on_check: Optional[Callable], step: int, loss: torch.Tensor, reg: Optional[torch.Tensor]) -> None:
+def _show(bar, on_check: Callable | None, step: int, loss: torch.Tensor, reg: torch.Tensor | None) -> None:
     if bar is None and on_check is None:
         return
     values = (loss.item(), None if reg is None else reg.item())
@@ -325,14 +366,30 @@ def _show(bar, on_check: Optional[Callable], step: int, loss: torch.Tensor, reg:
 def pass_stats(totals: list, seconds: float, has_reg: bool) -> dict:
     """Means from ``[CE sum, R sum, top-1 hits, top-5 hits, images]`` (kept too, to merge parts of an epoch)."""
     loss_sum, reg_sum, c1, c5, n = totals
-    return {"loss": loss_sum / n, "reg": reg_sum / n if has_reg else None, "top1": 100.0 * c1 / n,
-            "top5": 100.0 * c5 / n, "images": int(n), "seconds": seconds, "img_per_s": n / max(seconds, 1e-9),
-            "totals": list(totals)}
+    return {
+        "loss": loss_sum / n,
+        "reg": reg_sum / n if has_reg else None,
+        "top1": 100.0 * c1 / n,
+        "top5": 100.0 * c5 / n,
+        "images": int(n),
+        "seconds": seconds,
+        "img_per_s": n / max(seconds, 1e-9),
+        "totals": list(totals),
+    }
 
 
 @torch.no_grad()
-def evaluate(net: Callable, model: nn.Module, loader, *, device: torch.device, precision: Optional[Precision] = None,
-             channels_last: bool = False, progress: bool = False, desc: str = "test") -> dict:
+def evaluate(
+    net: Callable,
+    model: nn.Module,
+    loader,
+    *,
+    device: torch.device,
+    precision: Precision | None = None,
+    channels_last: bool = False,
+    progress: bool = False,
+    desc: str = "test",
+) -> dict:
     """:func:`pass_stats` (``top1``, ``top5``, ``loss``, ``images``, ``seconds`` ...) over the loader; under DDP the
     shards' counts are summed."""
     precision = precision or Precision()
@@ -345,17 +402,21 @@ def evaluate(net: Callable, model: nn.Module, loader, *, device: torch.device, p
 
 
 @contextlib.contextmanager
-def run_context(device_flag: str, batch_size: Optional[int] = None):
+def run_context(device_flag: str, batch_size: int | None = None):
     """Device, torchrun process group (``cuda:LOCAL_RANK`` per process) and rank-0-only stdout."""
     device = resolve_device(device_flag)
     world = distributed.env_world_size()
     if world > 1 and device.type == "cuda" and device_flag not in ("auto", "cuda"):
-        raise RunError(f"--device={device_flag} under torchrun: each process uses cuda:LOCAL_RANK; pass --device=cuda "
-                       f"and choose GPUs with CUDA_VISIBLE_DEVICES or --visible_device")
+        raise RunError(
+            f"--device={device_flag} under torchrun: each process uses cuda:LOCAL_RANK; pass --device=cuda "
+            f"and choose GPUs with CUDA_VISIBLE_DEVICES or --visible_device"
+        )
     if batch_size is not None and batch_size % world:
         lower, upper = batch_size // world * world, -(-batch_size // world) * world
-        raise RunError(f"--batch_size={batch_size} is the global batch, split over {world} processes (WORLD_SIZE): "
-                       f"it must be divisible by {world}, e.g. --batch_size={upper}{f' or {lower}' if lower else ''}")
+        raise RunError(
+            f"--batch_size={batch_size} is the global batch, split over {world} processes (WORLD_SIZE): "
+            f"it must be divisible by {world}, e.g. --batch_size={upper}{f' or {lower}' if lower else ''}"
+        )
     try:
         info = distributed.init_from_env(device.type)
         if info.enabled and device.type == "cuda":

@@ -3,10 +3,11 @@
 Per-image PIL work dominates a DataLoader CIFAR epoch; here each epoch draws its permutation and all crop/flip
 offsets at once from ``(seed, epoch)`` (reproducible, resumable at any step), with the distribution of
 ``RandomCrop(32, padding=4)`` + ``RandomHorizontalFlip`` + ``ToTensor`` + ``Normalize`` (tested)."""
+
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import torch
 from torch.utils.data import TensorDataset
@@ -26,7 +27,7 @@ def _crop_flip(images: torch.Tensor, dy: torch.Tensor, dx: torch.Tensor, flip: t
     return out.view(n, c, h, w).masked_fill_(~valid.unsqueeze(1), 0)
 
 
-def _draw_crop_flip(n: int, pad: int, device, generator: Optional[torch.Generator]):
+def _draw_crop_flip(n: int, pad: int, device, generator: torch.Generator | None):
     """Offsets uniform in [-pad, pad] per axis and a fair coin for the flip."""
     dy, dx = (torch.randint(-pad, pad + 1, (n,), device=device, generator=generator) for _ in range(2))
     return dy, dx, torch.randint(0, 2, (n,), device=device, generator=generator).bool()
@@ -42,14 +43,28 @@ class GpuCifarLoader:
     all ranks draw the same permutation and offsets (on the CPU, so GPU models agree) and take positions ``rank,
     rank + W, ...``: their ``k``-th batches together are single-process batch ``k`` of ``W * batch_size``."""
 
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int, *, mean: Sequence[float],
-                 std: Sequence[float], train: bool = True, device="cpu", seed: int = 0, pad: int = 4,
-                 channels_last: bool = False, rank: int = 0, world_size: int = 1):
+    def __init__(
+        self,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        batch_size: int,
+        *,
+        mean: Sequence[float],
+        std: Sequence[float],
+        train: bool = True,
+        device="cpu",
+        seed: int = 0,
+        pad: int = 4,
+        channels_last: bool = False,
+        rank: int = 0,
+        world_size: int = 1,
+    ):
         self.device = torch.device(device)
         self.images = images.to(self.device).permute(0, 3, 1, 2).contiguous()  # [N, 3, H, W] uint8
         self.labels = labels.to(self.device, torch.int64)
-        self.mean, self.std = (torch.tensor(v, dtype=torch.float32, device=self.device).view(-1, 1, 1)
-                               for v in (mean, std))
+        self.mean, self.std = (
+            torch.tensor(v, dtype=torch.float32, device=self.device).view(-1, 1, 1) for v in (mean, std)
+        )
         self.batch_size, self.train, self.seed, self.pad = int(batch_size), train, int(seed), int(pad)
         self.channels_last, self.rank, self.world_size = channels_last, int(rank), int(world_size)
         self.epoch, self.start_step = 0, 0
@@ -76,7 +91,7 @@ class GpuCifarLoader:
         if pos is not None:
             order, aug = order[pos].to(self.device), tuple(t[pos].to(self.device) for t in aug)
         for s in range(start, order.numel(), bs):
-            idx = order[s:s + bs]
-            x = _crop_flip(self.images[idx], *(t[s:s + bs] for t in aug)) if aug else self.images[idx]
+            idx = order[s : s + bs]
+            x = _crop_flip(self.images[idx], *(t[s : s + bs] for t in aug)) if aug else self.images[idx]
             x = normalize(x, self.mean, self.std)
             yield (x.contiguous(memory_format=torch.channels_last) if self.channels_last else x), self.labels[idx]

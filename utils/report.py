@@ -4,13 +4,13 @@
 
 A run is a ``<stem>-last.pth`` (written every epoch); its best checkpoint ``<stem>.pth`` supplies the test score of a
 ``--val_split`` run, which is scored on the test set once, at the end."""
+
 from __future__ import annotations
 
 import argparse
 import glob
 import os
 import sys
-from typing import Optional
 
 import torch
 
@@ -19,7 +19,7 @@ from utils.runlog import duration
 COLUMNS = ("run", "model", "S", "U", "lambdaR", "epochs", "best top-1", "val top-1", "test top-1", "time")
 
 
-def _read(path: str) -> Optional[dict]:
+def _read(path: str) -> dict | None:
     """The checkpoint's small entries; ``mmap`` so the weights are not read. None for an unreadable file."""
     try:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
@@ -33,7 +33,7 @@ def _pct(value) -> str:
 
 def run_row(last_path: str) -> dict:
     """The table row of the run whose last checkpoint is ``last_path``."""
-    stem = os.path.basename(last_path)[:-len("-last.pth")]
+    stem = os.path.basename(last_path)[: -len("-last.pth")]
     last = _read(last_path)
     if last is None:
         return dict.fromkeys(COLUMNS, "-") | {"run": stem, "model": "(unreadable)"}
@@ -48,10 +48,18 @@ def run_row(last_path: str) -> dict:
     if on_val:  # scored once at the end, into the best checkpoint (the last one if no epoch scored above 0%)
         best_file = _read(os.path.join(os.path.dirname(last_path), stem + ".pth")) or {}
         test = last.get("test_acc") if last.get("best_epoch") is None else best_file.get("test_acc")
-    return {"run": stem, "model": args.get("model", "?"), "S": args.get("shared_rank", "-"),
-            "U": args.get("unique_rank", "-"), "lambdaR": args.get("lambdaR", "-"), "epochs": done, "best top-1": best,
-            "val top-1": _pct(best_acc) if on_val else "-", "test top-1": _pct(test),
-            "time": "-" if last.get("train_seconds") is None else duration(last["train_seconds"])}
+    return {
+        "run": stem,
+        "model": args.get("model", "?"),
+        "S": args.get("shared_rank", "-"),
+        "U": args.get("unique_rank", "-"),
+        "lambdaR": args.get("lambdaR", "-"),
+        "epochs": done,
+        "best top-1": best,
+        "val top-1": _pct(best_acc) if on_val else "-",
+        "test top-1": _pct(test),
+        "time": "-" if last.get("train_seconds") is None else duration(last["train_seconds"]),
+    }
 
 
 def find_runs(paths: list) -> list:
@@ -77,8 +85,12 @@ def format_table(rows: list) -> str:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m utils.report", description=__doc__.split("\n\n")[0])
-    parser.add_argument("paths", nargs="*", default=["./checkpoint"],
-                        help="output folders (searched recursively) or -last.pth files (default: ./checkpoint)")
+    parser.add_argument(
+        "paths",
+        nargs="*",
+        default=["./checkpoint"],
+        help="output folders (searched recursively) or -last.pth files (default: ./checkpoint)",
+    )
     runs = find_runs(parser.parse_args(argv).paths)
     if not runs:
         print("report: no runs found (no *-last.pth files); pass the --output_dir of your runs", file=sys.stderr)

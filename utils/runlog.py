@@ -2,16 +2,30 @@
 run's ETA, TensorBoard scalars (per epoch, and loss/R every check of a pass) and, at the end, the run's
 hyper-parameters with its final metrics, so that TensorBoard's HParams tab lays runs with other ranks or lambdaR side
 by side."""
+
 from __future__ import annotations
 
 import os
-from typing import Optional
 
 from utils.engine import json_line, warn
 
 # The flags that tell runs apart in TensorBoard's HParams tab.
-HPARAMS = ("dataset", "model", "shared_rank", "unique_rank", "lambdaR", "lr", "momentum", "weight_decay",
-           "batch_size", "epochs", "seed", "val_split", "amp", "channels_last")
+HPARAMS = (
+    "dataset",
+    "model",
+    "shared_rank",
+    "unique_rank",
+    "lambdaR",
+    "lr",
+    "momentum",
+    "weight_decay",
+    "batch_size",
+    "epochs",
+    "seed",
+    "val_split",
+    "amp",
+    "channels_last",
+)
 
 
 def duration(seconds: float) -> str:
@@ -44,12 +58,12 @@ class RunLog:
             self.writer.close()
             self.writer = None
 
-    def eta(self, epoch: int) -> Optional[float]:
+    def eta(self, epoch: int) -> float | None:
         """Seconds left after ``epoch`` at the pace of the last (up to 5) epochs, None before the first."""
         recent = self.epoch_seconds[-5:]
         return (self.epochs - epoch) * sum(recent) / len(recent) if recent else None
 
-    def step_scalars(self, global_step: int, loss: float, reg: Optional[float]) -> None:
+    def step_scalars(self, global_step: int, loss: float, reg: float | None) -> None:
         if self.writer is not None:
             self.writer.add_scalar("step/loss", loss, global_step)
             if reg is not None:
@@ -74,29 +88,43 @@ class RunLog:
         left = self.eta(epoch)
         eta = f" | ETA {duration(left)}" if left else ""
         print("Time:  %.3f" % seconds)
-        print(f"[epoch {epoch}/{self.epochs}] stage {stage + 1} lr {lr:.5g} | "
-              f"train loss {tr['loss']:.4f}{reg} top1 {tr['top1']:.2f} | "
-              f"{self.select} loss {te['loss']:.4f} top1 {te['top1']:.2f} top5 {te['top5']:.2f} | "
-              f"best {best[0]:.2f} (epoch {best[2]}) | {seconds:.1f}s {tr['img_per_s']:.0f} img/s{eta}")
+        print(
+            f"[epoch {epoch}/{self.epochs}] stage {stage + 1} lr {lr:.5g} | "
+            f"train loss {tr['loss']:.4f}{reg} top1 {tr['top1']:.2f} | "
+            f"{self.select} loss {te['loss']:.4f} top1 {te['top1']:.2f} top5 {te['top5']:.2f} | "
+            f"best {best[0]:.2f} (epoch {best[2]}) | {seconds:.1f}s {tr['img_per_s']:.0f} img/s{eta}"
+        )
         if self.writer is not None:
-            scalars = {"train/loss": tr["loss"], "train/top1": tr["top1"], "train/top5": tr["top5"],
-                       f"{self.select}/loss": te["loss"], f"{self.select}/top1": te["top1"],
-                       f"{self.select}/top5": te["top5"], "lr": lr, "train/img_per_s": tr["img_per_s"],
-                       "train/R": tr["reg"]}
+            scalars = {
+                "train/loss": tr["loss"],
+                "train/top1": tr["top1"],
+                "train/top5": tr["top5"],
+                f"{self.select}/loss": te["loss"],
+                f"{self.select}/top1": te["top1"],
+                f"{self.select}/top5": te["top5"],
+                "lr": lr,
+                "train/img_per_s": tr["img_per_s"],
+                "train/R": tr["reg"],
+            }
             for key, value in scalars.items():
                 if value is not None:
                     self.writer.add_scalar(key, value, epoch)
             self.writer.flush()
 
-    def final_lines(self, result: dict, final: Optional[dict]) -> None:
+    def final_lines(self, result: dict, final: dict | None) -> None:
         """The authors' closing lines (not repeated when the last epoch just printed the same best), then JSON."""
         best = (result["best_acc"], result["best_acc5"])
         if final is not None:
-            for label, value in zip(("Best_Val_Acc_top1", "Best_Val_Acc_top5", "Test_Acc_top1", "Test_Acc_top5"),
-                                    (*best, result["test_acc"], result["test_acc5"])):
+            for label, value in zip(
+                ("Best_Val_Acc_top1", "Best_Val_Acc_top5", "Test_Acc_top1", "Test_Acc_top5"),
+                (*best, result["test_acc"], result["test_acc5"]),
+            ):
                 print("%s = %.3f" % (label, value))
-            chosen = (f"the checkpoint chosen on {self.args.val_split} held-out training images"
-                      if result["best_epoch"] is not None else "the last checkpoint (no epoch scored above 0% on them)")
+            chosen = (
+                f"the checkpoint chosen on {self.args.val_split} held-out training images"
+                if result["best_epoch"] is not None
+                else "the last checkpoint (no epoch scored above 0% on them)"
+            )
             print(f"The test set was scored once, on {chosen} (epoch {final['epoch']})")
         elif not self.best_just_printed:
             print("Best_Acc_top1 = %.3f\nBest_Acc_top5 = %.3f" % best)
@@ -106,8 +134,15 @@ class RunLog:
         """The run's flags and final metrics in TensorBoard's HParams tab (written next to its scalars)."""
         if self.writer is None:
             return
-        flags = {k: v if isinstance(v, (bool, int, float, str)) else str(v)
-                 for k in HPARAMS if (v := getattr(self.args, k, None)) is not None}
-        metrics = {"hparam/best_top1": result["best_acc"], "hparam/test_top1": result["test_acc"],
-                   "hparam/test_top5": result["test_acc5"], "hparam/epochs_done": epochs_done}
+        flags = {
+            k: v if isinstance(v, (bool, int, float, str)) else str(v)
+            for k in HPARAMS
+            if (v := getattr(self.args, k, None)) is not None
+        }
+        metrics = {
+            "hparam/best_top1": result["best_acc"],
+            "hparam/test_top1": result["test_acc"],
+            "hparam/test_top5": result["test_acc5"],
+            "hparam/epochs_done": epochs_done,
+        }
         self.writer.add_hparams(flags, metrics, run_name=os.curdir, global_step=epochs_done)

@@ -1,4 +1,5 @@
 """The model a run trains and how it begins (fresh, ``--pretrained`` or ``--resume``), checked before any write."""
+
 from __future__ import annotations
 
 import datetime
@@ -9,7 +10,6 @@ import socket
 import subprocess
 import sys
 from dataclasses import dataclass, field
-from typing import Optional
 
 import torch
 import torch.nn as nn
@@ -22,17 +22,31 @@ from utils.engine import RunError, Schedule, warn
 
 FILE_PREFIX = {"cifar10": "CIFAR10", "cifar100": "CIFAR100", "ilsvrc": "ILSVRC"}
 # Flags a resumed run may change (a warning names them); other ranks would make it another run (refused).
-_CHANGEABLE = ("lr", "momentum", "weight_decay", "lambdaR", "batch_size", "epochs", "dataset_path", "seed", "amp",
-               "channels_last", "compile", "num_workers", "save_every_minutes")
+_CHANGEABLE = (
+    "lr",
+    "momentum",
+    "weight_decay",
+    "lambdaR",
+    "batch_size",
+    "epochs",
+    "dataset_path",
+    "seed",
+    "amp",
+    "channels_last",
+    "compile",
+    "num_workers",
+    "save_every_minutes",
+)
 
 
 @dataclass
 class RunState:
     """What continues from checkpoint to checkpoint besides weights and optimizer."""
+
     epoch: int = 0  # last completed epoch
     best_acc: float = 0.0  # selection top-1 of the best checkpoint (validation with --val_split, else test)
     best_acc5: float = 0.0
-    best_epoch: Optional[int] = None  # None: no best file from this run
+    best_epoch: int | None = None  # None: no best file from this run
     stage: int = 0
     seconds: float = 0.0  # training time so far (all segments of a resumed run)
 
@@ -40,37 +54,46 @@ class RunState:
 @dataclass
 class RunStart:
     """How this run begins: ``kind`` is ``fresh``, ``pretrained`` or ``resume``."""
+
     kind: str = "fresh"
-    path: Optional[str] = None
-    ckpt: Optional[dict] = None
+    path: str | None = None
+    ckpt: dict | None = None
     state: RunState = field(default_factory=RunState)
     split_seed: int = VAL_SPLIT_SEED
-    rng_states: Optional[list] = None  # per rank, for --resume
+    rng_states: list | None = None  # per rank, for --resume
     step: int = 0  # --resume of a mid-epoch save: steps of epoch state.epoch + 1 already done
-    totals: Optional[list] = None  # and their loss/accuracy sums
+    totals: list | None = None  # and their loss/accuracy sums
 
 
-def build_model(args, num_classes: Optional[int] = None) -> nn.Module:
+def build_model(args, num_classes: int | None = None) -> nn.Module:
     try:
-        return get_model(args.model, args.dataset, shared_rank=args.shared_rank, unique_rank=args.unique_rank,
-                         num_classes=num_classes, ignore_unused_ranks=True)
+        return get_model(
+            args.model,
+            args.dataset,
+            shared_rank=args.shared_rank,
+            unique_rank=args.unique_rank,
+            num_classes=num_classes,
+            ignore_unused_ranks=True,
+        )
     except ValueError as e:
         raise RunError(f"cannot build {args.model} for {args.dataset}: {e}") from None
 
 
-def check_classes(loaders, outputs: int, dataset_path: str, checkpoint: Optional[str] = None) -> None:
+def check_classes(loaders, outputs: int, dataset_path: str, checkpoint: str | None = None) -> None:
     """A head as wide as the data has classes, said before the first step (other labels would fail mid-pass or score
     against the wrong classes)."""
     if loaders.num_classes != outputs:
         whose = f"checkpoint {checkpoint!r} has" if checkpoint else "the model has"
-        raise RunError(f"{whose} {outputs} outputs but the dataset under {dataset_path!r} has {loaders.num_classes} "
-                       f"classes: use data with the classes it was trained on")
+        raise RunError(
+            f"{whose} {outputs} outputs but the dataset under {dataset_path!r} has {loaders.num_classes} "
+            f"classes: use data with the classes it was trained on"
+        )
 
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _git(*args: str) -> Optional[str]:
+def _git(*args: str) -> str | None:
     try:
         done = subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, timeout=10)
     except (OSError, subprocess.SubprocessError):  # no git, or a hung one
@@ -81,16 +104,27 @@ def _git(*args: str) -> Optional[str]:
 def provenance(args) -> dict:
     """What reproduces a run: its command line, absolute paths, versions, this code's commit, host and start time."""
     import torchvision
+
     commit = _git("rev-parse", "HEAD")
-    paths = {k: os.path.abspath(v) for k in ("dataset_path", "output_dir", "pretrained", "resume")
-             if isinstance(v := getattr(args, k, None), str) and v != "auto"}
-    return {"command": shlex.join([os.path.basename(sys.executable), *sys.argv]), "cwd": os.getcwd(), "paths": paths,
-            "python": platform.python_version(), "torch": str(torch.__version__),
-            "torchvision": str(torchvision.__version__), "cuda": torch.version.cuda,
-            "cudnn": torch.backends.cudnn.version() if torch.cuda.is_available() else None, "git_commit": commit,
-            "git_dirty": bool(_git("status", "--porcelain", "--untracked-files=no")) if commit else None,
-            "host": socket.gethostname(),
-            "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+    paths = {
+        k: os.path.abspath(v)
+        for k in ("dataset_path", "output_dir", "pretrained", "resume")
+        if isinstance(v := getattr(args, k, None), str) and v != "auto"
+    }
+    return {
+        "command": shlex.join([os.path.basename(sys.executable), *sys.argv]),
+        "cwd": os.getcwd(),
+        "paths": paths,
+        "python": platform.python_version(),
+        "torch": str(torch.__version__),
+        "torchvision": str(torchvision.__version__),
+        "cuda": torch.version.cuda,
+        "cudnn": torch.backends.cudnn.version() if torch.cuda.is_available() else None,
+        "git_commit": commit,
+        "git_dirty": bool(_git("status", "--porcelain", "--untracked-files=no")) if commit else None,
+        "host": socket.gethostname(),
+        "started": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+    }
 
 
 def describe(model: nn.Module) -> str:
@@ -100,8 +134,10 @@ def describe(model: nn.Module) -> str:
 
 def run_stem(args) -> str:
     """The authors' checkpoint name, e.g. ``CIFAR10-ResNet20-S16-U1-L10-0`` (``L10`` for both 10 and 10.0)."""
-    return (f"{FILE_PREFIX[args.dataset]}-{args.model}-S{args.shared_rank}-U{args.unique_rank}"
-            f"-L{float(args.lambdaR):g}-{args.visible_device}")
+    return (
+        f"{FILE_PREFIX[args.dataset]}-{args.model}-S{args.shared_rank}-U{args.unique_rank}"
+        f"-L{float(args.lambdaR):g}-{args.visible_device}"
+    )
 
 
 def decide_start(args, last_path: str, schedule: Schedule) -> RunStart:
@@ -110,33 +146,56 @@ def decide_start(args, last_path: str, schedule: Schedule) -> RunStart:
         return RunStart(state=RunState(args.starting_epoch, stage=schedule.stage(args.starting_epoch)))
     path = args.pretrained if args.resume is None else (last_path if args.resume == "auto" else args.resume)
     if args.resume is not None and not os.path.exists(path):
-        raise RunError(f"nothing to resume: {path!r} does not exist (the same flags as the interrupted run are needed "
-                       f"to find it; or drop --resume to start a new run)")
+        raise RunError(
+            f"nothing to resume: {path!r} does not exist (the same flags as the interrupted run are needed "
+            f"to find it; or drop --resume to start a new run)"
+        )
     ckpt = read_checkpoint(path)
     check_identity(ckpt, path, dataset=args.dataset, model=args.model)
     acc, acc5 = checkpoint_acc(ckpt) or 0.0, float(ckpt.get("best_acc5") or 0.0)
     if args.resume is None:  # --pretrained, as the authors; a test-set score is no bar for a run selecting on val
         keep = not args.val_split
-        state = RunState(args.starting_epoch, acc if keep else 0.0, acc5 if keep else 0.0,
-                         stage=schedule.stage(args.starting_epoch))
+        state = RunState(
+            args.starting_epoch, acc if keep else 0.0, acc5 if keep else 0.0, stage=schedule.stage(args.starting_epoch)
+        )
         return RunStart("pretrained", path, ckpt, state)
     if not isinstance(ckpt.get("epoch"), int):
         raise CheckpointError(f"checkpoint {path!r} records no epoch; start from it with --pretrained instead")
     split = ckpt.get("val_split") or {}
     if split.get("n", 0) != args.val_split:
-        raise RunError(f"checkpoint {path!r} belongs to a run with --val_split={split.get('n', 0)}: resume it with the "
-                       f"same --val_split (the split decides which checkpoint is best)")
+        raise RunError(
+            f"checkpoint {path!r} belongs to a run with --val_split={split.get('n', 0)}: resume it with the "
+            f"same --val_split (the split decides which checkpoint is best)"
+        )
     for flag, value in (ckpt.get("model_kwargs") or {}).items():
         if getattr(args, flag, value) != value:
-            raise RunError(f"checkpoint {path!r} was trained with --{flag}={value}, not {getattr(args, flag)}: resume "
-                           f"with --{flag}={value} (other ranks are another model)")
+            raise RunError(
+                f"checkpoint {path!r} was trained with --{flag}={value}, not {getattr(args, flag)}: resume "
+                f"with --{flag}={value} (other ranks are another model)"
+            )
     before = ckpt.get("args") or {}
-    changed = [f"--{k} {before[k]} -> {getattr(args, k)}" for k in _CHANGEABLE
-               if k in before and str(before[k]) != str(getattr(args, k))]
+    changed = [
+        f"--{k} {before[k]} -> {getattr(args, k)}"
+        for k in _CHANGEABLE
+        if k in before and str(before[k]) != str(getattr(args, k))
+    ]
     if changed:
         warn(f"resuming with flags that differ from the interrupted run's: {', '.join(changed)}")
-    state = RunState(ckpt["epoch"], float(ckpt.get("best_acc", acc)), acc5, ckpt.get("best_epoch"),
-                     int(ckpt.get("stage", schedule.stage(ckpt["epoch"]))), float(ckpt.get("train_seconds") or 0.0))
-    return RunStart("resume", path, ckpt, state, int(split.get("seed", VAL_SPLIT_SEED)),
-                    ckpt.get("rng_states") or [ckpt.get("rng_state")], int(ckpt.get("epoch_step") or 0),
-                    ckpt.get("epoch_totals"))
+    state = RunState(
+        ckpt["epoch"],
+        float(ckpt.get("best_acc", acc)),
+        acc5,
+        ckpt.get("best_epoch"),
+        int(ckpt.get("stage", schedule.stage(ckpt["epoch"]))),
+        float(ckpt.get("train_seconds") or 0.0),
+    )
+    return RunStart(
+        "resume",
+        path,
+        ckpt,
+        state,
+        int(split.get("seed", VAL_SPLIT_SEED)),
+        ckpt.get("rng_states") or [ckpt.get("rng_state")],
+        int(ckpt.get("epoch_step") or 0),
+        ckpt.get("epoch_totals"),
+    )

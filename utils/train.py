@@ -1,28 +1,54 @@
 """A training run of the paper's recipes (SPEC sections 5-7): :func:`fit`. Every user-input check happens before the
 first write; a signal ends the run after a resumable save (status 130/143), a second one at once; under torchrun only
 rank 0 writes and all ranks stop at the same step."""
+
 from __future__ import annotations
 
 import json
 import os
 import signal
 import time
-from typing import Optional
 
 import torch
-import torch.nn as nn
 
 from models import OrthogonalityRegularizer
-from models.summary import count_params
-from models.pretrained import (CheckpointError, checkpoint_acc, head_classes, load_weights, read_checkpoint,
-                               state_dict_of)
+from models.pretrained import (
+    CheckpointError,
+    checkpoint_acc,
+    head_classes,
+    load_weights,
+    read_checkpoint,
+    state_dict_of,
+)
 from models.registry import NUM_CLASSES
+from models.summary import count_params
 from utils import distributed
-from utils.checkpoint import (atomic_write_bytes, capture_rng_state, lock_run_files, make_checkpoint, restore_rng_state,
-                              save_checkpoint)
+from utils.checkpoint import (
+    atomic_write_bytes,
+    capture_rng_state,
+    lock_run_files,
+    make_checkpoint,
+    restore_rng_state,
+    save_checkpoint,
+)
 from utils.data import build_loaders, images_in
-from utils.engine import (Interrupted, NonFiniteLoss, Precision, RunError, Schedule, StopSignals, end_passes, evaluate,
-                          pass_stats, progress_enabled, run_context, seed_everything, train_one_epoch, warn, wrap_model)
+from utils.engine import (
+    Interrupted,
+    NonFiniteLoss,
+    Precision,
+    RunError,
+    Schedule,
+    StopSignals,
+    end_passes,
+    evaluate,
+    pass_stats,
+    progress_enabled,
+    run_context,
+    seed_everything,
+    train_one_epoch,
+    warn,
+    wrap_model,
+)
 from utils.runlog import RunLog, duration
 from utils.start import build_model, check_classes, decide_start, describe, provenance, run_stem
 
@@ -69,15 +95,25 @@ class TrainingRun:
 
     def _new_optimizer(self, lr: float) -> torch.optim.SGD:
         """One group over all parameters: weight decay reaches BN and biases too, as in the authors' recipe."""
-        return torch.optim.SGD(self.model.parameters(), lr=lr, momentum=self.args.momentum,
-                               weight_decay=self.args.weight_decay)
+        return torch.optim.SGD(
+            self.model.parameters(), lr=lr, momentum=self.args.momentum, weight_decay=self.args.weight_decay
+        )
 
     def _setup_data(self) -> None:
         args = self.args
-        self.loaders = build_loaders(args.dataset, args.dataset_path, args.batch_size // self.world,
-                                     num_workers=args.num_workers, device=self.device, seed=args.seed,
-                                     channels_last=args.channels_last, val_split=args.val_split,
-                                     split_seed=self.start.split_seed, rank=self.rank, world_size=self.world)
+        self.loaders = build_loaders(
+            args.dataset,
+            args.dataset_path,
+            args.batch_size // self.world,
+            num_workers=args.num_workers,
+            device=self.device,
+            seed=args.seed,
+            channels_last=args.channels_last,
+            val_split=args.val_split,
+            split_seed=self.start.split_seed,
+            rank=self.rank,
+            world_size=self.world,
+        )
         if args.dataset == "ilsvrc" and self.loaders.num_classes != self.model.cfg.num_classes:
             seed_everything(args.seed)  # any ImageFolder tree: the head is as wide as its class folders are many
             self.model = build_model(args, num_classes=self.loaders.num_classes)
@@ -95,14 +131,18 @@ class TrainingRun:
             seed_everything(args.seed + 1_000_003 * self.rank)
         self.optimizer = self._new_optimizer(self.schedule.lr_at(self.state.epoch + 1))
         self.precision = Precision.make(args.amp, device)
-        self.pass_kw = dict(device=device, precision=self.precision, channels_last=args.channels_last,
-                            progress=progress_enabled())  # of both training and evaluation passes
+        self.pass_kw = dict(
+            device=device, precision=self.precision, channels_last=args.channels_last, progress=progress_enabled()
+        )  # of both training and evaluation passes
         self.regularizer = OrthogonalityRegularizer(model) or None  # plain and NonShared models: CE only
         self._restore()
         self.net = wrap_model(model, device, self.precision, compile=args.compile, ddp=self.world > 1)
         # evaluation runs without DDP: ranks may score different numbers of batches
-        self.eval_net = (wrap_model(model, device, self.precision, compile=args.compile, data_parallel=False)
-                         if self.world > 1 else self.net)
+        self.eval_net = (
+            wrap_model(model, device, self.precision, compile=args.compile, data_parallel=False)
+            if self.world > 1
+            else self.net
+        )
 
     def _restore(self) -> None:
         """Weights, optimizer, scaler and (for --resume) the random streams of the start checkpoint."""
@@ -128,22 +168,29 @@ class TrainingRun:
             return
         if self.precision.scaler is not None and start.ckpt.get("scaler_state_dict"):
             self.precision.scaler.load_state_dict(start.ckpt["scaler_state_dict"])
-        print(f"Resuming from {start.path} (epoch {state.epoch}, stage {state.stage + 1}, best {self.select} "
-              f"top-1 {state.best_acc:.3f})")
+        print(
+            f"Resuming from {start.path} (epoch {state.epoch}, stage {state.stage + 1}, best {self.select} "
+            f"top-1 {state.best_acc:.3f})"
+        )
 
     def header(self) -> str:
         args, loaders, sch = self.args, self.loaders, self.schedule
         sizes = f"{images_in(loaders.train)} train / "
         if args.val_split:
             sizes += f"{images_in(loaders.val)} val (held out, split seed {self.start.split_seed}) / "
-        ddp = (f" | DDP {self.world} processes x batch {args.batch_size // self.world}"
-               f"{' sync BN' if args.sync_bn else ''}" if self.world > 1 else "")
+        ddp = (
+            f" | DDP {self.world} processes x batch {args.batch_size // self.world}{' sync BN' if args.sync_bn else ''}"
+            if self.world > 1
+            else ""
+        )
         classes = self.model.cfg.num_classes
         heads = f" | {classes} classes (the data's folders)" if args.dataset == "ilsvrc" and classes != 1000 else ""
-        return (f"{args.dataset} {describe(self.model)} | {count_params(self.model):,} params | {self.device} "
-                f"{self.precision.label}{ddp} | {sch.epochs} epochs, lr {sch.lr} x{list(sch.gammas) or sch.gamma} "
-                f"after epochs {list(sch.milestones)}{' (restart from best)' if sch.restart else ''} | {sizes}"
-                f"{images_in(loaders.test)} test images{heads} | best checkpoint chosen on {self.select}")
+        return (
+            f"{args.dataset} {describe(self.model)} | {count_params(self.model):,} params | {self.device} "
+            f"{self.precision.label}{ddp} | {sch.epochs} epochs, lr {sch.lr} x{list(sch.gammas) or sch.gamma} "
+            f"after epochs {list(sch.milestones)}{' (restart from best)' if sch.restart else ''} | {sizes}"
+            f"{images_in(loaders.test)} test images{heads} | best checkpoint chosen on {self.select}"
+        )
 
     def _prepare_output(self) -> None:
         """Rank 0: the output folder, ``-args.json`` (resolved flags, how to reproduce) and the TensorBoard writer."""
@@ -154,12 +201,20 @@ class TrainingRun:
             self.lock = lock_run_files(self.out_dir, self.stem)  # held until the process ends
             if args.resume is None and os.path.exists(self.last_path):
                 warn(f"{self.last_path} exists and will be overwritten by this new run (use --resume to continue it)")
-            resolved = dict(vars(args), device=str(self.device), milestones=list(self.schedule.milestones),
-                            params=count_params(self.model), world_size=self.world, provenance=self.provenance,
-                            num_classes=self.model.cfg.num_classes,
-                            split_seed=self.start.split_seed if args.val_split else None)
-            atomic_write_bytes((json.dumps(resolved, indent=2, sort_keys=True, default=str) + "\n").encode(),
-                               os.path.join(self.out_dir, self.stem + "-args.json"))
+            resolved = dict(
+                vars(args),
+                device=str(self.device),
+                milestones=list(self.schedule.milestones),
+                params=count_params(self.model),
+                world_size=self.world,
+                provenance=self.provenance,
+                num_classes=self.model.cfg.num_classes,
+                split_seed=self.start.split_seed if args.val_split else None,
+            )
+            atomic_write_bytes(
+                (json.dumps(resolved, indent=2, sort_keys=True, default=str) + "\n").encode(),
+                os.path.join(self.out_dir, self.stem + "-args.json"),
+            )
         except OSError as e:
             raise RunError(f"cannot write to --output_dir={self.out_dir!r}: {e.strerror or e}") from None
         self.log.open_tensorboard(os.path.join(self.out_dir, "runs", self.stem))
@@ -192,11 +247,16 @@ class TrainingRun:
         name = signal.Signals(signum).name
         if self.saved_step and self.saved_step[0] == epoch and self.saved < epoch:
             e, step, steps = self.saved_step
-            return (f"interrupted by {name} during epoch {e}: its first {step} of {steps} steps are saved in "
-                    f"{self.last_path}; rerun the same command with --resume")
+            return (
+                f"interrupted by {name} during epoch {e}: its first {step} of {steps} steps are saved in "
+                f"{self.last_path}; rerun the same command with --resume"
+            )
         where = f"after epoch {self.saved}" if self.saved >= epoch else f"during epoch {epoch}"
-        kept = (f"epoch {self.saved} (the last completed) is in {self.last_path}; rerun the same command with --resume"
-                if self.saved else "no epoch had completed, so there is nothing to resume")
+        kept = (
+            f"epoch {self.saved} (the last completed) is in {self.last_path}; rerun the same command with --resume"
+            if self.saved
+            else "no epoch had completed, so there is nothing to resume"
+        )
         return f"interrupted by {name} {where}: {kept}"
 
     def train_epoch(self, epoch: int) -> None:
@@ -210,8 +270,10 @@ class TrainingRun:
         began = time.perf_counter()
         step, self.start.step = self.start.step, 0  # a mid-epoch --resume continues its first epoch only
         cuda = f"Cuda {args.visible_device} " if self.device.type == "cuda" else ""  # the authors' line, on GPUs
-        print(f"\n{cuda}{'Basis ' if self.regularizer is not None else ''}Epoch: {epoch}"
-              + (f" (resumed at step {step})" if step else ""))
+        print(
+            f"\n{cuda}{'Basis ' if self.regularizer is not None else ''}Epoch: {epoch}"
+            + (f" (resumed at step {step})" if step else "")
+        )
         tr = self.train_pass(epoch, lr, step)
         print("Training_Acc_Top1 = %.3f\nTraining_Acc_Top5 = %.3f" % (tr["top1"], tr["top5"]))
         te = evaluate(self.eval_net, self.model, self.select_loader, desc=self.select, **self.pass_kw)
@@ -234,17 +296,32 @@ class TrainingRun:
             self.loaders.train.set_epoch(epoch, start_step=step)
             steps = step + len(self.loaders.train)
             try:
-                r = train_one_epoch(self.net, self.model, self.loaders.train, self.optimizer, print_first=step == 0,
-                                    regularizer=self.regularizer, lambda_r=self.args.lambdaR, **self.pass_kw,
-                                    stop=lambda: self.stop() or time.monotonic() >= self.next_save,
-                                    desc=self._bar_label(epoch), on_check=lambda i, loss, reg: self.log.step_scalars(
-                                        (epoch - 1) * steps + step + i, loss, reg))
+                r = train_one_epoch(
+                    self.net,
+                    self.model,
+                    self.loaders.train,
+                    self.optimizer,
+                    print_first=step == 0,
+                    regularizer=self.regularizer,
+                    lambda_r=self.args.lambdaR,
+                    **self.pass_kw,
+                    stop=lambda: self.stop() or time.monotonic() >= self.next_save,
+                    desc=self._bar_label(epoch),
+                    on_check=lambda i, loss, reg, start=(epoch - 1) * steps + step: self.log.step_scalars(
+                        start + i, loss, reg
+                    ),
+                )
             except NonFiniteLoss as e:
-                kept = (f"the last checkpoint ({self.last_path}) is intact" if self.saved or self.saved_step
-                        else "nothing was saved")
-                raise RunError(f"the loss became {e.value} at epoch {epoch}, step {step + e.step} of {steps} (lr "
-                               f"{lr:g}); stopped without saving: {kept}; lower --lr (or --lambdaR), or --resume from "
-                               f"the last checkpoint") from None
+                kept = (
+                    f"the last checkpoint ({self.last_path}) is intact"
+                    if self.saved or self.saved_step
+                    else "nothing was saved"
+                )
+                raise RunError(
+                    f"the loss became {e.value} at epoch {epoch}, step {step + e.step} of {steps} (lr "
+                    f"{lr:g}); stopped without saving: {kept}; lower --lr (or --lambdaR), or --resume from "
+                    f"the last checkpoint"
+                ) from None
             step, seconds = step + r["steps"], seconds + r["seconds"]
             totals = r["totals"] if totals is None else [a + b for a, b in zip(totals, r["totals"])]
             if not r["stopped"]:
@@ -265,22 +342,43 @@ class TrainingRun:
         rng_states = distributed.all_gather_object(capture_rng_state())
         split = {"n": args.val_split, "seed": self.start.split_seed} if args.val_split else None
         return make_checkpoint(
-            self.model, self.optimizer, epoch=epoch, acc=te["top1"], acc5=te["top5"], selection=self.select,
-            **{f"{self.select}_acc": te["top1"], f"{self.select}_acc5": te["top5"]}, val_split=split,
-            best_acc=state.best_acc, best_acc5=state.best_acc5, best_epoch=state.best_epoch, stage=state.stage, lr=lr,
-            scaler_state_dict=scaler.state_dict() if scaler else None, rng_state=rng_states[0],
-            rng_states=rng_states if self.world > 1 else None, world_size=self.world, args=vars(args), epoch_step=0,
-            epoch_totals=None, train_seconds=self.prior_seconds + time.monotonic() - self.began,
-            provenance=self.provenance)
+            self.model,
+            self.optimizer,
+            epoch=epoch,
+            acc=te["top1"],
+            acc5=te["top5"],
+            selection=self.select,
+            **{f"{self.select}_acc": te["top1"], f"{self.select}_acc5": te["top5"]},
+            val_split=split,
+            best_acc=state.best_acc,
+            best_acc5=state.best_acc5,
+            best_epoch=state.best_epoch,
+            stage=state.stage,
+            lr=lr,
+            scaler_state_dict=scaler.state_dict() if scaler else None,
+            rng_state=rng_states[0],
+            rng_states=rng_states if self.world > 1 else None,
+            world_size=self.world,
+            args=vars(args),
+            epoch_step=0,
+            epoch_totals=None,
+            train_seconds=self.prior_seconds + time.monotonic() - self.began,
+            provenance=self.provenance,
+        )
 
-    def save(self, ckpt: dict, paths: list, epoch: Optional[int] = None) -> None:
+    def save(self, ckpt: dict, paths: list, epoch: int | None = None) -> None:
         if self.main:
             try:
                 save_checkpoint(ckpt, paths)
             except OSError as e:
                 part = self.saved_step if self.saved_step and self.saved_step[0] > self.saved else None
-                held = (f"the first {part[1]} steps of epoch {part[0]}" if part
-                        else f"epoch {self.saved}" if self.saved else None)
+                held = (
+                    f"the first {part[1]} steps of epoch {part[0]}"
+                    if part
+                    else f"epoch {self.saved}"
+                    if self.saved
+                    else None
+                )
                 kept = f"{self.last_path} still holds {held}" if held else "no checkpoint of this run had been written"
                 raise RunError(f"could not write checkpoint {paths[0]!r} ({e.strerror or e}); {kept}") from None
         self.saved = epoch or self.saved
@@ -290,7 +388,7 @@ class TrainingRun:
         """CIFAR-100: a new stage starts from the best weights so far, with a fresh SGD (no momentum)."""
         state, lr = self.state, self.schedule.lr_at(epoch)
 
-        def pick() -> Optional[str]:  # the best this run has seen
+        def pick() -> str | None:  # the best this run has seen
             if state.best_epoch is not None and os.path.isfile(self.best_path):
                 return self.best_path
             return self.start.path if self.start.kind == "pretrained" else None
@@ -298,10 +396,15 @@ class TrainingRun:
         source = distributed.from_main(pick)  # decided where the files are, so that every rank does the same
         if source is not None:
             load_weights(self.model, distributed.from_main(lambda: read_checkpoint(source)))
-        what = (f"the best checkpoint ({source}, top-1 {state.best_acc:.3f})" if source
-                else "the current weights (no best checkpoint yet)")
-        print(f"Stage {self.schedule.stage(epoch) + 1} from epoch {epoch}: restarting from {what} with a fresh SGD at "
-              f"lr {lr:g}")
+        what = (
+            f"the best checkpoint ({source}, top-1 {state.best_acc:.3f})"
+            if source
+            else "the current weights (no best checkpoint yet)"
+        )
+        print(
+            f"Stage {self.schedule.stage(epoch) + 1} from epoch {epoch}: restarting from {what} with a fresh SGD at "
+            f"lr {lr:g}"
+        )
         self.optimizer = self._new_optimizer(lr)
         if self.precision.scaler is not None:
             self.precision.scaler = torch.amp.GradScaler("cuda")
@@ -317,22 +420,36 @@ class TrainingRun:
             ckpt.update(test_acc=te["top1"], test_acc5=te["top5"])
             self.save(ckpt, [path])
             if self.log.writer is not None:
-                for key, value in (("val_top1", ckpt.get("val_acc")), ("test_top1", te["top1"]),
-                                   ("test_top5", te["top5"])):
+                for key, value in (
+                    ("val_top1", ckpt.get("val_acc")),
+                    ("test_top1", te["top1"]),
+                    ("test_top5", te["top5"]),
+                ):
                     self.log.writer.add_scalar(f"final/{key}", float(value or 0.0), self.schedule.epochs)
-        return {"test_acc": float(ckpt["test_acc"]), "test_acc5": float(ckpt.get("test_acc5") or 0.0),
-                "epoch": ckpt["epoch"]}
+        return {
+            "test_acc": float(ckpt["test_acc"]),
+            "test_acc5": float(ckpt.get("test_acc5") or 0.0),
+            "epoch": ckpt["epoch"],
+        }
 
-    def summary(self, final: Optional[dict]) -> dict:
+    def summary(self, final: dict | None) -> dict:
         state = self.state
         best = (state.best_acc, state.best_acc5)
         test = (final["test_acc"], final["test_acc5"]) if final is not None else best
         vals = best if final is not None else (None, None)
-        result = {"best_acc": state.best_acc, "best_acc5": state.best_acc5, "best_epoch": state.best_epoch,
-                  "epochs": self.schedule.epochs, "selection": self.select, "val_acc": vals[0], "val_acc5": vals[1],
-                  "test_acc": test[0], "test_acc5": test[1],
-                  "best_checkpoint": self.best_path if state.best_epoch is not None else None,
-                  "last_checkpoint": self.last_path}
+        result = {
+            "best_acc": state.best_acc,
+            "best_acc5": state.best_acc5,
+            "best_epoch": state.best_epoch,
+            "epochs": self.schedule.epochs,
+            "selection": self.select,
+            "val_acc": vals[0],
+            "val_acc5": vals[1],
+            "test_acc": test[0],
+            "test_acc5": test[1],
+            "best_checkpoint": self.best_path if state.best_epoch is not None else None,
+            "last_checkpoint": self.last_path,
+        }
         self.log.final_lines(result, final)
         self.log.hparams(result, state.epoch)
         return result

@@ -133,10 +133,12 @@ def describe(model: nn.Module) -> str:
 
 
 def run_stem(args) -> str:
-    """The authors' checkpoint name, e.g. ``CIFAR10-ResNet20-S16-U1-L10-0`` (``L10`` for both 10 and 10.0)."""
+    """The authors' checkpoint name, e.g. ``CIFAR10-ResNet20-S16-U1-L10-0`` (``L10`` for both 10 and 10.0; other values
+    as Python writes the float, every digit kept, so that two runs with different ``--lambdaR`` never share files)."""
+    lambda_r = float(args.lambdaR)
     return (
         f"{FILE_PREFIX[args.dataset]}-{args.model}-S{args.shared_rank}-U{args.unique_rank}"
-        f"-L{float(args.lambdaR):g}-{args.visible_device}"
+        f"-L{int(lambda_r) if lambda_r.is_integer() else lambda_r}-{args.visible_device}"
     )
 
 

@@ -156,6 +156,12 @@ def _train_parser(prog: str, dataset: str) -> argparse.ArgumentParser:
         help="continue an interrupted run from its last checkpoint (or from PATH)",
     )
     g.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="let this new run replace the checkpoints an earlier run of the same name left in --output_dir "
+        "(without it such a run is refused; never the --pretrained source)",
+    )
+    g.add_argument(
         "--val_split",
         type=_nonneg_int,
         default=0,

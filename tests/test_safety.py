@@ -152,3 +152,114 @@ def test_resume_into_another_folder_scores_the_best_file_it_continues(cifar, tmp
     code, stdout, err = _train(cifar, tmp_path / "third", capsys, "--val_split=4", resume)
     assert code == 0 and "Nothing to do" in stdout, err
     assert "Test_Acc_top1 = %.3f" % best["test_acc"] in stdout
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Numbers out of range and hand-edited checkpoints: one line, before anything is written
+# ---------------------------------------------------------------------------------------------------------------------
+
+F32_MAX = "3.4028234663852886e38"  # torch.finfo(torch.float32).max, written out
+
+
+@pytest.mark.parametrize(
+    "argv, flag",
+    [
+        (["--lr=1e39"], "--lr"),  # finite, above float32: overflowed at the first SGD step
+        (["--weight_decay=1e300"], "--weight_decay"),
+        (["--momentum=1e39"], "--momentum"),
+        (["--lambdaR=1e39"], "--lambdaR"),
+        (["--batch_size=99999999999999999999"], "--batch_size"),  # above sys.maxsize: itertools.islice refused it
+        (["--seed=99999999999999999999"], "--seed"),  # torch.manual_seed: "Overflow when unpacking long long"
+        (["--seed=18446744073709551615"], "--seed"),  # 2**64-1: torch took it, the sampler's seed + epoch did not
+        (["--seed=-1"], "--seed"),
+    ],
+)
+def test_numbers_beyond_what_torch_and_python_take_are_refused_as_flags(argv, flag, tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.parse_train_args("cifar10", [*argv, f"--output_dir={tmp_path}"], prog="t")
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and _one_line(err) and f"argument {flag}" in err, err
+    if flag in ("--batch_size", "--seed"):
+        with pytest.raises(SystemExit):
+            cli.parse_eval_args("cifar10", [*argv, "--pretrained=x.pth"], prog="t")
+    assert not os.listdir(tmp_path)
+
+
+def test_the_largest_accepted_numbers_parse():
+    args = cli.parse_train_args(
+        "cifar10", [f"--lr={F32_MAX}", "--batch_size=9223372036854775807", "--seed=4294967295"], prog="t"
+    )
+    assert args.lr == float(F32_MAX) and args.batch_size == 2**63 - 1 and args.seed == 2**32 - 1
+
+
+_BASE = []
+
+
+def _resumable(path, **fields):
+    """A -last.pth as a run saves it after epoch 1 (or inside epoch ``epoch + 1`` with ``epoch_step``), then edited."""
+    if not _BASE:
+        torch.manual_seed(0)
+        model = get_model("ResNet32_DoubleShared", "cifar10", shared_rank=1, unique_rank=1)
+        sgd = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        rng = C.capture_rng_state()
+        _BASE.append(C.make_checkpoint(model, sgd, epoch=1, acc=10.0, best_acc=10.0, best_epoch=1, rng_state=rng))
+    torch.save({**_BASE[0], "stage": 0, "args": {}, **fields}, path)  # as a hand-edit would: not save_checkpoint
+
+
+HAND_EDITS = [
+    ("epoch", -5),  # was accepted: trained epochs -4..3
+    ("epoch", "3"),
+    ("stage", 1.5),
+    ("best_epoch", "two"),
+    ("best_acc", float("nan")),
+    ("val_split", "4"),
+    ("val_split", {"n": -1}),
+    ("args", "--lr=0.1"),
+    ("rng_state", [1, 2, 3]),
+    ("rng_state", {"torch": torch.zeros(3)}),
+    ("rng_states", [{"numpy": {"kind": "MT19937"}}]),
+    ("epoch_totals", [1.0, 2.0]),
+    ("epoch_totals", "x"),
+    ("epoch_step", -1),
+    ("train_seconds", -1.0),
+    ("model_kwargs", {"shared_rank": "1"}),
+    ("model", ["ResNet32_DoubleShared"]),
+    ("dataset", 5),
+]
+
+
+def test_a_hand_edited_field_is_one_line_naming_it(cifar, tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    failures = []
+    for key, value in HAND_EDITS:
+        _resumable(out / f"{STEM}-last.pth", **{key: value})
+        before = digest(out)
+        code, _, err = _train(cifar, out, capsys, "--resume", "--epochs=3")
+        if not (code == 1 and _one_line(err) and f"records {key}=" in err and "altered" in err):
+            failures.append(f"--resume with {key}={value!r}: exit {code}: {err[-300:]}")
+        if digest(out) != before:
+            failures.append(f"--resume with {key}={value!r} changed the folder")
+    assert not failures, "\n".join(failures)
+
+
+def test_eval_of_a_file_whose_model_is_a_list_is_one_line(cifar, tmp_path, capsys):
+    path = tmp_path / "edited.pth"
+    _resumable(path, model=["ResNet32_DoubleShared"])
+    try:
+        code = cli.eval_main("cifar10", [f"--pretrained={path}", f"--dataset_path={cifar}", "--device=cpu"])
+    except SystemExit as e:
+        code = e.code
+    err = capsys.readouterr().err.strip()
+    assert code == 1 and _one_line(err) and "records model=" in err, err
+
+
+def test_a_mid_epoch_position_beyond_the_dataset_is_one_line(cifar, tmp_path, capsys):
+    """Saved at step 5 of an epoch of a larger dataset; the 24 images here make 3 steps of 8."""
+    out = tmp_path / "out"
+    out.mkdir()
+    _resumable(out / f"{STEM}-last.pth", epoch=1, epoch_step=5, epoch_totals=[1.0, 0.0, 1.0, 2.0, 40.0])
+    before = digest(out)
+    code, _, err = _train(cifar, out, capsys, "--resume", "--epochs=3")
+    assert code == 1 and _one_line(err) and "step 5 of epoch 2" in err and "only 3 steps" in err, err
+    assert digest(out) == before

@@ -132,6 +132,13 @@ class TrainingRun:
             heads = head_classes(args.dataset, state_dict_of(self.start.ckpt)) or NUM_CLASSES[args.dataset]
             check_classes(self.loaders, heads, args.dataset_path, self.start.path)
         self.select_loader = self.loaders.val if args.val_split else self.loaders.test
+        steps = len(self.loaders.train)  # of a whole epoch: no pass has started yet
+        if self.start.step >= steps:  # a mid-epoch save of a larger dataset
+            raise RunError(
+                f"checkpoint {self.start.path!r} stopped after step {self.start.step} of epoch {self.state.epoch + 1}, "
+                f"but the data under --dataset_path={args.dataset_path!r} makes only {steps} steps per epoch: resume "
+                f"with the dataset the run was trained on"
+            )
 
     def _setup_model(self) -> None:
         args, model, device = self.args, self.model, self.device

@@ -4,18 +4,20 @@ input reaches a traceback: each bad value or file below ends with one line namin
 
 import hashlib
 import os
+import shutil
 
 import pytest
 import torch
 
 try:
-    from tests.fakedata import write_fake_cifar
+    from tests.fakedata import write_fake_cifar, write_fake_imagefolder
 except ImportError:  # pragma: no cover
-    from fakedata import write_fake_cifar
+    from fakedata import write_fake_cifar, write_fake_imagefolder
 from models import get_model
 from models.pretrained import read_checkpoint
 from utils import checkpoint as C
 from utils import cli
+from utils import data as D
 from utils import train as T
 
 STEM = "CIFAR10-ResNet32_DoubleShared-S1-U1-L10-0"  # the authors' name for the flags below (utils.start.run_stem)
@@ -262,4 +264,64 @@ def test_a_mid_epoch_position_beyond_the_dataset_is_one_line(cifar, tmp_path, ca
     before = digest(out)
     code, _, err = _train(cifar, out, capsys, "--resume", "--epochs=3")
     assert code == 1 and _one_line(err) and "step 5 of epoch 2" in err and "only 3 steps" in err, err
+    assert digest(out) == before
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Data trees and output folders that used to reach a traceback
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tree(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tree")
+    write_fake_imagefolder(root, classes=2, per_class=2, size=36, seed=0)
+    return root
+
+
+def test_hidden_folders_and_files_are_no_classes_or_images(tree, tmp_path):
+    """A notebook's train/.ipynb_checkpoints/ (and macOS ._ files) are not data, as users expect of a folder tree."""
+    from PIL import Image
+
+    root = tmp_path / "tree"
+    shutil.copytree(tree, root)
+    for split in ("train", "val"):
+        hidden = root / split / ".ipynb_checkpoints"
+        hidden.mkdir()
+        Image.new("RGB", (36, 36)).save(hidden / "x.png")
+        (root / split / "n00000000" / "._x.png").write_bytes(b"\x00\x05\x16\x07 AppleDouble")  # not an image
+        (root / split / "n00000000" / ".cache").mkdir()
+        Image.new("RGB", (36, 36)).save(root / split / "n00000000" / ".cache" / "y.png")
+    loaders = D.build_loaders("ilsvrc", str(root), 8, num_workers=0, device=torch.device("cpu"))
+    assert loaders.num_classes == 2  # n00000000 and n00000001
+    assert len(loaders.train.dataset) == 4 and len(loaders.test.dataset) == 4  # 2 classes x 2 images, each split
+    for x, _ in loaders.train:  # the AppleDouble file would be an unreadable image
+        assert x.shape[0] == 4
+
+
+def test_a_decompression_bomb_is_one_line_naming_the_file(tree, tmp_path, capsys, monkeypatch):
+    """PIL refuses images above twice Image.MAX_IMAGE_PIXELS (a security guard that stays on); lowered here so that a
+    64x64 PNG stands in for a 20000x20000 one."""
+    from PIL import Image
+
+    root = tmp_path / "tree"
+    shutil.copytree(tree, root)
+    bomb = root / "train" / "n00000001" / "bomb.png"
+    Image.new("RGB", (64, 64)).save(bomb)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1500)  # 36x36 = 1296 pixels pass, 64x64 = 4096 > 2 x 1500
+    out = tmp_path / "out"
+    argv = ["--model=ResNet18", "--epochs=1", "--batch_size=8", f"--dataset_path={root}", f"--output_dir={out}"]
+    code = cli.train_main("ilsvrc", [*argv, "--device=cpu", "--num_workers=0"])
+    err = capsys.readouterr().err.strip()
+    assert code == 1 and _one_line(err) and str(bomb) in err and "DecompressionBombError" in err, err
+    assert Image.MAX_IMAGE_PIXELS == 1500  # the guard was not turned off
+
+
+def test_a_runs_path_that_is_a_file_is_refused_before_anything_is_written(cifar, tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "runs").write_text("not a folder\n")
+    before = digest(out)
+    code, _, err = _train(cifar, out, capsys)
+    assert code == 1 and _one_line(err) and "runs" in err and "not a directory" in err, err
     assert digest(out) == before

@@ -82,8 +82,10 @@ class TrainingRun:
         self.out_dir, self.stem = args.output_dir, run_stem(args)
         self.best_path = os.path.join(self.out_dir, self.stem + ".pth")
         self.last_path = os.path.join(self.out_dir, self.stem + "-last.pth")
-        if os.path.exists(self.out_dir) and not os.path.isdir(self.out_dir):
-            raise RunError(f"--output_dir={self.out_dir!r} exists and is not a directory")
+        self.tb_dir = os.path.join(self.out_dir, "runs", self.stem)  # TensorBoard's
+        for path in (self.out_dir, os.path.dirname(self.tb_dir), self.tb_dir):
+            if os.path.exists(path) and not os.path.isdir(path):
+                raise RunError(f"{path!r} exists and is not a directory: move it, or pass another --output_dir")
         self.schedule = Schedule.from_recipe(args.lr, args.schedule, args.epochs)
         self.model = build_model(args)  # before the data: ranks that cannot build fail fast
         self.start = distributed.from_main(lambda: decide_start(args, self.last_path, self.schedule))
@@ -235,7 +237,7 @@ class TrainingRun:
             )
         except OSError as e:
             raise RunError(f"cannot write to --output_dir={self.out_dir!r}: {e.strerror or e}") from None
-        self.log.open_tensorboard(os.path.join(self.out_dir, "runs", self.stem))
+        self.log.open_tensorboard(self.tb_dir)
 
     def run(self) -> dict:
         print(self.header())

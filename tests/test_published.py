@@ -557,3 +557,23 @@ def test_hub_pretrained_true(published):
         build_model("ResNet32_SingleShared", pretrained=True)
     with pytest.raises(ValueError, match="not both"):
         build_model("ResNet32_SingleShared", shared_rank=8, pretrained=True, checkpoint=cache_path(row))
+
+
+def test_readme_evaluation_starts_with_the_one_flag_form_and_lists_the_fifteen_files(table, monkeypatch):
+    import re
+    import shlex
+
+    from utils import cli
+
+    monkeypatch.setitem(os.environ, "CUDA_VISIBLE_DEVICES", os.environ.get("CUDA_VISIBLE_DEVICES", "0"))
+    section = (REPO / "README.md").read_text().split("\n## Evaluation\n", 1)[1].split("\n### ", 1)[0]
+    commands = re.findall(r"```bash\n(.*?)```", section, flags=re.S)[0].splitlines()
+    assert commands[0] == "python3 eval_cifar10.py --pretrained=paper --model=ResNet56_DoubleShared"  # the issue's
+    for line in commands:
+        argv = shlex.split(line.replace("<path_to_dataset>", "/data"))
+        dataset = argv[1].removeprefix("eval_").removesuffix(".py")
+        assert cli.parse_eval_args(dataset, argv[2:], prog=argv[1]).published is not None, line
+    for file, _, _ in CIFAR10_FILES.values():
+        assert f"`{file}`" in section
+    assert len(re.findall(r"^\| (CIFAR-10|CIFAR-100|ILSVRC) \|.*\| `[^`]+\.pth` \|", section, flags=re.M)) == 15
+    assert "SHARED_BASES_MIRROR" in section and "<torch.hub.get_dir()>/checkpoints/<file>" in section

@@ -22,7 +22,7 @@ from html.parser import HTMLParser
 import torch
 
 from .atomic import atomic_path, atomic_write_bytes
-from .pretrained import CheckpointError, load_model
+from .pretrained import CheckpointError, error_line, load_model
 from .summary import PaperRow, count_params, params_as_printed
 
 MIRROR_ENV = "SHARED_BASES_MIRROR"
@@ -64,6 +64,8 @@ def fetch(row: PaperRow, progress: bool | None = None) -> str:
             return path
         except _Unavailable as e:
             failures.append(str(e))
+        except OSError as e:  # the cache, not the network
+            raise DownloadError(f"cannot write {path} ({error_line(e)}): set TORCH_HOME to a writable folder") from None
     raise DownloadError(
         f"{'; '.join(failures)}: download {row.weights.file} in a browser from {row.weights.browser_url} and put it "
         f"at {path}"

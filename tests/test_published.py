@@ -419,6 +419,14 @@ def test_no_server_is_one_line_with_the_browser_link_and_the_cache_path(table, m
     assert leftovers(table) == []
 
 
+def test_unwritable_cache_is_one_line(published, tmp_path, monkeypatch):
+    row, _ = published
+    (tmp_path / "not_a_folder").write_text("")
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "not_a_folder"))
+    with pytest.raises(DownloadError, match=r"cannot write .*not_a_folder/hub/checkpoints/.*set TORCH_HOME"):
+        fetch(row)
+
+
 def test_mirror_serves_every_file_with_the_same_checks(server, table, monkeypatch):
     body = authors_file()
     row = set_row(monkeypatch, sha256=sha256(body), size=len(body))

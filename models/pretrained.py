@@ -394,13 +394,25 @@ def build_model(
     unique_rank: int | None = None,
     num_classes: int | None = None,
     checkpoint: Source | dict | None = None,
+    pretrained: bool = False,
 ) -> nn.Module:
     """The hub's entry points: model ``name`` with the weights of ``checkpoint`` (path or dict), in train mode.
-    ``dataset`` may be omitted when the name or the file fixes it; ranks not given come from the file, else defaults."""
+    ``dataset`` may be omitted when the name or the file fixes it; ranks not given come from the file, else defaults.
+    ``pretrained=True``: the paper's published checkpoint of ``name`` at the ranks given (:mod:`models.download`)."""
     name = canonical_name(name)
     registered = datasets_of(name)
     if not registered:
         raise ValueError(unknown_model(name))
+    if pretrained:
+        from .download import fetch  # which imports this module
+        from .summary import published_row
+
+        if checkpoint is not None:
+            raise ValueError("pass either pretrained=True (the paper's published weights) or checkpoint=, not both")
+        if dataset is None and len(registered) > 1:
+            raise ValueError(f"{name} exists for {' and '.join(registered)}: pass dataset= one of them")
+        given = {k: v for k, v in zip(RANK_ARGS, (shared_rank, unique_rank)) if v is not None}
+        checkpoint = fetch(published_row(dataset or registered[0], name, given))
     obj = checkpoint if checkpoint is None or isinstance(checkpoint, dict) else read_checkpoint(checkpoint)
     recorded = obj.get("dataset") if obj is not None and isinstance(obj.get("dataset"), str) else None
     dataset = dataset or recorded or (registered[0] if len(registered) == 1 else None)

@@ -15,6 +15,7 @@ import sys
 from collections.abc import Callable, Sequence
 
 RANK_FLAGS = ("shared_rank", "unique_rank")
+PAPER = "paper"  # --pretrained=paper: the paper's published checkpoint (a file named paper: ./paper)
 _AUTHORS = dict(lr=0.1, momentum=0.9, lambdaR=10.0, unique_rank=1, batch_size=256, dataset_path="./data/")
 # Per dataset: the authors' defaults and recipes (model glob -> schedule, first match wins; a milestone ends a stage;
 # restart: each stage starts from the best weights with a fresh SGD, as the authors' CIFAR-100 script; gammas: the LR
@@ -118,7 +119,11 @@ def _parser(prog: str, defaults: dict) -> argparse.ArgumentParser:
         type=_visible_device,
         help="CUDA_VISIBLE_DEVICES, e.g. 0,1,2,3 (several: DataParallel; default: the environment's or 0)",
     )
-    g.add_argument("--pretrained", help="checkpoint to start from / to evaluate")
+    g.add_argument(
+        "--pretrained",
+        help=f"checkpoint to start from / to evaluate; '{PAPER}': the paper's published checkpoint of --model and "
+        "the rank flags (downloaded once, checked; see models.download)",
+    )
     g.add_argument("--dataset_path", help="dataset root")
     g = p.add_argument_group("added")
     g.add_argument("--device", type=_device, default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
@@ -132,7 +137,7 @@ def _parser(prog: str, defaults: dict) -> argparse.ArgumentParser:
     g.add_argument("--amp", action="store_true", help="mixed precision: bf16 autocast where supported, else fp16")
     g.add_argument("--channels_last", action="store_true", help="NHWC memory format for model and inputs")
     g.add_argument("--compile", action="store_true", help="torch.compile the model (falls back to eager on failure)")
-    p.set_defaults(**defaults)
+    p.set_defaults(**defaults, published=None)  # published: the paper row of --pretrained=paper
     return p
 
 
@@ -215,6 +220,20 @@ def _check_model(parser: argparse.ArgumentParser, dataset: str, name: str | None
     return canonical_name(name) if name is not None else None
 
 
+def _pick_published(parser: argparse.ArgumentParser, args: argparse.Namespace, model: str, ranks: dict) -> None:
+    """``--pretrained=paper``: the published row of ``model`` at ``ranks`` (status 2 naming the dataset's rows when
+    there is none); ``--pretrained`` becomes its cache path, where :func:`utils.start.pretrained_path` fetches it."""
+    from models.download import cache_path
+    from models.summary import published_row
+
+    try:
+        row = published_row(args.dataset, model, ranks)
+    except ValueError as e:
+        parser.error(f"--pretrained={PAPER}: {e}")
+    args.pretrained, args.published, args.model = cache_path(row), row.row, row.model
+    args.__dict__.update(dict(row.ranks))
+
+
 def _under_torchrun() -> bool:
     try:
         return int(os.environ.get("WORLD_SIZE", "1")) > 1
@@ -242,6 +261,8 @@ def parse_train_args(dataset: str, argv: Sequence[str] | None = None, prog: str 
             "--resume and --pretrained are exclusive (--resume continues this run; --pretrained starts "
             "from another checkpoint)"
         )
+    if args.pretrained == PAPER:
+        _pick_published(parser, args, args.model, {k: getattr(args, k) for k in RANK_FLAGS})
     recipes = vars(args).pop("recipes")
     recipe = next((dict(r) for glob, r in recipes.items() if fnmatch.fnmatch(args.model, glob)), None)
     if recipe is None:
@@ -263,6 +284,9 @@ def parse_eval_args(dataset: str, argv: Sequence[str] | None = None, prog: str |
     if not args.pretrained:
         parser.error("--pretrained=<checkpoint> is required (there is nothing to evaluate without weights)")
     args.model = _check_model(parser, args.dataset, args.model)
+    if args.pretrained == PAPER:
+        given = {k: getattr(args, k) for k in RANK_FLAGS if getattr(args, k) is not None}
+        _pick_published(parser, args, args.model or args.fallback["model"], given)
     _resolve_visible_device(args)
     return args
 

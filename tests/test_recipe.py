@@ -2,7 +2,8 @@
 
 The step: runs started from the same weights on one batch differ, when only ``--weight_decay`` or only ``--lambdaR``
 differs, by exactly what SGD with weight decay on every parameter and the orthogonality regulariser (re-implemented
-here from SPEC section 4) predict. The schedule: the learning rate each epoch of full-length runs receives.
+here from SPEC section 4) predict. The schedule: the learning rate each epoch of a full-length run of each
+training script receives.
 """
 
 import os
@@ -13,9 +14,9 @@ import pytest
 import torch
 
 try:
-    from tests.fakedata import write_fake_cifar
+    from tests.fakedata import write_fake_cifar, write_fake_imagefolder
 except ImportError:  # pragma: no cover
-    from fakedata import write_fake_cifar
+    from fakedata import write_fake_cifar, write_fake_imagefolder
 
 from models import get_model
 from utils import cli, train
@@ -219,3 +220,21 @@ def test_cifar100_run_gets_the_papers_lr_and_restarts_every_epoch(tiny_cifar, tm
     new_sgd = [e for e in range(2, 301) if seen[e - 1]["optimizer"] is not seen[e - 2]["optimizer"]]
     assert new_sgd == [151, 226]
     assert "Stage 2 from epoch 151: restarting from" in out and "Stage 3 from epoch 226: restarting from" in out
+
+
+# SPEC section 5, ILSVRC: "ResNets: lr e <= 60, x0.1 61-100, x0.01 101-140, x0.001 141-150. MobileNetV2_Shared: x0.1
+# after 150, 225, 285" (150 and 300 epochs), with the README command's weight decay 1e-4
+ILSVRC_LR = {
+    "ResNet34_DoubleShared": [0.1] * 60 + [0.01] * 40 + [0.001] * 40 + [0.0001] * 10,
+    "MobileNetV2_Shared": [0.1] * 150 + [0.01] * 75 + [0.001] * 60 + [0.0001] * 15,
+}
+
+
+@pytest.mark.parametrize("model", list(ILSVRC_LR))
+def test_ilsvrc_run_gets_the_papers_lr_every_epoch(model, tmp_path, monkeypatch, capsys):
+    data = write_fake_imagefolder(tmp_path / "in", classes=2, per_class=1, size=32)
+    argv = [f"--model={model}", "--lr=0.1", "--momentum=0.9", "--weight_decay=1e-4", "--lambdaR=10", "--shared_rank=1"]
+    seen, _ = _record_schedule("train_ilsvrc.py", argv, data, tmp_path, monkeypatch, capsys)
+    assert [s["groups"][0]["lr"] for s in seen] == pytest.approx(ILSVRC_LR[model], rel=1e-12)
+    _check_sgd(seen, weight_decay=1e-4)
+    assert all(s["optimizer"] is seen[0]["optimizer"] for s in seen)

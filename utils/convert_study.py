@@ -4,7 +4,8 @@ Fashion-MNIST (Debian's ``dataset-fashion-mnist``: ``/usr/share/datasets/fashion
 CIFAR-10's on-disk pickle layout (28x28 grey zero-padded to 32x32, the grey copied into 3 channels; a seeded random
 subset of ``--n_train`` / ``--n_test`` images), then, with the project's own scripts run in process:
 
-1. a plain ResNet32 trains for ``--epochs`` epochs (lr 0.1, the CIFAR-10 recipe's milestones scaled);
+1. a plain ResNet32 trains for ``--epochs`` epochs (lr ``--lr``, x0.1 at half and at three quarters of the run: the
+   CIFAR-10 recipe's milestones, scaled);
 2. its last checkpoint converts (``models.convert``, basis BN calibrated on ``--calibrate`` training images) into
    ResNet32_DoubleShared at each ``--ranks`` S, unique rank 1; each is evaluated before fine-tuning and after one
    fine-tuning epoch (``--pretrained``, lr ``--finetune_lr``);
@@ -125,11 +126,12 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m utils.convert_study", description=__doc__.split("\n\n")[0])
     p.add_argument("--fashion", default=FASHION, help="folder of Fashion-MNIST's four idx .gz files")
     p.add_argument("--out_dir", default="./convert_study", help="data, checkpoints and study.log go here")
-    p.add_argument("--n_train", type=int, default=600)
-    p.add_argument("--n_test", type=int, default=300)
-    p.add_argument("--epochs", type=int, default=3, help="of the plain run")
+    p.add_argument("--n_train", type=int, default=400)
+    p.add_argument("--n_test", type=int, default=200)
+    p.add_argument("--epochs", type=int, default=4, help="of the plain run")
     p.add_argument("--ranks", default="4,8,16", help="shared ranks S of ResNet32_DoubleShared (unique rank 1)")
-    p.add_argument("--batch_size", type=int, default=32)
+    p.add_argument("--batch_size", type=int, default=16)
+    p.add_argument("--lr", type=float, default=0.05, help="of the plain and the from-scratch runs")
     p.add_argument("--finetune_lr", type=float, default=0.01)
     p.add_argument("--calibrate", type=int, default=256, help="training images that calibrate the basis BN")
     p.add_argument("--seed", type=int, default=0)
@@ -143,7 +145,7 @@ def main(argv=None) -> int:
         args.fashion, os.path.join(args.out_dir, "data"), args.n_train, args.n_test, args.seed
     )
     study, start = Study(args), time.time()
-    recipe = ["--lr=0.1", "--momentum=0.9", "--weight_decay=5e-4", "--lambdaR=10"]
+    recipe = [f"--lr={args.lr}", "--momentum=0.9", "--weight_decay=5e-4", "--lambdaR=10"]
     plain = study.train("plain", [f"--model={PLAIN}", f"--epochs={args.epochs}", *recipe])
     plain_top1 = study.top1(plain)
     print(f"plain {PLAIN}, {args.epochs} epochs: top-1 {plain_top1:.2f}", flush=True)
@@ -168,8 +170,8 @@ def main(argv=None) -> int:
     print("\n".join(rows))
     print(
         f"\nFashion-MNIST subset: {args.n_train} training / {args.n_test} test images; batch {args.batch_size}, "
-        f"seed {args.seed}, fine-tuning lr {args.finetune_lr}, basis BN calibrated on {args.calibrate} images; "
-        f"{time.time() - start:.0f} s"
+        f"seed {args.seed}, lr {args.lr}, fine-tuning lr {args.finetune_lr}, basis BN calibrated on "
+        f"{args.calibrate} images; {time.time() - start:.0f} s"
     )
     return 0
 

@@ -277,7 +277,7 @@ def load_plain(
     )
     if dataset is not None and file_dataset is not None and dataset != file_dataset:
         raise ConversionError(
-            f"{path!r} holds a {file_dataset} network, not a {dataset} one; pass --dataset {file_dataset}"
+            f"{path!r} holds a network trained on {file_dataset}, not {dataset}; pass --dataset {file_dataset}"
         )
     dataset = dataset or file_dataset or (targets[0] if len(targets) == 1 else None)
     if dataset is None:

@@ -297,3 +297,56 @@ def test_bad_input_is_one_line_and_writes_nothing(plain_files, tmp_path, capsys,
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and needle in err, err
     assert not out.exists()
+
+
+@pytest.mark.slow
+def test_converted_file_fine_tunes_and_evaluates_with_the_scripts(plain_files, tmp_path):
+    """The issue's promise, end to end: convert (calibrated) -> train_cifar10.py --pretrained -> eval_cifar10.py."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from fakedata import write_fake_cifar
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "CI": "1", "OMP_NUM_THREADS": "1"}
+
+    def run(*argv):
+        done = subprocess.run([sys.executable, *argv], cwd=repo, env=env, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-2000:]
+        return done.stdout
+
+    write_fake_cifar(tmp_path / "data", "cifar10", n_train=32, n_test=32)
+    data = str(tmp_path / "data")
+    root, _ = plain_files
+    out = tmp_path / "shared.pth"
+    ranks = ["--shared_rank=2", "--unique_rank=1"]
+    flags = ["--calibrate=16", f"--dataset_path={data}"]
+    printed = run(
+        "-m",
+        "models.convert",
+        f"--from={root / 'ours.pth'}",
+        "--model=ResNet32_DoubleShared",
+        *ranks,
+        *flags,
+        f"--out={out}",
+    )
+    assert "calibrated on 16 images" in printed
+    common = [f"--dataset_path={data}", "--device=cpu", "--num_workers=0", "--batch_size=16"]
+    run("eval_cifar10.py", f"--pretrained={out}", *common)  # ranks and model read from the file
+    tuned = tmp_path / "tuned"
+    trained = run(
+        "train_cifar10.py",
+        f"--pretrained={out}",
+        "--model=ResNet32_DoubleShared",
+        *ranks,
+        "--epochs=1",
+        "--lr=0.01",
+        f"--output_dir={tuned}",
+        *common,
+    )
+    assert f"Starting from {out}" in trained
+    best = json.loads(trained.strip().splitlines()[-1])["best_checkpoint"]
+    scored = json.loads(run("eval_cifar10.py", f"--pretrained={best}", *common).strip().splitlines()[-1])
+    assert scored["model"] == "ResNet32_DoubleShared" and scored["model_kwargs"] == {"shared_rank": 2, "unique_rank": 1}

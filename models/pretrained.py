@@ -31,6 +31,7 @@ from .registry import (
 )
 
 _PREFIXES = ("module.", "_orig_mod.")
+FORMAT_VERSION = 1  # of this project's checkpoint dict (utils.checkpoint writes it; models.convert too)
 Source = str | os.PathLike
 
 

@@ -308,7 +308,8 @@ def count_macs(model: nn.Module, input_size: tuple | None = None) -> int:
     was_training = model.training
     try:
         model.eval()
-        model(torch.zeros(1, *(input_size or model.cfg.input_size), device=next(model.parameters()).device))
+        weight = next(model.parameters())
+        model(torch.zeros(1, *(input_size or model.cfg.input_size), device=weight.device, dtype=weight.dtype))
     finally:
         for h in handles:
             h.remove()

@@ -367,19 +367,19 @@ def test_load_model_mismatches_name_the_right_flags(tmp_path, one_thread):
     ours, authors = str(tmp_path / "ours.pth"), str(tmp_path / "authors.pth")
     C.save_checkpoint(C.make_checkpoint(model, None, epoch=1, acc=1.0), ours)
     torch.save({"net_state_dict": model.state_dict(), "acc": torch.tensor(1.0), "epoch": 1}, authors)
-    fits = "pass --shared_rank=2 --unique_rank=1"
+    fits = "pass shared_rank=2, unique_rank=1"  # Python keywords: load_model is called from Python
     for path, kw in ((ours, {}), (authors, {"model": "ResNet32_DoubleShared", "dataset": "cifar10"})):
         with pytest.raises(P.CheckpointError, match=fits) as e:
             P.load_model(path, **kw, shared_rank=4)
-        assert "not --shared_rank=4" in str(e.value)
+        assert "not shared_rank=4;" in str(e.value)
         with pytest.raises(P.CheckpointError, match=fits):
             P.load_model(path, **kw, shared_rank=2, unique_rank=3)
-    with pytest.raises(P.CheckpointError, match="pass --model=ResNet32_DoubleShared --shared_rank=2 --unique_rank=1"):
+    with pytest.raises(P.CheckpointError, match='pass model="ResNet32_DoubleShared", shared_rank=2, unique_rank=1'):
         P.load_model(ours, model="ResNet56_DoubleShared")
     with pytest.raises(P.CheckpointError, match="trained on cifar10"):
         P.load_model(ours, dataset="cifar100")
     with pytest.raises(
-        P.CheckpointError, match="the file fits --model=ResNet32_DoubleShared --shared_rank=2 --unique_rank=1"
+        P.CheckpointError, match='the file fits model="ResNet32_DoubleShared", shared_rank=2, unique_rank=1'
     ):
         P.load_model(authors, model="ResNet20", dataset="cifar10")
     with pytest.raises(P.CheckpointError, match="records no dataset"):

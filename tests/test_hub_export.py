@@ -165,14 +165,14 @@ def test_hub_load_without_checkpoint_and_clear_errors(tmp_path):
     torch.manual_seed(0)
     src = get_model("ResNet32_DoubleShared", "cifar10", shared_rank=4, unique_rank=2)
     authors = _authors_file(src, tmp_path / "a.pth")
-    with pytest.raises(CheckpointError, match="--shared_rank=4 --unique_rank=2"):  # the caller's ranks win, and fail
+    with pytest.raises(CheckpointError, match="shared_rank=4, unique_rank=2"):  # the caller's ranks win, and fail
         _hub_load("ResNet32_DoubleShared", shared_rank=8, unique_rank=2, checkpoint=authors)
     with pytest.raises(CheckpointError, match="at any ranks"):
         _hub_load("ResNet56_DoubleShared", checkpoint=authors)
     project = _project_file(src, tmp_path / "p.pth")
     with pytest.raises(
         CheckpointError,
-        match="holds a ResNet32_DoubleShared, not a ResNet56_DoubleShared; pass --model=ResNet32_DoubleShared",
+        match='holds a ResNet32_DoubleShared, not a ResNet56_DoubleShared; pass model="ResNet32_DoubleShared"',
     ):
         _hub_load("ResNet56_DoubleShared", checkpoint=project)
     with pytest.raises(CheckpointError, match="does not exist"):

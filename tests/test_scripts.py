@@ -748,3 +748,32 @@ def test_authors_hyphen_model_spelling_and_closest_name(capsys):
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert e.value.code == 2
     assert "unknown --model 'ResNet56_DubleShared' for cifar10 (did you mean ResNet56_DoubleShared?); valid" in err
+
+
+@pytest.mark.slow  # about 3 s: the ILSVRC models' layouts are built to find what the file fits
+def test_errors_speak_python_in_python_and_flags_in_the_scripts(tmp_path, capsys, monkeypatch):
+    """Issue 27: load_model names keyword arguments, the scripts their flags; the ILSVRC eval of a CIFAR-10 file
+    names the dataset and model the file fits (in process: the file is refused before any data is read)."""
+    from models.pretrained import CheckpointError, load_model
+    from utils import cli
+
+    torch.manual_seed(0)
+    authors = tmp_path / "authors.pth"  # the authors' format: weights only, no record of model or dataset
+    torch.save(
+        {"net_state_dict": get_model("ResNet32_DoubleShared", "cifar10", shared_rank=2, unique_rank=1).state_dict()},
+        authors,
+    )
+    with pytest.raises(CheckpointError) as e:
+        load_model(authors, dataset="cifar10")
+    assert 'the file fits model="ResNet32_DoubleShared", shared_rank=2, unique_rank=1' in str(e.value)
+    assert "--" not in str(e.value)
+    with pytest.raises(CheckpointError, match='fits dataset="cifar10", model="ResNet32_DoubleShared"'):
+        load_model(authors)
+    monkeypatch.setitem(os.environ, "CUDA_VISIBLE_DEVICES", os.environ.get("CUDA_VISIBLE_DEVICES", "0"))
+    flags = [f"--pretrained={authors}", f"--dataset_path={tmp_path / 'none'}", *COMMON]
+    assert cli.eval_main("cifar10", [*flags, "--model=ResNet32_DoubleShared", "--shared_rank=4"]) == 1
+    assert "pass --shared_rank=2 --unique_rank=1\n" in capsys.readouterr().err
+    assert cli.eval_main("ilsvrc", flags) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert "fits --model=ResNet32_DoubleShared --shared_rank=2 --unique_rank=1 with the cifar10 scripts" in err

@@ -260,6 +260,7 @@ def run(main: Callable, args, prog: str | None = None, exiting: bool = False) ->
     """Call ``main(args)``: a user error is one stderr line and status 1, an interrupt one line and 130/143
     (``exiting``: the process ends after, so later signals are ignored)."""
     from models.pretrained import CheckpointError
+    from models.registry import flag_wording
     from utils.data import DatasetError
     from utils.distributed import DistError
     from utils.engine import Interrupted, RunError
@@ -270,7 +271,8 @@ def run(main: Callable, args, prog: str | None = None, exiting: bool = False) ->
     with contextlib.suppress(AttributeError, ValueError):
         sys.stdout.reconfigure(line_buffering=True)  # so that logs piped through tee show up as they happen
     try:
-        main(args)
+        with flag_wording("scripts"):  # checkpoint errors name this script's flags, not Python keywords
+            main(args)
     except (CheckpointError, DatasetError, RunError, DistError) as e:
         sys.stdout.flush()
         sys.stderr.write(f"{tag}error: {_one_line(e)}\n")  # one write: ranks' lines do not interleave

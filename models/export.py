@@ -218,8 +218,8 @@ def _print_report(args, model: nn.Module, r: dict) -> None:
     )
     print(f"  params   {count('params')}\n  MACs     {count('macs')}  (batch 1)")
     print(
-        f"  check    {len(r['batch_sizes'])} random batches {r['batch_sizes']} vs the unfolded model: max abs diff "
-        f"{r['max_abs_diff']:.2e}, max rel diff {r['max_rel_diff']:.2e} (limit {RTOL:g})"
+        f"  check    passed: max rel diff {r['max_rel_diff']:.2e} (limit {RTOL:g}; max abs diff "
+        f"{r['max_abs_diff']:.2e}) on {len(r['batch_sizes'])} random batches {r['batch_sizes']} vs the unfolded model"
     )
     if r["onnx"]:
         checked = (

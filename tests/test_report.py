@@ -40,6 +40,7 @@ def runs(tmp_path_factory):
         with redirect_stdout(buf):
             assert cli.train_main("cifar10", argv + common) == 0
         results[name] = json.loads(buf.getvalue().strip().splitlines()[-1])
+        results[name + " stdout"] = buf.getvalue()
     return out, results
 
 
@@ -125,3 +126,32 @@ def test_args_json_and_checkpoints_record_how_to_reproduce_the_run(runs):
     head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True)
     if head.returncode == 0:  # a git checkout (CI clones one): the commit the run's code came from
         assert recorded["git_commit"] == head.stdout.strip() and isinstance(recorded["git_dirty"], bool)
+
+
+def test_a_run_prints_where_its_args_and_tensorboard_logs_go(runs):
+    """Issue 27: the printout names the -args.json file and the TensorBoard folder, <output_dir>/runs/<name>."""
+    out, results = runs
+    stem = "CIFAR10-ResNet20-S16-U1-L10-0"
+    line = next(x for x in results["plain stdout"].splitlines() if x.startswith("Run files: "))
+    args_json, logs = os.path.join(out, f"{stem}-args.json"), os.path.join(out, "runs", stem)
+    assert f" {args_json} " in line and line.endswith(f"TensorBoard logs: {logs}")
+    assert os.path.isfile(args_json) and os.listdir(logs)
+
+
+def test_a_new_run_gets_a_fresh_tensorboard_folder_and_resume_appends(tmp_path):
+    """Issue 27 (chosen and documented in README): a rerun does not append to an earlier run's event files."""
+    from utils.runlog import tensorboard_dir
+
+    stem, runs_dir = "CIFAR10-ResNet20-S16-U1-L10-0", tmp_path / "runs"
+    first = str(runs_dir / stem)
+    assert tensorboard_dir(str(tmp_path), stem, resume=False) == first  # nothing there yet
+    assert tensorboard_dir(str(tmp_path), stem, resume=True) == first
+    os.makedirs(first)
+    assert tensorboard_dir(str(tmp_path), stem, resume=False) == first  # an empty folder holds no earlier run
+    (runs_dir / stem / "events.out.tfevents.1").write_bytes(b"x")
+    assert tensorboard_dir(str(tmp_path), stem, resume=False) == first + "-run2"
+    assert tensorboard_dir(str(tmp_path), stem, resume=True) == first
+    os.makedirs(first + "-run2")
+    (runs_dir / f"{stem}-run2" / "events.out.tfevents.2").write_bytes(b"x")
+    assert tensorboard_dir(str(tmp_path), stem, resume=False) == first + "-run3"
+    assert tensorboard_dir(str(tmp_path), stem, resume=True) == first + "-run2"  # the run being continued

@@ -125,8 +125,13 @@ def _check_dataset(dataset: str) -> None:
 
 
 def canonical_name(name: str) -> str:
-    """The registered spelling of ``name``: the authors' README also writes ``ResNet56-DoubleShared``."""
-    return name.replace("-", "_")
+    """The registered spelling of ``name``: the authors' README also writes ``ResNet56-DoubleShared``, and a name
+    that differs from one registered name only in case (``Resnet56_doubleshared``) means that name."""
+    name = name.replace("-", "_")
+    if any(n == name for _, n in _REGISTRY):
+        return name
+    same = {n for _, n in _REGISTRY if n.lower() == name.lower()}
+    return same.pop() if len(same) == 1 else name
 
 
 def unknown_model(name: str, dataset: str | None = None) -> str:

@@ -534,7 +534,7 @@ def test_bad_inputs(shared_runs, data, tmp_path):
         (["--epochs=0"], "--epochs"),
         (["--num_workers=-1"], "--num_workers"),
         (["--device=gpu"], "--device"),
-        (["--model=resnet56"], "valid names"),
+        (["--model=resnet57"], "valid names"),  # a case-only variant (resnet56) is accepted
         (["--epochs=5", "--starting_epoch=5"], "--starting_epoch"),
         (["--resume", "--pretrained=x.pth"], "exclusive"),
     ],
@@ -777,3 +777,23 @@ def test_errors_speak_python_in_python_and_flags_in_the_scripts(tmp_path, capsys
     err = capsys.readouterr().err
     assert err.count("\n") == 1
     assert "fits --model=ResNet32_DoubleShared --shared_rank=2 --unique_rank=1 with the cifar10 scripts" in err
+
+
+def test_a_flag_without_its_dashes_and_a_model_name_in_other_case(capsys):
+    """Issue 27: ``lambdaR=10`` (the authors' README drops a ``--`` too) says which flag was meant; a --model name
+    that differs from a registered one only in case is that model; an ambiguous or unknown word is still refused."""
+    from models import get_model
+    from utils import cli
+
+    for argv, hint in ((["lambdaR=10"], "--lambdaR=10"), (["--lambdar=10"], "--lambdaR=10"), (["-seed=3"], "--seed=3")):
+        with pytest.raises(SystemExit) as e:
+            cli.parse_train_args("cifar10", argv, prog="train_cifar10.py")
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and f"unrecognized arguments: {argv[0]} (did you mean {hint}?)" in err
+    with pytest.raises(SystemExit):
+        cli.parse_train_args("cifar10", ["results.txt"], prog="train_cifar10.py")
+    assert "did you mean" not in capsys.readouterr().err
+    args = cli.parse_train_args("cifar10", ["--model=Resnet56_doubleshared"], prog="train_cifar10.py")
+    assert args.model == "ResNet56_DoubleShared"
+    assert cli.parse_eval_args("cifar100", ["--pretrained=x.pth", "--model=resnext50"]).model == "ResNext50"
+    assert get_model("resnet20", "cifar10").cfg.name == "ResNet20"

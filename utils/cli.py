@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import difflib
 import fnmatch
 import os
 import re
@@ -59,6 +60,24 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message: str):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+    def parse_args(self, args=None, namespace=None):
+        namespace, extras = self.parse_known_args(args, namespace)
+        if extras:
+            self.error(f"unrecognized arguments: {' '.join(extras)}{flag_hint(self, extras)}")
+        return namespace
+
+
+def flag_hint(parser: argparse.ArgumentParser, extras: Sequence[str]) -> str:
+    """`` (did you mean --lambdaR=10?)`` for the first unrecognized word that names a flag without its ``--`` (the
+    authors' README writes ``visible_device=0,1,2,3``) or misspells one; '' when none does."""
+    flags = [s for s in parser._option_string_actions if s.startswith("--")]
+    for word in extras:
+        name, eq, value = word.lstrip("-").partition("=")
+        close = difflib.get_close_matches(f"--{name}", flags, n=1, cutoff=0.8)
+        if close:
+            return f" (did you mean {close[0]}{eq}{value}?)"
+    return ""
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):

@@ -13,6 +13,7 @@ import torch.nn as nn
 from models import get_model
 from models import pretrained as P
 from models.atomic import _umask
+from models.registry import flag_wording
 from utils import checkpoint as C
 
 
@@ -231,7 +232,9 @@ def test_identity_check(tmp_path):
     P.check_identity(obj, "f", dataset="cifar10", model=None)
     with pytest.raises(P.CheckpointError, match="trained on cifar10"):
         P.check_identity(obj, "f", dataset="cifar100")
-    with pytest.raises(P.CheckpointError, match="--model=ResNet32_DoubleShared"):
+    with pytest.raises(P.CheckpointError, match='pass model="ResNet32_DoubleShared"'):  # Python's words
+        P.check_identity(obj, "f", dataset="cifar10", model="ResNet20")
+    with flag_wording(), pytest.raises(P.CheckpointError, match="pass --model=ResNet32_DoubleShared"):  # the scripts'
         P.check_identity(obj, "f", dataset="cifar10", model="ResNet20")
 
 
@@ -416,10 +419,10 @@ def test_hostile_recorded_ranks_are_refused_before_any_model_is_built(tmp_path, 
         P.load_model(path)
     assert time.perf_counter() - start < 0.8
     message = str(e.value)
-    assert "\n" not in message and "records --shared_rank=10000000 --unique_rank=1" in message
-    assert "its tensors hold --shared_rank=1 --unique_rank=1" in message
+    assert "\n" not in message and "records shared_rank=10000000, unique_rank=1" in message  # Python's words
+    assert "its tensors hold shared_rank=1, unique_rank=1" in message
     assert all(kw.get("shared_rank", 0) <= 32 for kw in built)  # only the default-size probes were built
-    with pytest.raises(P.CheckpointError, match="records --shared_rank=10000000"):
+    with pytest.raises(P.CheckpointError, match="records shared_rank=10000000"):
         P.build_model("ResNet32_DoubleShared", checkpoint=path)
 
 

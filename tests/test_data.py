@@ -134,6 +134,11 @@ def test_dataset_path_one_level_off(tmp_path, monkeypatch):
     with pytest.raises(D.DatasetError) as e:
         D.load_cifar(os.path.join(batches, "test_batch"), "cifar10", train=False)
     assert "is a file, not a folder" in _one_line(e)
+    empty = tmp_path / "other" / "cifar-10-batches-py"  # an empty batch folder: the files go into it, not below it
+    empty.mkdir(parents=True)
+    with pytest.raises(D.DatasetError) as e:
+        D.load_cifar(empty, "cifar10", train=False, download=False)
+    assert f"in {str(empty) + os.sep!r}" in _one_line(e) and "batches-py/cifar-10-batches-py" not in _one_line(e)
 
 
 def test_a_failed_download_leaves_no_empty_folders(tmp_path, monkeypatch):

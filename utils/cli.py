@@ -56,7 +56,8 @@ DEFAULTS = {
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse, but errors are one line (no usage block), so logs and tests see a single message."""
+    """argparse, but errors are one line (no usage block), so logs and tests see a single message, and a word that
+    names a flag without its ``--`` gets a did-you-mean hint."""
 
     def error(self, message: str):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")

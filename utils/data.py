@@ -145,9 +145,14 @@ def _holds_files(folder: str, dataset: str) -> bool:
 
 
 def cifar_folder(root: str, dataset: str) -> str:
-    """The folder of the batch files: ``<root>/cifar-10-batches-py``, or ``root`` itself when it is that folder."""
-    nested = os.path.join(root, _CIFAR_LAYOUT[dataset][0])
-    return root if not _holds_files(nested, dataset) and _holds_files(root, dataset) else nested
+    """The folder of the batch files: ``<root>/cifar-10-batches-py``, or ``root`` itself when it is that folder (it
+    holds the files, or bears the name)."""
+    subdir = _CIFAR_LAYOUT[dataset][0]
+    nested = os.path.join(root, subdir)
+    if _holds_files(nested, dataset):
+        return nested
+    itself = _holds_files(root, dataset) or os.path.basename(os.path.abspath(root)) == subdir
+    return root if itself else nested
 
 
 def _nearby_root(root: str, dataset: str) -> str | None:
@@ -182,11 +187,8 @@ def load_cifar(root: PathLike, dataset: str, train: bool, *, download: bool = Tr
                 f"no {dataset} files in {base + os.sep!r}, but {cifar_folder(nearby, dataset) + os.sep!r} "
                 f"holds them: did you mean --dataset_path={nearby}?"
             )
-        if download:  # into the parent when root is an empty cifar-10-batches-py/, so that the files land in it
-            target = (
-                os.path.dirname(os.path.abspath(root)) if os.path.basename(os.path.abspath(root)) == subdir else root
-            )
-            reason = _try_download(target, dataset)
+        if download:  # the archive unpacks into <parent of base>/cifar-10-batches-py/
+            reason = _try_download(os.path.dirname(os.path.abspath(base)), dataset)
             base = cifar_folder(root, dataset)
     paths = [os.path.join(base, name) for name in names]
     missing = [p for p in paths if not os.path.isfile(p)]
@@ -199,7 +201,7 @@ def load_cifar(root: PathLike, dataset: str, train: bool, *, download: bool = Tr
         )
         raise DatasetError(
             f"{dataset} file {missing[0]!r} not found: put {needed} in {base + os.sep!r} ({how}download "
-            f"{CIFAR_URLS[dataset]} and extract it into {root!r})"
+            f"{CIFAR_URLS[dataset]} and extract it into {os.path.dirname(os.path.abspath(base))!r})"
         )
     parts = [_read_cifar_file(p, label_key, NUM_CLASSES[dataset]) for p in paths]
     data, labels = np.concatenate([d for d, _ in parts]), np.concatenate([lab for _, lab in parts])

@@ -33,7 +33,7 @@ from .pretrained import (
     _layout,
     _shape_mismatch,
     _SkipInit,
-    guess_model_flags,
+    guess_fit,
     head_classes,
     read_checkpoint,
     state_dict_of,
@@ -298,9 +298,11 @@ def load_plain(
             f"({problem}): only torchvision's resnet34 converts"
         )
     if problem:
-        guess = guess_model_flags(dataset, state)
-        if guess is not None:
-            raise ConversionError(_wrong_plain(path, guess.split()[0].split("=")[1], dataset, target, guess))
+        guess = guess_fit(state, dataset)
+        if guess is not None and "dataset" not in guess:
+            ranks = {k: v for k, v in guess.items() if k != "model"}
+            flags = " ".join([f"--model={guess['model']}", rank_flags(ranks)]).strip()
+            raise ConversionError(_wrong_plain(path, guess["model"], dataset, target, flags))
         raise ConversionError(f"{path!r} is not a {dataset} {plain} ({problem}); check the file and --dataset")
     try:
         with _SkipInit():  # every tensor is written next

@@ -324,7 +324,9 @@ def test_unknown_hash_file_that_is_not_the_rows_model_is_refused(server, table, 
     row = set_row(monkeypatch, on_github=False, sha256=None, size=None)
     wrong = authors_file(shared_rank=16, unique_rank=1)  # the S16U1 row's model, served for S8U1
     drive_dance(server, row.weights.drive_id, wrong)
-    with pytest.raises(DownloadError, match=r"is not the published ResNet32-S8U1 \(cifar10\).*--shared_rank=16"):
+    with pytest.raises(
+        DownloadError, match=r"is not the published ResNet32-S8U1 \(cifar10\).*shared_rank=16, unique_rank=1"
+    ):
         fetch(row)
     assert leftovers(table) == []  # neither the file nor a record
     # a file put there by hand is checked the same way

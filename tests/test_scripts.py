@@ -539,7 +539,7 @@ def test_bad_inputs(shared_runs, data, tmp_path):
         (["--epochs=0"], "--epochs"),
         (["--num_workers=-1"], "--num_workers"),
         (["--device=gpu"], "--device"),
-        (["--model=resnet56"], "valid names"),
+        (["--model=resnet57"], "valid names"),  # a case-only variant (resnet56) is accepted
         (["--epochs=5", "--starting_epoch=5"], "--starting_epoch"),
         (["--resume", "--pretrained=x.pth"], "exclusive"),
     ],
@@ -753,3 +753,52 @@ def test_authors_hyphen_model_spelling_and_closest_name(capsys):
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert e.value.code == 2
     assert "unknown --model 'ResNet56_DubleShared' for cifar10 (did you mean ResNet56_DoubleShared?); valid" in err
+
+
+@pytest.mark.slow  # about 3 s: the ILSVRC models' layouts are built to find what the file fits
+def test_errors_speak_python_in_python_and_flags_in_the_scripts(tmp_path, capsys, monkeypatch):
+    """Issue 27: load_model names keyword arguments, the scripts their flags; the ILSVRC eval of a CIFAR-10 file
+    names the dataset and model the file fits (in process: the file is refused before any data is read)."""
+    from models.pretrained import CheckpointError, load_model
+    from utils import cli
+
+    torch.manual_seed(0)
+    authors = tmp_path / "authors.pth"  # the authors' format: weights only, no record of model or dataset
+    torch.save(
+        {"net_state_dict": get_model("ResNet32_DoubleShared", "cifar10", shared_rank=2, unique_rank=1).state_dict()},
+        authors,
+    )
+    with pytest.raises(CheckpointError) as e:
+        load_model(authors, dataset="cifar10")
+    assert 'the file fits model="ResNet32_DoubleShared", shared_rank=2, unique_rank=1' in str(e.value)
+    assert "--" not in str(e.value)
+    with pytest.raises(CheckpointError, match='fits dataset="cifar10", model="ResNet32_DoubleShared"'):
+        load_model(authors)
+    monkeypatch.setitem(os.environ, "CUDA_VISIBLE_DEVICES", os.environ.get("CUDA_VISIBLE_DEVICES", "0"))
+    flags = [f"--pretrained={authors}", f"--dataset_path={tmp_path / 'none'}", *COMMON]
+    assert cli.eval_main("cifar10", [*flags, "--model=ResNet32_DoubleShared", "--shared_rank=4"]) == 1
+    assert "pass --shared_rank=2 --unique_rank=1\n" in capsys.readouterr().err
+    assert cli.eval_main("ilsvrc", flags) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert "fits --model=ResNet32_DoubleShared --shared_rank=2 --unique_rank=1 with the cifar10 scripts" in err
+
+
+def test_a_flag_without_its_dashes_and_a_model_name_in_other_case(capsys):
+    """Issue 27: ``lambdaR=10`` (the authors' README drops a ``--`` too) says which flag was meant; a --model name
+    that differs from a registered one only in case is that model; an ambiguous or unknown word is still refused."""
+    from models import get_model
+    from utils import cli
+
+    for argv, hint in ((["lambdaR=10"], "--lambdaR=10"), (["--lambdar=10"], "--lambdaR=10"), (["-seed=3"], "--seed=3")):
+        with pytest.raises(SystemExit) as e:
+            cli.parse_train_args("cifar10", argv, prog="train_cifar10.py")
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and f"unrecognized arguments: {argv[0]} (did you mean {hint}?)" in err
+    with pytest.raises(SystemExit):
+        cli.parse_train_args("cifar10", ["results.txt"], prog="train_cifar10.py")
+    assert "did you mean" not in capsys.readouterr().err
+    args = cli.parse_train_args("cifar10", ["--model=Resnet56_doubleshared"], prog="train_cifar10.py")
+    assert args.model == "ResNet56_DoubleShared"
+    assert cli.parse_eval_args("cifar100", ["--pretrained=x.pth", "--model=resnext50"]).model == "ResNext50"
+    assert get_model("resnet20", "cifar10").cfg.name == "ResNet20"

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import difflib
 import fnmatch
 import os
 import re
@@ -56,10 +57,29 @@ DEFAULTS = {
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse, but errors are one line (no usage block), so logs and tests see a single message."""
+    """argparse, but errors are one line (no usage block), so logs and tests see a single message, and a word that
+    names a flag without its ``--`` gets a did-you-mean hint."""
 
     def error(self, message: str):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+    def parse_args(self, args=None, namespace=None):
+        namespace, extras = self.parse_known_args(args, namespace)
+        if extras:
+            self.error(f"unrecognized arguments: {' '.join(extras)}{flag_hint(self, extras)}")
+        return namespace
+
+
+def flag_hint(parser: argparse.ArgumentParser, extras: Sequence[str]) -> str:
+    """`` (did you mean --lambdaR=10?)`` for the first unrecognized word that names a flag without its ``--`` (the
+    authors' README writes ``visible_device=0,1,2,3``) or misspells one; '' when none does."""
+    flags = [s for s in parser._option_string_actions if s.startswith("--")]
+    for word in extras:
+        name, eq, value = word.lstrip("-").partition("=")
+        close = difflib.get_close_matches(f"--{name}", flags, n=1, cutoff=0.8)
+        if close:
+            return f" (did you mean {close[0]}{eq}{value}?)"
+    return ""
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -295,6 +315,7 @@ def run(main: Callable, args, prog: str | None = None, exiting: bool = False) ->
     """Call ``main(args)``: a user error is one stderr line and status 1, an interrupt one line and 130/143
     (``exiting``: the process ends after, so later signals are ignored)."""
     from models.pretrained import CheckpointError
+    from models.registry import flag_wording
     from utils.data import DatasetError
     from utils.distributed import DistError
     from utils.engine import Interrupted, RunError
@@ -305,7 +326,8 @@ def run(main: Callable, args, prog: str | None = None, exiting: bool = False) ->
     with contextlib.suppress(AttributeError, ValueError):
         sys.stdout.reconfigure(line_buffering=True)  # so that logs piped through tee show up as they happen
     try:
-        main(args)
+        with flag_wording("scripts"):  # checkpoint errors name this script's flags, not Python keywords
+            main(args)
     except (CheckpointError, DatasetError, RunError, DistError) as e:
         sys.stdout.flush()
         sys.stderr.write(f"{tag}error: {_one_line(e)}\n")  # one write: ranks' lines do not interleave

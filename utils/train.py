@@ -49,7 +49,7 @@ from utils.engine import (
     warn,
     wrap_model,
 )
-from utils.runlog import RunLog, duration
+from utils.runlog import RunLog, duration, tensorboard_dir
 from utils.start import (
     build_model,
     check_classes,
@@ -231,13 +231,13 @@ class TrainingRun:
                 num_classes=self.model.cfg.num_classes,
                 split_seed=self.start.split_seed if args.val_split else None,
             )
-            atomic_write_bytes(
-                (json.dumps(resolved, indent=2, sort_keys=True, default=str) + "\n").encode(),
-                os.path.join(self.out_dir, self.stem + "-args.json"),
-            )
+            args_path = os.path.join(self.out_dir, self.stem + "-args.json")
+            atomic_write_bytes((json.dumps(resolved, indent=2, sort_keys=True, default=str) + "\n").encode(), args_path)
         except OSError as e:
             raise RunError(f"cannot write to --output_dir={self.out_dir!r}: {e.strerror or e}") from None
-        self.log.open_tensorboard(self.tb_dir)
+        logs = tensorboard_dir(self.out_dir, self.stem, resume=args.resume is not None)
+        self.log.open_tensorboard(logs)
+        print(f"Run files: {self.best_path} (best), {self.last_path}, {args_path} | TensorBoard logs: {logs}")
 
     def run(self) -> dict:
         print(self.header())

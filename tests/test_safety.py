@@ -108,6 +108,30 @@ def test_a_new_run_never_replaces_an_earlier_checkpoint(cifar, tmp_path, capsys)
     assert digest(out) == before
 
 
+def test_other_files_of_the_same_name_are_guarded_too(cifar, tmp_path, capsys):
+    """An ILSVRC-style periodic file alone; --resume=PATH of a run elsewhere into a folder holding other files of the
+    same name; and a live run of the same name is named as such (its lock), not as an earlier run."""
+    out = tmp_path / "out"
+    out.mkdir()
+    _earlier_checkpoint(out / f"{STEM}epoch5.pth")
+    code, _, err = _train(cifar, out, capsys)
+    assert code == 1 and _one_line(err) and f"{STEM}epoch5.pth" in err and "--overwrite" in err, err
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    _resumable(elsewhere / f"{STEM}-last.pth")
+    _earlier_checkpoint(out / f"{STEM}-last.pth")
+    before = digest(out)
+    code, _, err = _train(cifar, out, capsys, f"--resume={elsewhere / (STEM + '-last.pth')}", "--epochs=3")
+    assert code == 1 and _one_line(err) and f"{STEM}-last.pth" in err and "another --output_dir" in err, err
+    assert digest(out) == before
+    held = C.lock_run_files(str(out), STEM)
+    try:
+        code, _, err = _train(cifar, out, capsys)
+    finally:
+        held.close()
+    assert code == 1 and _one_line(err) and "another process is writing" in err, err
+
+
 @pytest.mark.slow
 def test_overwrite_lets_a_new_run_replace_an_earlier_one(cifar, tmp_path, capsys):
     out = tmp_path / "out"

@@ -341,7 +341,8 @@ def test_hidden_folders_and_files_are_no_classes_or_images(tree, tmp_path):
         assert x.shape[0] == 4
 
 
-def test_a_decompression_bomb_is_one_line_naming_the_file(tree, tmp_path, capsys, monkeypatch):
+@pytest.mark.parametrize("workers", [0, pytest.param(2, marks=pytest.mark.slow)])
+def test_a_decompression_bomb_is_one_line_naming_the_file(tree, tmp_path, capsys, monkeypatch, workers):
     """PIL refuses images above twice Image.MAX_IMAGE_PIXELS (a security guard that stays on); lowered here so that a
     64x64 PNG stands in for a 20000x20000 one."""
     from PIL import Image
@@ -353,7 +354,7 @@ def test_a_decompression_bomb_is_one_line_naming_the_file(tree, tmp_path, capsys
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1500)  # 36x36 = 1296 pixels pass, 64x64 = 4096 > 2 x 1500
     out = tmp_path / "out"
     argv = ["--model=ResNet18", "--epochs=1", "--batch_size=8", f"--dataset_path={root}", f"--output_dir={out}"]
-    code = cli.train_main("ilsvrc", [*argv, "--device=cpu", "--num_workers=0"])
+    code = cli.train_main("ilsvrc", [*argv, "--device=cpu", f"--num_workers={workers}"])
     err = capsys.readouterr().err.strip()
     assert code == 1 and _one_line(err) and str(bomb) in err and "DecompressionBombError" in err, err
     assert Image.MAX_IMAGE_PIXELS == 1500  # the guard was not turned off

@@ -11,6 +11,8 @@ import math
 import os
 import random
 import re
+import warnings
+import zipfile
 
 import numpy as np
 import torch
@@ -22,6 +24,7 @@ from .registry import (
     NUM_CLASSES,
     RANK_ARGS,
     canonical_name,
+    check_rank_type,
     datasets_of,
     get_model,
     list_models,
@@ -55,13 +58,37 @@ def read_checkpoint(path: Source, map_location: str | torch.device = "cpu") -> d
     if os.path.getsize(path) == 0:
         raise CheckpointError(f"checkpoint {path!r} is not a readable PyTorch checkpoint (the file is empty)")
     try:
-        obj = torch.load(path, map_location=map_location, weights_only=True)
+        with warnings.catch_warnings():  # e.g. "Detected pickle protocol 4": a second line before our one
+            warnings.simplefilter("ignore")
+            obj = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # truncated file, not a torch file, pickled objects we refuse to run
-        raise CheckpointError(f"checkpoint {path!r} is not a readable PyTorch checkpoint ({error_line(e)})") from None
+        raise CheckpointError(f"checkpoint {path!r} {_unreadable(path, e)}") from None
     if not isinstance(obj, dict):
         raise CheckpointError(f"checkpoint {path!r} holds a {type(obj).__name__}, not a state_dict or checkpoint dict")
     check_fields(obj, path)
     return obj
+
+
+def _unreadable(path: str, e: Exception) -> str:
+    """Why torch.load refused a file, in one line: torch's own message advises unsafe loading (never ours to give)."""
+    if zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as archive:
+            names = archive.namelist()
+        if any(n.endswith("/archive_format") for n in names) and not any(n.endswith("/data.pkl") for n in names):
+            return (
+                "is a torch.export program (.pt2, e.g. written by models.export), not a checkpoint: run it with "
+                "torch.export.load(path).module(); evaluate the .pth checkpoint it was exported from"
+            )
+    text = str(e)  # torch's first line advises weights_only=False, with terminal colour codes: not ours to print
+    pickled = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
+    if pickled:
+        return (
+            f"holds pickled Python objects ({pickled.group(1)}; a whole model saved with torch.save(model)?), "
+            f"which are not loaded because unpickling them can run any code: save model.state_dict() instead"
+        )
+    reason = re.search(r"WeightsUnpickler error:\s*(.+?)\s*(?:\n\n|$)", text, flags=re.S)
+    detail = " ".join(reason.group(1).split()) if reason else (text.strip().splitlines() or ["no detail"])[0]
+    return f"is not a readable PyTorch checkpoint ({type(e).__name__}: {detail})"
 
 
 def _count(v) -> bool:
@@ -383,6 +410,8 @@ def resolve_model(
                 f"set them to {ranks}"
             )
     given = {k: v for k, v in zip(RANK_ARGS, (shared_rank, unique_rank)) if v is not None and k in takes}
+    for k, v in given.items():  # Python callers (load_model, the hub): a string is their mistake, not the file's
+        check_rank_type(k, v)
     wrong = {k: v for k, v in given.items() if ranks[k] != v}
     if wrong:
         raise CheckpointError(

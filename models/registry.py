@@ -161,10 +161,14 @@ def model_defaults(name: str, dataset: str) -> dict:
     return dict(_entry(name, dataset).defaults)
 
 
+def check_rank_type(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
 def _check_ranks(name: str, entry: _Entry, ranks: dict) -> None:
     for k, v in ranks.items():
-        if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
-            raise ValueError(f"{k} must be a positive integer, got {v!r}")
+        check_rank_type(k, v)
         if v > entry.max_rank:  # before anything is allocated
             raise ValueError(
                 f"{k}={v} is too large for {name} (at most {entry.max_rank}: a 3x3 basis over the "
@@ -197,6 +201,8 @@ def get_model(
         raise ValueError(f"{name} ({dataset}) does not take {', '.join(extra)}; it takes {takes}")
     ranks = {k: given.get(k, default) for k, default in entry.defaults.items()}
     classes = NUM_CLASSES[dataset] if num_classes is None else num_classes
+    if isinstance(classes, bool) or not isinstance(classes, int) or classes <= 0:
+        raise ValueError(f"num_classes must be a positive integer, got {num_classes!r}")
     try:
         _check_ranks(name, entry, ranks)
         basis = None if entry.bases_per_group is None else BasisCfg(entry.bases_per_group, **ranks)

@@ -1,6 +1,6 @@
 """The command line of the six scripts: the authors' flags with their meanings and defaults (SPEC section 6), plus
 added ones. User errors end with one stderr line ``<script>: error: ...`` and status 2 (flags) or 1, never a traceback;
-SIGINT/SIGTERM end training with one line and status 130/143. Multi-GPU: start the script with ``torchrun``.
+SIGINT/SIGTERM/SIGHUP end training with one line and status 130/143/129. Multi-GPU: start the script with ``torchrun``.
 """
 
 from __future__ import annotations
@@ -291,6 +291,12 @@ def parse_train_args(dataset: str, argv: Sequence[str] | None = None, prog: str 
     args.schedule, args.epochs = recipe, args.epochs or recipe["recipe_epochs"]
     if args.starting_epoch >= args.epochs:
         parser.error(f"--starting_epoch={args.starting_epoch} leaves nothing to train (--epochs={args.epochs})")
+    if args.starting_epoch and args.pretrained is None and args.resume is None:
+        print(
+            f"{parser.prog}: warning: --starting_epoch={args.starting_epoch} without --pretrained: random weights "
+            f"start at epoch {args.starting_epoch + 1}'s learning rate (give the checkpoint that ended there)",
+            file=sys.stderr,
+        )
     if args.lr == 0:
         print(f"{parser.prog}: warning: --lr=0, the weights will not change", file=sys.stderr)
     _resolve_visible_device(args)
@@ -311,9 +317,15 @@ def parse_eval_args(dataset: str, argv: Sequence[str] | None = None, prog: str |
     return args
 
 
-def run(main: Callable, args, prog: str | None = None, exiting: bool = False) -> int:
-    """Call ``main(args)``: a user error is one stderr line and status 1, an interrupt one line and 130/143
-    (``exiting``: the process ends after, so later signals are ignored)."""
+_INTERRUPTED = {  # what an interrupt leaves, by what was interrupted (a training run says it more exactly itself)
+    "train": "interrupted (the last completed epoch, if any, is in the -last.pth checkpoint; rerun with --resume)",
+    "eval": "interrupted: evaluation writes nothing, rerun it to score the checkpoint",
+}
+
+
+def run(main: Callable, args, prog: str | None = None, exiting: bool = False, what: str = "train") -> int:
+    """Call ``main(args)``: a user error is one stderr line and status 1, an interrupt one line and 130/143/129
+    (``exiting``: the process ends after, so later signals are ignored); ``what``: ``train`` or ``eval``."""
     from models.pretrained import CheckpointError
     from models.registry import flag_wording
     from utils.data import DatasetError
@@ -334,12 +346,10 @@ def run(main: Callable, args, prog: str | None = None, exiting: bool = False) ->
         return 1
     except KeyboardInterrupt as e:
         sys.stdout.flush()
-        message = getattr(e, "message", "") or (
-            "interrupted (the last completed epoch, if any, is in the -last.pth checkpoint; rerun with --resume)"
-        )
+        message = getattr(e, "message", "") or _INTERRUPTED[what]
         sys.stderr.write(f"{tag}{_one_line(message)}\n")
         if exiting:  # the process ends now: a further Ctrl-C would only interrupt the workers' shutdown
-            for sig in (signal.SIGINT, signal.SIGTERM):
+            for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
                 signal.signal(sig, signal.SIG_IGN)
         return e.exit_code if isinstance(e, Interrupted) else 130
     return 0
@@ -365,4 +375,4 @@ def eval_main(dataset: str, argv: Sequence[str] | None = None) -> int:
     args = parse_eval_args(dataset, argv)
     from utils.evaluate import evaluate_checkpoint
 
-    return run(evaluate_checkpoint, args, exiting=argv is None)
+    return run(evaluate_checkpoint, args, exiting=argv is None, what="eval")

@@ -283,6 +283,7 @@ class TrainLoader(DataLoader):
 def _worker_signals(_: int) -> None:
     """Workers leave the first Ctrl-C/SIGTERM to the main process, which stops them cleanly; a second ends them."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)  # a hung-up terminal's group: the main process stops them too
     signal.signal(signal.SIGTERM, lambda *_: signal.signal(signal.SIGTERM, signal.SIG_DFL))
     hook = sys.excepthook  # multiprocessing's batch-handover thread reports a main process that hung up mid-batch
     sys.excepthook = lambda kind, *rest: None if issubclass(kind, (EOFError, ConnectionError)) else hook(kind, *rest)

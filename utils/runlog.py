@@ -107,7 +107,8 @@ class RunLog:
             f"[epoch {epoch}/{self.epochs}] stage {stage + 1} lr {lr:.5g} | "
             f"train loss {tr['loss']:.4f}{reg} top1 {tr['top1']:.2f} | "
             f"{self.select} loss {te['loss']:.4f} top1 {te['top1']:.2f} top5 {te['top5']:.2f} | "
-            f"best {best[0]:.2f} (epoch {best[2]}) | {seconds:.1f}s {tr['img_per_s']:.0f} img/s{eta}"
+            f"best {best[0]:.2f} ({'--pretrained' if best[2] is None else f'epoch {best[2]}'}) | "
+            f"{seconds:.1f}s {tr['img_per_s']:.0f} img/s{eta}"
         )
         if self.writer is not None:
             scalars = {

@@ -10,12 +10,12 @@ calibration images, the basis outputs' statistics with weight sqrt(var + eps) an
 identity in train mode, which is what fine-tuning sees). When the shared and unique ranks cover the rank of each stack
 the converted model computes exactly the plain model's function.
 
-A truncated factorisation changes what every later BN sees (at S16, 0.4-0.8x the plain variance, compounding with
-depth) while they keep the plain running statistics, so in eval mode the activations drift and accuracy falls to chance.
-Calibration therefore first corrects, in forward order, every BN after the first factorised conv: it keeps the plain
-statistics and applies the shift measured on the calibration images (the normalised input gets the plain model's
-per-channel mean and variance there). An exact conversion measures no shift and stays exact; re-estimating from the
-images alone would replace the plain statistics and lose that.
+A truncated factorisation changes what every later BN sees (at S16, 0.35-0.8x the plain variance, compounding with
+depth) while they keep the plain running statistics, so in eval mode the activations drift and accuracy falls towards
+chance. Calibration therefore first corrects, in forward order, every BN after the first factorised conv: it keeps
+the plain statistics and applies the shift measured on the calibration images (the normalised input gets the plain
+model's per-channel mean and variance there). An exact conversion measures no shift and stays exact; re-estimating
+from the images alone would replace the plain statistics and lose that.
 
 ``python -m models.convert --from PLAIN.pth --model ResNet56_DoubleShared --shared_rank 16 --unique_rank 1 --out
 shared.pth`` writes this project's checkpoint format (``train_<dataset>.py --pretrained`` fine-tunes it,

@@ -10,6 +10,13 @@ calibration images, the basis outputs' statistics with weight sqrt(var + eps) an
 identity in train mode, which is what fine-tuning sees). When the shared and unique ranks cover the rank of each stack
 the converted model computes exactly the plain model's function.
 
+A truncated factorisation changes what every later BN sees (at S16, 0.35-0.8x the plain variance, compounding with
+depth) while they keep the plain running statistics, so in eval mode the activations drift and accuracy falls towards
+chance. Calibration therefore first corrects, in forward order, every BN after the first factorised conv: it keeps
+the plain statistics and applies the shift measured on the calibration images (the normalised input gets the plain
+model's per-channel mean and variance there). An exact conversion measures no shift and stays exact; re-estimating
+from the images alone would replace the plain statistics and lose that.
+
 ``python -m models.convert --from PLAIN.pth --model ResNet56_DoubleShared --shared_rank 16 --unique_rank 1 --out
 shared.pth`` writes this project's checkpoint format (``train_<dataset>.py --pretrained`` fine-tunes it,
 ``eval_<dataset>.py`` evaluates it). The library part imports nothing from ``utils``; only the command line's
@@ -133,6 +140,18 @@ def factorise_(plain_state: dict, target: nn.Module) -> list[tuple[str, float]]:
     return errors
 
 
+def _batch_statistics(x: torch.Tensor, sums: list) -> None:
+    x = x.double().transpose(0, 1).flatten(1)  # (channels, N*H*W)
+    sums[0] += x.shape[1]
+    sums[1] = sums[1] + x.sum(1)
+    sums[2] = sums[2] + x.square().sum(1)
+
+
+def _mean_var(sums: list) -> tuple[torch.Tensor, torch.Tensor]:
+    mean = sums[1] / sums[0]
+    return mean, (sums[2] / sums[0] - mean.square()).clamp_min(0)
+
+
 @torch.no_grad()
 def calibrate_basis_bn_(model: nn.Module, batches: Iterable[torch.Tensor]) -> int:
     """Set each basis BN to the statistics of its inputs over ``batches`` (eval mode, where every basis BN is the
@@ -141,11 +160,7 @@ def calibrate_basis_bn_(model: nn.Module, batches: Iterable[torch.Tensor]) -> in
     sums = {bn: [0, 0.0, 0.0] for bn in bns}
 
     def record(bn, inputs):
-        x = inputs[0].double().transpose(0, 1).flatten(1)  # (channels, N*H*W)
-        acc = sums[bn]
-        acc[0] += x.shape[1]
-        acc[1] = acc[1] + x.sum(1)
-        acc[2] = acc[2] + x.square().sum(1)
+        _batch_statistics(inputs[0], sums[bn])
 
     hooks = [bn.register_forward_pre_hook(record) for bn in bns]
     was_training, images = model.training, 0
@@ -161,10 +176,95 @@ def calibrate_basis_bn_(model: nn.Module, batches: Iterable[torch.Tensor]) -> in
         model.train(was_training)
     if images == 0:
         raise ConversionError("no calibration images were read")
-    for bn, (n, total, squares) in sums.items():
-        mean = total / n
-        _identity_bn_(bn, mean.to(bn.running_mean.dtype), (squares / n - mean.square()).clamp_min(0).to(mean.dtype))
+    for bn, acc in sums.items():
+        mean, var = _mean_var(acc)
+        _identity_bn_(bn, mean.to(bn.running_mean.dtype), var.to(bn.running_mean.dtype))
     return images
+
+
+class _Reached(Exception):
+    """Raised by a hook to end a forward pass at the layer it measures."""
+
+
+def _bns_after_factorised_convs(model: nn.Module) -> list[tuple[str, nn.BatchNorm2d]]:
+    """The BatchNorms (not the basis BNs) that run after the first factorised conv, in the order a forward pass meets
+    them: every one whose input the factorisation changes."""
+    basis = {p.basis_bn for members in factorised_positions(model) for _, p in members}
+    names = {m: n for n, m in model.named_modules()}
+    order = []
+    hooks = [m.register_forward_pre_hook(lambda m, _: order.append(m)) for m in names if isinstance(m, nn.BatchNorm2d)]
+    was_training = model.training
+    try:
+        model.eval()
+        model(torch.zeros(1, *model.cfg.input_size, dtype=next(model.parameters()).dtype))
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was_training)
+    first = next(i for i, m in enumerate(order) if m in basis)
+    return [(names[m], m) for m in order[first:] if m not in basis]
+
+
+@torch.no_grad()
+def reestimate_bn_statistics_(plain: nn.Module, target: nn.Module, batches: Sequence[torch.Tensor]) -> int:
+    """Correct the running statistics of every BN after a factorised conv for the shift the factorisation causes.
+
+    Each such BN, in forward order (so it sees its predecessors corrected), gets running statistics under which its
+    normalised input has, on ``batches`` in eval mode, the per-channel mean and variance that the plain model's has at
+    the same BN: the plain statistics are kept and only the converted-vs-plain difference measured on the images is
+    applied. An exact conversion sees no difference and keeps the plain model's statistics (and function); replacing
+    them by the calibration images' own statistics would not. Returns the number of BNs corrected."""
+    if not sum(x.shape[0] for x in batches):
+        raise ConversionError("no calibration images were read")
+    bns = _bns_after_factorised_convs(target)
+    plain_modules = dict(plain.named_modules())
+    dtype = next(target.parameters()).dtype
+    plain_sums = {name: [0, 0.0, 0.0] for name, _ in bns}
+
+    def record_plain(name):
+        return lambda _, inputs: _batch_statistics(inputs[0], plain_sums[name])
+
+    modes = plain.training, target.training
+    hooks = [plain_modules[name].register_forward_pre_hook(record_plain(name)) for name, _ in bns]
+    try:
+        plain.eval(), target.eval()
+        for x in batches:
+            plain(x.to(dtype))
+        for name, bn in bns:
+            sums = [0, 0.0, 0.0]
+
+            def record(_, inputs, sums=sums):
+                _batch_statistics(inputs[0], sums)
+                raise _Reached
+
+            hook = bn.register_forward_pre_hook(record)
+            try:
+                for x in batches:
+                    try:
+                        target(x.to(dtype))
+                    except _Reached:
+                        pass
+            finally:
+                hook.remove()
+            _match_normalised_moments_(bn, plain_modules[name], _mean_var(plain_sums[name]), _mean_var(sums))
+    finally:
+        for h in hooks:
+            h.remove()
+        plain.train(modes[0]), target.train(modes[1])
+    return len(bns)
+
+
+def _match_normalised_moments_(bn: nn.BatchNorm2d, plain_bn: nn.BatchNorm2d, seen_plain, seen_here) -> None:
+    """Running statistics for ``bn`` such that ``(x - mean) / sqrt(var + eps)`` has the same mean and variance over
+    its input ``x`` (moments ``seen_here``) as the plain BN's over its own input (``seen_plain``); a channel the plain
+    model never varies keeps the plain statistics."""
+    plain_mean, plain_var = plain_bn.running_mean.double(), plain_bn.running_var.double()
+    (mean_p, var_p), (mean_c, var_c) = seen_plain, seen_here
+    ratio = torch.where(var_p > 0, var_c / var_p.where(var_p > 0, 1.0), 1.0)  # variance here / variance in the plain
+    mean = mean_c - (mean_p - plain_mean) * ratio.sqrt()
+    var = ((plain_var + bn.eps) * ratio - bn.eps).clamp_min(0)
+    bn.running_mean.copy_(mean)
+    bn.running_var.copy_(var)
 
 
 @torch.no_grad()
@@ -188,11 +288,17 @@ def _compare_logits(plain: nn.Module, target: nn.Module, batches: Sequence[torch
 
 @torch.no_grad()
 def convert(
-    plain: nn.Module, target: nn.Module, images: Sequence[torch.Tensor] | None = None, *, calibrate: bool = False
+    plain: nn.Module,
+    target: nn.Module,
+    images: Sequence[torch.Tensor] | None = None,
+    *,
+    calibrate: bool = False,
+    reestimate: bool = True,
 ) -> dict:
     """Write ``plain``'s weights, factorised, into ``target`` (both built by :func:`~models.get_model`) and return the
     report (plain data). ``images``: batches for the logit check (random inputs when None) and, with ``calibrate``,
-    for the basis BN statistics."""
+    for the statistics of the BNs after the factorised convs (:func:`reestimate_bn_statistics_`, unless
+    ``reestimate`` is False) and then of the basis BNs, which see the corrected network."""
     plain_state = plain.state_dict()
     written = set()
     for key, tensor in target.state_dict().items():
@@ -208,6 +314,7 @@ def convert(
         raise RuntimeError(f"conversion left {len(unset)} tensors of {target.cfg.name} unset, e.g. {unset[0]!r}")
     if calibrate and images is None:
         raise ConversionError("calibration needs images")
+    corrected = reestimate_bn_statistics_(plain, target, images) if calibrate and reestimate else 0
     calibrated = calibrate_basis_bn_(target, images) if calibrate else 0
     random_inputs = images is None
     if random_inputs:
@@ -221,6 +328,7 @@ def convert(
         "ranks": dict(target.cfg.build_kwargs()),
         "position_rel_error": [[name, err] for name, err in errors],
         "basis_bn": f"calibrated on {calibrated} images" if calibrate else "identity (running mean 0, var 1)",
+        "bn_reestimated": corrected,
         "logits_on": "calibration" if calibrate else ("random-input" if random_inputs else "given"),
         **_compare_logits(plain, target, images),
         "params_before": count_params(plain),
@@ -353,7 +461,8 @@ def format_report(r: dict) -> str:
         f"converted {r['dataset']} {r['plain']} -> {r['model']} {rank_flags(r['ranks'])}",
         f"  {'position':{width}}  relative Frobenius error",
         *(f"  {name:{width}}  {err:.4f}" for name, err in r["position_rel_error"]),
-        f"  basis BN: {r['basis_bn']}",
+        f"  basis BN: {r['basis_bn']}; BNs after the factorised convs: "
+        + (f"{r['bn_reestimated']} corrected on the same images" if r.get("bn_reestimated") else "plain statistics"),
         f"  logits vs the plain model on {r['images']} {r['logits_on']} images (eval mode): max abs diff "
         f"{r['logit_max_abs_diff']:.3e}, relative error {r['logit_rel_error']:.3e}, top-1 agreement "
         f"{r['top1_agreement']:.2f}%",
@@ -402,13 +511,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--shared_rank", type=int, help="default: the model's (16, ILSVRC 32)")
     p.add_argument("--unique_rank", type=int, help="default: the model's (1)")
     p.add_argument("--out", required=True, help="the checkpoint to write (refused if it exists)")
-    p.add_argument("--calibrate", type=int, default=0, metavar="N", help="calibrate the basis BN on N training images")
+    p.add_argument(
+        "--calibrate",
+        type=int,
+        default=0,
+        metavar="N",
+        help="correct the BN statistics after the factorised convs and calibrate the basis BN on N training images",
+    )
+    p.add_argument(
+        "--keep_bn_statistics",
+        action="store_true",
+        help="with --calibrate: calibrate the basis BN only; every other BN keeps the plain statistics (to compare)",
+    )
     p.add_argument("--dataset_path", default=None, help="dataset root for --calibrate (default: the training default)")
     p.add_argument("--seed", type=int, default=0, help="order and augmentation of the calibration images")
     args = p.parse_args(argv)
     try:
         if args.calibrate < 0:
             raise ConversionError(f"--calibrate must be 0 or a positive number of images, got {args.calibrate}")
+        if args.keep_bn_statistics and not args.calibrate:
+            raise ConversionError("--keep_bn_statistics only changes a calibrated conversion: pass --calibrate N too")
         if os.path.exists(args.out):
             raise ConversionError(f"{args.out!r} exists; remove it or pass another --out (nothing was written)")
         plain, target, kind = load_plain(
@@ -417,7 +539,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         images = None
         if args.calibrate:
             images = _calibration_batches(target.cfg.dataset, args.dataset_path, args.calibrate, args.seed)
-        report = convert(plain, target, images, calibrate=bool(args.calibrate))
+        report = convert(plain, target, images, calibrate=bool(args.calibrate), reestimate=not args.keep_bn_statistics)
         report["source"] = kind
         save_converted(converted_checkpoint(target, report, args.source), args.out)
     except (ValueError, OSError) as e:  # CheckpointError and ConversionError are ValueErrors

@@ -175,6 +175,73 @@ def test_calibrated_basis_bn_is_identity_in_eval_and_in_train_on_its_batch(plain
     assert (in_train - before).abs().max() < 1e-6 * before.abs().max()
 
 
+# ResNet32_DoubleShared: blocks 1..4 of each group are factorised, block 0 (shortcut A: no BN) is plain, so the BNs a
+# forward pass meets after the first factorised conv (layer1.1's) are these 28, in this order.
+AFTER_FACTORISED = [
+    f"layer{g}.{b}.bn{i}" for g in (1, 2, 3) for b in range(5) for i in (1, 2) if not (g == 1 and b == 0)
+]
+
+
+def bn_input_moments(model: nn.Module, x: torch.Tensor) -> dict:
+    """Per BN name: the per-channel mean and (biased) variance of its input on ``x`` in eval mode."""
+    seen = {}
+    hooks = [
+        m.register_forward_pre_hook(lambda _, i, n=name: seen.__setitem__(n, torch.var_mean(i[0], (0, 2, 3), False)))
+        for name, m in model.named_modules()
+        if isinstance(m, nn.BatchNorm2d)
+    ]
+    with torch.no_grad():
+        model.eval()(x)
+    for h in hooks:
+        h.remove()
+    return {name: (mean, var) for name, (var, mean) in seen.items()}
+
+
+def normalised_moments(bn: nn.BatchNorm2d, mean: torch.Tensor, var: torch.Tensor) -> tuple:
+    """Mean and variance of ``(x - running_mean) / sqrt(running_var + eps)`` for an input of moments mean, var."""
+    scale = (bn.running_var + bn.eps).sqrt()
+    return (mean - bn.running_mean) / scale, var / scale.square()
+
+
+def test_calibration_corrects_the_bns_after_factorised_convs_to_the_plain_normalised_moments(plain32):
+    """On the calibration images, each BN after a factorised conv normalises its (shifted) input to the mean and
+    variance the plain model's BN gives its own input; BNs before the first factorised conv keep the plain values."""
+    x = images(4, seed=3)
+    target = get_model("ResNet32_DoubleShared", "cifar10", shared_rank=8, unique_rank=1).double()
+    report = convert(plain32, target, x, calibrate=True)
+    assert report["bn_reestimated"] == len(AFTER_FACTORISED)
+    plain_seen, seen = bn_input_moments(plain32, x[0]), bn_input_moments(target, x[0])
+    plain_bns, bns = dict(plain32.named_modules()), dict(target.named_modules())
+    moved = 0
+    for name in AFTER_FACTORISED:
+        want = normalised_moments(plain_bns[name], *plain_seen[name])
+        got = normalised_moments(bns[name], *seen[name])
+        for a, b in zip(got, want):
+            assert torch.allclose(a, b, rtol=1e-9, atol=1e-9), name
+        moved += not torch.allclose(bns[name].running_var, plain_bns[name].running_var, rtol=1e-3)
+    assert moved == len(AFTER_FACTORISED)  # every one of them needed the correction (S8 is far from exact)
+    for name, bn in bns.items():  # the basis BNs hold the statistics of their inputs in the corrected network
+        if ".basis_bn" in name:
+            assert torch.allclose(bn.running_mean, seen[name][0], atol=1e-12), name
+            assert torch.allclose(bn.running_var, seen[name][1], rtol=1e-9), name
+    for name in ("bn1", "layer1.0.bn1", "layer1.0.bn2"):
+        assert torch.equal(bns[name].running_mean, plain_bns[name].running_mean), name
+        assert torch.equal(bns[name].running_var, plain_bns[name].running_var), name
+
+
+def test_calibrating_an_exact_conversion_keeps_the_plain_function(plain32):
+    """S63U1 covers every stack: the correction sees no shift and leaves the plain statistics (replacing them by the
+    calibration images' own would move the logits away from the plain model's)."""
+    x = images(4, seed=3)
+    target = get_model("ResNet32_DoubleShared", "cifar10", shared_rank=63, unique_rank=1).double()
+    report = convert(plain32, target, x, calibrate=True)
+    assert report["bn_reestimated"] == len(AFTER_FACTORISED)
+    assert report["logit_rel_error"] < 1e-9 and report["top1_agreement"] == 100.0
+    plain_bns, bns = dict(plain32.named_modules()), dict(target.named_modules())
+    for name in AFTER_FACTORISED:
+        assert torch.allclose(bns[name].running_var, plain_bns[name].running_var, rtol=1e-9, atol=0), name
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Files: formats, the output, bad input
 # ---------------------------------------------------------------------------------------------------------------------
@@ -285,6 +352,7 @@ BAD = [
     ("tv34.pth", "ResNet34_SingleShared", ["--dataset", "cifar100"], "not cifar100"),
     ("missing.pth", "ResNet32_DoubleShared", [], "does not exist"),
     ("ours.pth", "ResNet32_DoubleShared", ["--calibrate", "8", "--dataset_path", "nowhere"], "not found"),
+    ("ours.pth", "ResNet32_DoubleShared", ["--keep_bn_statistics"], "pass --calibrate N too"),
 ]
 
 

@@ -6,9 +6,10 @@ subset of ``--n_train`` / ``--n_test`` images), then, with the project's own scr
 
 1. a plain ResNet32 trains for ``--epochs`` epochs (lr ``--lr``, x0.1 at half and at three quarters of the run: the
    CIFAR-10 recipe's milestones, scaled);
-2. its last checkpoint converts (``models.convert``, basis BN calibrated on ``--calibrate`` training images) into
-   ResNet32_DoubleShared at each ``--ranks`` S, unique rank 1; each is evaluated before fine-tuning and after one
-   fine-tuning epoch (``--pretrained``, lr ``--finetune_lr``);
+2. its last checkpoint converts (``models.convert --calibrate``: ``--calibrate`` training images) into
+   ResNet32_DoubleShared at each ``--ranks`` S, unique rank 1, twice: with the BN statistics after the factorised
+   convs corrected (the default) and with the plain statistics kept (``--keep_bn_statistics``); each is evaluated
+   before fine-tuning and after one fine-tuning epoch (``--pretrained``, lr ``--finetune_lr``);
 3. the same shared models train from scratch for ``--epochs`` + 1 epochs (the plain run's epochs plus the fine-tuning
    epoch), with the plain run's flags.
 
@@ -105,14 +106,16 @@ class Study:
         with self._quiet():
             return float(evaluate_checkpoint(args)["top1"])
 
-    def convert(self, plain: str, shared_rank: int) -> tuple[str, dict]:
+    def convert(self, plain: str, shared_rank: int, correct_bn: bool) -> tuple[str, dict]:
         import torch
 
         from models.convert import main
 
-        out = os.path.join(self.args.out_dir, f"converted-S{shared_rank}U1.pth")
+        tag = f"S{shared_rank}U1" + ("" if correct_bn else "-plain-bn")
+        out = os.path.join(self.args.out_dir, f"converted-{tag}.pth")
         argv = ["--from", plain, "--model", SHARED, "--shared_rank", str(shared_rank), "--unique_rank", "1"]
         argv += ["--out", out, "--calibrate", str(self.args.calibrate), "--dataset_path", self.args.data]
+        argv += [] if correct_bn else ["--keep_bn_statistics"]
         with self._quiet():
             if main(argv) != 0:
                 raise SystemExit(f"conversion failed; see {self.log.name}")
@@ -126,14 +129,14 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m utils.convert_study", description=__doc__.split("\n\n")[0])
     p.add_argument("--fashion", default=FASHION, help="folder of Fashion-MNIST's four idx .gz files")
     p.add_argument("--out_dir", default="./convert_study", help="data, checkpoints and study.log go here")
-    p.add_argument("--n_train", type=int, default=400)
-    p.add_argument("--n_test", type=int, default=200)
-    p.add_argument("--epochs", type=int, default=4, help="of the plain run")
+    p.add_argument("--n_train", type=int, default=2000)
+    p.add_argument("--n_test", type=int, default=1000)
+    p.add_argument("--epochs", type=int, default=5, help="of the plain run")
     p.add_argument("--ranks", default="4,8,16", help="shared ranks S of ResNet32_DoubleShared (unique rank 1)")
-    p.add_argument("--batch_size", type=int, default=16)
+    p.add_argument("--batch_size", type=int, default=32)
     p.add_argument("--lr", type=float, default=0.05, help="of the plain and the from-scratch runs")
     p.add_argument("--finetune_lr", type=float, default=0.01)
-    p.add_argument("--calibrate", type=int, default=256, help="training images that calibrate the basis BN")
+    p.add_argument("--calibrate", type=int, default=256, help="training images that calibrate the conversion")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     if not os.path.isfile(os.path.join(args.fashion, "train-images-idx3-ubyte.gz")):
@@ -151,27 +154,33 @@ def main(argv=None) -> int:
     print(f"plain {PLAIN}, {args.epochs} epochs: top-1 {plain_top1:.2f}", flush=True)
     rows = []
     for s in map(int, args.ranks.split(",")):
-        converted, report = study.convert(plain, s)
-        before = study.top1(converted)
         ranks = [f"--model={SHARED}", f"--shared_rank={s}", "--unique_rank=1"]
-        finetune = [f"--pretrained={converted}", "--epochs=1", f"--lr={args.finetune_lr}", *recipe[1:]]
-        after = study.top1(study.train(f"finetune-S{s}", [*ranks, *finetune]))
+        cells = []  # per variant: agreement / error, top-1 before and after fine-tuning; plain BN statistics first
+        for correct_bn in (False, True):
+            converted, report = study.convert(plain, s, correct_bn)
+            before = study.top1(converted)
+            finetune = [f"--pretrained={converted}", "--epochs=1", f"--lr={args.finetune_lr}", *recipe[1:]]
+            name = f"finetune-S{s}" + ("" if correct_bn else "-plain-bn")
+            after = study.top1(study.train(name, [*ranks, *finetune]))
+            cells.append((f"{report['top1_agreement']:.1f}% / {report['logit_rel_error']:.3f}", before, after))
         scratch = study.top1(study.train(f"scratch-S{s}", [*ranks, f"--epochs={args.epochs + 1}", *recipe]))
+        (agree_kept, before_kept, after_kept), (agree, before, after) = cells
         rows.append(
-            f"| S{s}U1 | {report['params_after']:,} | {report['top1_agreement']:.1f}% / "
-            f"{report['logit_rel_error']:.3f} | {before:.2f} | {after:.2f} | {scratch:.2f} |"
+            f"| S{s}U1 | {report['params_after']:,} | {agree_kept} -> {agree} | {before_kept:.2f} -> {before:.2f} | "
+            f"{after_kept:.2f} -> {after:.2f} | {scratch:.2f} |"
         )
         print(rows[-1], flush=True)
     print(
         f"\nplain {PLAIN} ({report['params_before']:,} params), {args.epochs} epochs: top-1 {plain_top1:.2f}\n\n"
+        f"Each pair: BN statistics after the factorised convs kept from the plain model -> corrected.\n\n"
         f"| {SHARED} | params | converted vs plain: top-1 agreement / logit rel. error | top-1 converted | "
         f"after 1 fine-tuning epoch | from scratch, {args.epochs + 1} epochs |\n|---|---|---|---|---|---|"
     )
     print("\n".join(rows))
     print(
         f"\nFashion-MNIST subset: {args.n_train} training / {args.n_test} test images; batch {args.batch_size}, "
-        f"seed {args.seed}, lr {args.lr}, fine-tuning lr {args.finetune_lr}, basis BN calibrated on "
-        f"{args.calibrate} images; {time.time() - start:.0f} s"
+        f"seed {args.seed}, lr {args.lr}, fine-tuning lr {args.finetune_lr}, calibrated on {args.calibrate} "
+        f"images; {time.time() - start:.0f} s"
     )
     return 0
 

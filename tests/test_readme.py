@@ -88,10 +88,10 @@ def test_cifar10_evaluation_lines_run_with_only_the_test_split(tmp_path, monkeyp
         if path == "paper":  # a download: tests/test_published.py serves those
             continue
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        if path.startswith("checkpoint/"):  # a run's file of this project
-            C.save_checkpoint(C.make_checkpoint(model, None, epoch=1, acc=10.0), path)
-        else:  # an authors' file, downloaded by hand
+        if path.startswith("downloads/"):  # an authors' file, downloaded by hand
             torch.save({"net_state_dict": model.state_dict()}, path)
+        else:  # this project's file (a run's, or models.convert's)
+            C.save_checkpoint(C.make_checkpoint(model, None, epoch=1, acc=10.0), path)
         extra = ["--dataset_path=data", "--device=cpu", "--num_workers=0", "--batch_size=10"]
         assert cli.eval_main("cifar10", argv[2:] + extra) == 0, capsys.readouterr().err
         result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])

@@ -353,6 +353,18 @@ def test_seeded_samples_keep_main_process_rng(cifar_root):
     assert not torch.equal(ds[(2, 5)][0], a)  # another epoch, another crop
 
 
+def test_seeded_samples_leave_cuda_generators_alone(cifar_root, monkeypatch):
+    """Issue 24 bug 2: per-sample seeding in the main process (--num_workers=0) must not reseed the CUDA generators,
+    which fork_rng(devices=[]) does not restore; torch.manual_seed reseeds them through torch.cuda.manual_seed_all."""
+    images, labels = D.load_cifar(cifar_root, "cifar10", True, download=False)
+    ds = D.SeededSamples(D.CifarDataset(images, labels, D.cifar_transforms("cifar10", True)), seed=4)
+    calls = []
+    monkeypatch.setattr(torch.cuda, "manual_seed_all", lambda seed: calls.append(seed))
+    monkeypatch.setattr(torch.cuda, "manual_seed", lambda seed: calls.append(seed))
+    ds[(1, 5)]
+    assert calls == []
+
+
 def test_val_split_is_fixed_and_disjoint():
     tr, va = D.val_split_indices(100, 10)
     tr2, va2 = D.val_split_indices(100, 10)

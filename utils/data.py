@@ -200,8 +200,10 @@ class SeededSamples(Dataset):
 
     def __getitem__(self, item):
         epoch, index = item
-        with torch.random.fork_rng(devices=[], enabled=get_worker_info() is None):  # keep the main process's RNG
-            torch.manual_seed(mix_seed(self.seed, epoch, index))
+        # The transforms draw from the CPU generator alone: seed only it (torch.manual_seed would also reseed every CUDA
+        # generator, which fork_rng(devices=[]) does not restore), and restore it in the main process.
+        with torch.random.fork_rng(devices=[], enabled=get_worker_info() is None):
+            torch.default_generator.manual_seed(mix_seed(self.seed, epoch, index))
             return self.dataset[index]
 
 

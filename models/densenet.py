@@ -23,7 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .basis import BasisCfg, BasisPosition, basis_conv2d, make_shared_basis, require_basis, share_bases
-from .fold import fold_factorised
+from .folding import fold_factorised
 from .registry import register_model
 
 

@@ -22,7 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .basis import BasisCfg, basis_conv2d, init_orthogonal_, make_shared_basis, require_basis, share_bases
-from .fold import bn_affine, conv_with_bias, fold_conv_bn
+from .folding import bn_affine, conv_with_bias, fold_conv_bn
 from .registry import register_model
 
 EXPANSION = 4

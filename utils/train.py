@@ -134,7 +134,7 @@ class TrainingRun:
         self.pass_kw = dict(
             device=device, precision=self.precision, channels_last=args.channels_last, progress=progress_enabled()
         )  # of both training and evaluation passes
-        self.regularizer = OrthogonalityRegularizer(model) or None  # plain and NonShared models: CE only
+        self.regularizer = OrthogonalityRegularizer(model, args.schedule["include_unique"]) or None  # plain: CE only
         self._restore()
         self.net = wrap_model(model, device, self.precision, compile=args.compile, ddp=self.world > 1)
         # evaluation runs without DDP: ranks may score different numbers of batches
@@ -187,8 +187,7 @@ class TrainingRun:
         heads = f" | {classes} classes (the data's folders)" if args.dataset == "ilsvrc" and classes != 1000 else ""
         return (
             f"{args.dataset} {describe(self.model)} | {count_params(self.model):,} params | {self.device} "
-            f"{self.precision.label}{ddp} | {sch.epochs} epochs, lr {sch.lr} x{list(sch.gammas) or sch.gamma} "
-            f"after epochs {list(sch.milestones)}{' (restart from best)' if sch.restart else ''} | {sizes}"
+            f"{self.precision.label}{ddp} | {sch.describe()} | {sizes}"
             f"{images_in(loaders.test)} test images{heads} | best checkpoint chosen on {self.select}"
         )
 
@@ -385,7 +384,7 @@ class TrainingRun:
         self._rearm_save_clock()
 
     def restart_stage(self, epoch: int) -> None:
-        """CIFAR-100: a new stage starts from the best weights so far, with a fresh SGD (no momentum)."""
+        """CIFAR-100: a new stage starts from the best weights so far, with a fresh SGD (momentum buffers zero)."""
         state, lr = self.state, self.schedule.lr_at(epoch)
 
         def pick() -> str | None:  # the best this run has seen

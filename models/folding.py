@@ -14,6 +14,12 @@ import torch
 import torch.nn as nn
 
 
+def foldable(model: nn.Module) -> bool:
+    """Whether :func:`fold` changes anything: some block below the root has a ``folded()`` form (plain ResNets and
+    the later whole-conv-sharing models have none)."""
+    return any(callable(getattr(m, "folded", None)) for m in model.modules() if m is not model)
+
+
 def fold(model: nn.Module) -> nn.Module:
     """An inference-only copy of ``model`` (eval mode, BN statistics frozen into the weights) with every foldable
     block replaced by its folded form; ``model`` (which must be in eval mode) is not modified."""

@@ -59,8 +59,6 @@ def _drop_unused_bases(model: nn.Module) -> None:
 
 def bn_affine(bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
     """``(scale, shift)`` with ``bn(x) = scale * x + shift`` per channel, in eval mode."""
-    if bn.running_var is None:
-        raise ValueError("cannot fold a BatchNorm without running statistics (track_running_stats=False)")
     scale = torch.rsqrt(bn.running_var + bn.eps)
     shift = -bn.running_mean * scale
     if bn.affine:

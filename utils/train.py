@@ -183,10 +183,11 @@ class TrainingRun:
             if self.world > 1
             else ""
         )
+        paper = " (ranks not given: the paper's row)" if getattr(args, "default_ranks", None) else ""
         classes = self.model.cfg.num_classes
         heads = f" | {classes} classes (the data's folders)" if args.dataset == "ilsvrc" and classes != 1000 else ""
         return (
-            f"{args.dataset} {describe(self.model)} | {count_params(self.model):,} params | {self.device} "
+            f"{args.dataset} {describe(self.model)}{paper} | {count_params(self.model):,} params | {self.device} "
             f"{self.precision.label}{ddp} | {sch.describe()} | {sizes}"
             f"{images_in(loaders.test)} test images{heads} | best checkpoint chosen on {self.select}"
         )

@@ -628,6 +628,20 @@ def test_schedules():
     assert Schedule.from_recipe(0.1, {"recipe_epochs": 150, "milestones": [60, 100, 140]}, epochs=1).lr_at(1) == 0.1
 
 
+def test_a_schedule_is_an_edit_of_its_script(monkeypatch):
+    """Issue 24: the recipe is train_cifar10.py's data; a changed entry there is the whole change."""
+    import train_cifar10
+    from utils import cli
+    from utils.train import Schedule
+
+    monkeypatch.setitem(os.environ, "CUDA_VISIBLE_DEVICES", "0")
+    recipe = dict(train_cifar10.RECIPE, epochs=200, milestones=[100], gammas=[0.5], weight_decay=1e-4)
+    a = cli.parse_train_args("cifar10", [], prog="train_cifar10.py", recipe=recipe)
+    s = Schedule.from_recipe(a.lr, a.schedule, a.epochs)
+    assert (s.epochs, s.milestones, a.weight_decay) == (200, (100,), 1e-4)
+    assert [s.lr_at(e) for e in (100, 101)] == pytest.approx([0.1, 0.05])
+
+
 @pytest.mark.parametrize(
     "total,milestones,epochs,lrs,dropped",
     [

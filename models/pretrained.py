@@ -7,8 +7,11 @@ with the tensor shapes before any model is built. Every refusal is a CheckpointE
 from __future__ import annotations
 
 import functools
+import math
 import os
+import random
 
+import numpy as np
 import torch
 import torch.nn as nn
 
@@ -55,7 +58,91 @@ def read_checkpoint(path: Source, map_location: str | torch.device = "cpu") -> d
         raise CheckpointError(f"checkpoint {path!r} is not a readable PyTorch checkpoint ({error_line(e)})") from None
     if not isinstance(obj, dict):
         raise CheckpointError(f"checkpoint {path!r} holds a {type(obj).__name__}, not a state_dict or checkpoint dict")
+    check_fields(obj, path)
     return obj
+
+
+def _count(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
+def _number(v) -> bool:
+    if isinstance(v, torch.Tensor) and v.numel() == 1:
+        v = v.item()  # the authors store acc as a 0-dim tensor
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= 0
+
+
+def _percent(v) -> bool:
+    return _number(v) and float(v) <= 100
+
+
+def _rng_ok(state) -> bool:
+    """Whether ``state`` is what utils.checkpoint.capture_rng_state saves: tried on scratch generators."""
+    if not isinstance(state, dict):
+        return False
+    try:
+        if "torch" in state:
+            torch.Generator().set_state(state["torch"])
+        if "numpy" in state:
+            n = state["numpy"]
+            keys = n["keys"].numpy().astype("uint32")
+            np.random.RandomState().set_state((n["kind"], keys, n["pos"], n["has_gauss"], n["gauss"]))
+        if "python" in state:
+            p = state["python"]
+            random.Random().setstate((p["version"], tuple(p["state"]), p["gauss"]))
+        return all(isinstance(t, torch.Tensor) for t in state.get("cuda") or [])
+    except Exception:  # noqa: BLE001  (any wrong type or size)
+        return False
+
+
+# The fields this project reads, what each must be (None: absent), and a test; a hand-edited or damaged value is
+# refused here, as the file is read, in one line.
+_FIELDS = {
+    "epoch": ("a non-negative integer", _count),
+    "best_epoch": ("a non-negative integer", _count),
+    "stage": ("a non-negative integer", _count),
+    "epoch_step": ("a non-negative integer", _count),
+    "acc": ("a number from 0 to 100", _percent),
+    "best_acc": ("a number from 0 to 100", _percent),
+    "best_acc5": ("a number from 0 to 100", _percent),
+    "val_acc": ("a number from 0 to 100", _percent),
+    "val_acc5": ("a number from 0 to 100", _percent),
+    "test_acc": ("a number from 0 to 100", _percent),
+    "test_acc5": ("a number from 0 to 100", _percent),
+    "train_seconds": ("a non-negative number", _number),
+    "dataset": (f"one of {', '.join(DATASETS)}", lambda v: isinstance(v, str) and v in DATASETS),
+    "model": ("a model name", lambda v: isinstance(v, str)),
+    "selection": ("'val' or 'test'", lambda v: v in ("val", "test")),
+    "model_kwargs": (
+        "a dict of rank names to positive integers",
+        lambda v: isinstance(v, dict) and all(isinstance(k, str) and _count(x) and x > 0 for k, x in v.items()),
+    ),
+    "args": ("a dict of flags", lambda v: isinstance(v, dict) and all(isinstance(k, str) for k in v)),
+    "val_split": (
+        "a dict {'n': images, 'seed': integer}",
+        lambda v: isinstance(v, dict) and _count(v.get("n")) and _count(v.get("seed", 0)),
+    ),
+    "epoch_totals": (
+        "a list of 5 non-negative numbers",
+        lambda v: isinstance(v, list) and len(v) == 5 and all(_number(x) for x in v),
+    ),
+    "rng_state": ("the random states this project saves", _rng_ok),
+    "rng_states": ("a list of random states", lambda v: isinstance(v, list) and all(_rng_ok(x) for x in v)),
+    "optimizer_state_dict": ("a dict", lambda v: isinstance(v, dict)),
+    "scaler_state_dict": ("a dict", lambda v: isinstance(v, dict)),
+}
+
+
+def check_fields(obj: dict, path: str) -> None:
+    """Refuse a checkpoint whose recorded fields have the wrong type or range (one line naming the field)."""
+    for key, (expected, ok) in _FIELDS.items():
+        value = obj.get(key)
+        if value is not None and not ok(value):
+            shown = repr(value) if len(repr(value)) <= 40 else f"a {type(value).__name__}"
+            raise CheckpointError(
+                f"checkpoint {path!r} records {key}={shown}, not {expected}: the file was altered or damaged; "
+                f"use an unaltered copy"
+            )
 
 
 def state_dict_of(obj: dict) -> dict:

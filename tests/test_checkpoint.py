@@ -188,6 +188,12 @@ def test_shared_basis_is_stored_once(tmp_path, device):
 
 def test_authors_four_key_file_loads(tmp_path):
     model = _tiny()
+    with torch.no_grad():  # trained-looking BatchNorm statistics, so that the buffers are compared too
+        for b in model.buffers():
+            if b.is_floating_point():
+                b.copy_(torch.rand(b.shape) + 0.5)
+            else:
+                b.fill_(7)  # num_batches_tracked
     path = str(tmp_path / "ref.pth")
     torch.save(
         {"net_state_dict": model.state_dict(), "optimizer_state_dict": {}, "acc": torch.tensor(93.07), "epoch": 300},
@@ -196,7 +202,11 @@ def test_authors_four_key_file_loads(tmp_path):
     obj = P.read_checkpoint(path)
     assert P.checkpoint_acc(obj) == pytest.approx(93.07)
     P.check_identity(obj, path, dataset="cifar100", model="Anything")  # records nothing: accepted
-    P.load_weights(get_model("ResNet32_DoubleShared", "cifar10", shared_rank=1, unique_rank=1), obj)
+    torch.manual_seed(1)  # other initial weights than the file's
+    fresh = get_model("ResNet32_DoubleShared", "cifar10", shared_rank=1, unique_rank=1)
+    P.load_weights(fresh, obj)
+    assert _same_weights(fresh, model)  # every tensor, buffers and each alias of a shared basis included
+    assert fresh.layer2[1].shared_basis_1 is fresh.shared_basis_2_1  # still one tensor per basis
 
 
 @pytest.mark.parametrize("prefix", ["module.", "_orig_mod.", "module._orig_mod."])

@@ -13,6 +13,7 @@ maths is the same. In float64 the two runs agree to about 1e-12.
 """
 
 import os
+import re
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -396,5 +397,14 @@ def test_sigterm_to_one_rank_stops_all_ranks_at_one_step_with_one_line_each(tmp_
     assert len(ours) == 2 and all("interrupted by SIGTERM" in line for line in ours), err[-3000:]
     # no worker traceback (torchrun prefixes those with [rankN]:); torchrun's own agent still reports the exit status
     assert "[rank0]:" not in err and "[rank1]:" not in err and "gloo" not in err.lower(), err[-3000:]
+    said = {re.sub(r"^train_cifar10\.py( \[rank 1\])?: ", "", line) for line in ours}
+    assert len(said) == 1, ours  # both ranks stopped at the same point and say so
     ckpt = torch.load(last, map_location="cpu", weights_only=True)
-    assert ckpt["epoch_step"] or ckpt["epoch"]  # the step (or epoch) all ranks agreed on is on disk
+    assert len(ckpt["rng_states"]) == 2  # both ranks took part in that save
+    (message,) = said
+    mid_epoch = re.search(r"during epoch (\d+): its first (\d+) of \d+ steps are saved", message)
+    if mid_epoch:  # the checkpoint holds exactly the step every rank named: "epoch" is the last completed one
+        assert (ckpt["epoch"], ckpt["epoch_step"]) == (int(mid_epoch[1]) - 1, int(mid_epoch[2])), message
+    else:
+        after = re.search(r"after epoch (\d+)", message)
+        assert after and (ckpt["epoch"], ckpt["epoch_step"]) == (int(after[1]), 0), message

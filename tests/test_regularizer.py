@@ -117,4 +117,14 @@ def test_default_form_needs_a_dataset():
     assert [len(g.unique) for g in basis_groups(layer)] == [1]
     with pytest.raises(ValueError, match="pass include_unique=True/False"):
         OrthogonalityRegularizer(layer)
-    assert OrthogonalityRegularizer(layer, include_unique=True)() >= 0
+    # SPEC section 4 by hand: rows s1 = 2 e1, s2 = e2 (shared), u = e1 + e2 (unique). D = (B B^T - I)^2 has
+    # D11 = 9, D12 = 0, D13 = 4, D22 = 0, D23 = 1, D33 = 1; the selection is the 2 shared rows (2 x 3 entries) plus the
+    # unique conv's own 1 x 1 block: R = (9 + 0 + 4 + 0 + 0 + 1 + 1) / 7.
+    e1, e2 = torch.zeros(36), torch.zeros(36)
+    e1[0], e2[1] = 1.0, 1.0
+    with torch.no_grad():
+        layer.shared_basis.weight.copy_(torch.stack([2 * e1, e2]).view(2, 4, 3, 3))
+        layer.basis_conv.weight.copy_((e1 + e2).view(1, 4, 3, 3))
+    torch.testing.assert_close(OrthogonalityRegularizer(layer, include_unique=True)(), torch.tensor(15 / 7))
+    # the shared-only form: the 2 x 2 shared block alone, (9 + 0 + 0 + 0) / 4
+    torch.testing.assert_close(OrthogonalityRegularizer(layer, include_unique=False)(), torch.tensor(9 / 4))

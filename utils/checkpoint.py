@@ -105,6 +105,18 @@ def make_checkpoint(
     return ckpt
 
 
+def run_files_busy(out_dir: str, stem: str) -> bool:
+    """Whether a live process holds ``.<stem>.lock`` (probed without creating anything)."""
+    try:
+        with open(os.path.join(out_dir, f".{stem}.lock")) as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)  # released as the file closes
+    except BlockingIOError:
+        return True
+    except OSError:  # no lock file: no run ever held it
+        return False
+    return False
+
+
 def lock_run_files(out_dir: str, stem: str) -> IO:
     """Hold ``.<stem>.lock`` while the returned file is open (freed at any exit); remove a killed writer's tmp files."""
     os.makedirs(out_dir, exist_ok=True)

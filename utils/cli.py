@@ -66,10 +66,15 @@ def _argtype(name: str, convert: Callable, ok: Callable, expected: str | None = 
 
 
 _positive_int = _argtype("positive integer", int, lambda v: v > 0)
+# up to sys.maxsize: Python's slices and torch's int64 sizes take no more
+_batch = _argtype("positive integer up to 2**63-1", int, lambda v: 0 < v < 2**63)
+_seed = _argtype("integer from 0 to 2**32-1 (numpy's seed range)", int, lambda v: 0 <= v < 2**32)
 _nonneg_int = _argtype("non-negative integer", int, lambda v: v >= 0)
 # 4096 is above any group-1 basis that spans something here; a typo such as 100000 would fail allocating
 _rank = _argtype("rank from 1 to 4096", int, lambda v: 0 < v <= 4096)
 _nonneg_float = _argtype("finite non-negative number", float, lambda v: 0 <= v < float("inf"))  # nan fails too
+_F32_MAX = 3.4028234663852886e38  # torch.finfo(torch.float32).max: larger values overflow in the optimizer's step
+_f32 = _argtype("non-negative number up to 3.4e38 (float32's range)", float, lambda v: 0 <= v <= _F32_MAX)
 _device = _argtype("device", str, re.compile(r"auto|cpu|cuda(:\d+)?").fullmatch, "auto, cpu, cuda or cuda:N")
 # GPU indices or GPU-/MIG- UUIDs; part of checkpoint file names, so no path characters
 _VISIBLE = re.compile(r"[A-Za-z0-9_:-]+(,[A-Za-z0-9_:-]+)*")
@@ -87,7 +92,7 @@ def _parser(prog: str, dataset: str) -> argparse.ArgumentParser:
     g.add_argument("--model", help=f"model name, one of: {', '.join(list_models(dataset))}")
     g.add_argument("--shared_rank", type=_rank, help="rank s of each shared filter basis (group 1)")
     g.add_argument("--unique_rank", type=_rank, help="rank u of each layer's own basis (group 1)")
-    g.add_argument("--batch_size", type=_positive_int, help="batch size, train and test")
+    g.add_argument("--batch_size", type=_batch, help="batch size, train and test")
     g.add_argument(
         "--visible_device",
         type=_visible_device,
@@ -103,7 +108,7 @@ def _parser(prog: str, dataset: str) -> argparse.ArgumentParser:
         default=min(8, os.cpu_count() or 1),
         help="data-loading worker processes (the authors fixed 8)",
     )
-    g.add_argument("--seed", type=int, default=0, help="seed for torch, numpy, random and data order")
+    g.add_argument("--seed", type=_seed, default=0, help="seed for torch, numpy, random and data order")
     g.add_argument("--amp", action="store_true", help="mixed precision: bf16 autocast where supported, else fp16")
     g.add_argument("--channels_last", action="store_true", help="NHWC memory format for model and inputs")
     g.add_argument("--compile", action="store_true", help="torch.compile the model (falls back to eager on failure)")
@@ -125,10 +130,10 @@ def _train_parser(prog: str, dataset: str, recipe: dict) -> argparse.ArgumentPar
                 f"name their files with {recipe[action.dest]})"
             )
     g = p.add_argument_group("optimisation (the authors' flags)")
-    g.add_argument("--lr", type=_nonneg_float, help="initial learning rate")
-    g.add_argument("--momentum", type=_nonneg_float, help="SGD momentum")
-    g.add_argument("--weight_decay", type=_nonneg_float, help="weight decay (all parameters)")
-    g.add_argument("--lambdaR", type=_nonneg_float, help="weight of the orthogonality regulariser")
+    g.add_argument("--lr", type=_f32, help="initial learning rate")
+    g.add_argument("--momentum", type=_f32, help="SGD momentum")
+    g.add_argument("--weight_decay", type=_f32, help="weight decay (all parameters)")
+    g.add_argument("--lambdaR", type=_f32, help="weight of the orthogonality regulariser")
     g.add_argument(
         "--starting_epoch", type=_nonneg_int, default=0, help="with --pretrained: the epoch the checkpoint ended at"
     )
@@ -145,6 +150,12 @@ def _train_parser(prog: str, dataset: str, recipe: dict) -> argparse.ArgumentPar
         const="auto",
         metavar="PATH",
         help="continue an interrupted run from its last checkpoint (or from PATH)",
+    )
+    g.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="let this new run replace the checkpoints an earlier run of the same name left in --output_dir "
+        "(without it such a run is refused; never the --pretrained source)",
     )
     g.add_argument(
         "--val_split",

@@ -18,6 +18,8 @@ import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset, get_worker_info
+from torchvision.datasets import ImageFolder
+from torchvision.datasets.folder import has_file_allowed_extension
 
 from models.pretrained import error_line
 from models.registry import DATASETS, NUM_CLASSES
@@ -260,13 +262,35 @@ def _read_image(path: str):
     try:
         with open(path, "rb") as f:
             return Image.open(f).convert("RGB")
-    except (OSError, SyntaxError, ValueError) as e:  # PIL's errors for unreadable, truncated, unknown formats
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:  # unreadable, truncated, unknown
+        # formats, and images past PIL's pixel limit (a guard against decompression bombs: it stays on)
         raise DatasetError(f"image {path!r} cannot be read ({error_line(e)}); replace or remove it") from None
 
 
-def _imagefolder(root: PathLike, train: bool):
-    from torchvision.datasets import ImageFolder
+def _visible(name: str) -> bool:
+    return not name.startswith(".")
 
+
+class VisibleImageFolder(ImageFolder):
+    """``ImageFolder`` without hidden folders and files (``.ipynb_checkpoints/``, macOS ``._*``): no class, no image."""
+
+    def find_classes(self, directory: str) -> tuple[list, dict]:
+        classes = sorted(e.name for e in os.scandir(directory) if e.is_dir() and _visible(e.name))
+        if not classes:
+            raise FileNotFoundError(f"no class folders in {directory!r}")
+        return classes, {name: i for i, name in enumerate(classes)}
+
+    @staticmethod
+    def make_dataset(directory, class_to_idx, extensions=None, is_valid_file=None, allow_empty=False) -> list:
+        def wanted(path: str) -> bool:
+            if not all(map(_visible, os.path.relpath(path, directory).split(os.sep))):
+                return False
+            return is_valid_file(path) if is_valid_file else has_file_allowed_extension(path, extensions)
+
+        return ImageFolder.make_dataset(directory, class_to_idx, None, wanted, allow_empty)
+
+
+def _imagefolder(root: PathLike, train: bool):
     split = "train" if train else "val"
     path = os.path.join(os.fspath(root), split)
     if not os.path.isdir(path):
@@ -275,7 +299,7 @@ def _imagefolder(root: PathLike, train: bool):
             f"{os.fspath(root)!r} (pass the directory holding train/ and val/ as --dataset_path)"
         )
     try:
-        return ImageFolder(path, transform=imagenet_transforms(train), loader=_read_image)
+        return VisibleImageFolder(path, transform=imagenet_transforms(train), loader=_read_image)
     except (FileNotFoundError, RuntimeError) as e:  # no class folders / no image files
         raise DatasetError(
             f"ILSVRC directory {path!r} holds no images in class folders ({error_line(e)}); expected "

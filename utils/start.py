@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime
 import os
 import platform
+import re
 import shlex
 import socket
 import subprocess
@@ -17,6 +18,7 @@ import torch.nn as nn
 from models import get_model
 from models.pretrained import CheckpointError, check_identity, checkpoint_acc, read_checkpoint
 from models.registry import rank_flags
+from utils.checkpoint import run_files_busy
 from utils.data import VAL_SPLIT_SEED
 from utils.engine import RunError, Schedule, warn
 
@@ -63,6 +65,7 @@ class RunStart:
     rng_states: list | None = None  # per rank, for --resume
     step: int = 0  # --resume of a mid-epoch save: steps of epoch state.epoch + 1 already done
     totals: list | None = None  # and their loss/accuracy sums
+    best_file: str | None = None  # --resume: where the run's best checkpoint is (another folder for --resume=PATH)
 
 
 def build_model(args, num_classes: int | None = None) -> nn.Module:
@@ -133,10 +136,12 @@ def describe(model: nn.Module) -> str:
 
 
 def run_stem(args) -> str:
-    """The authors' checkpoint name, e.g. ``CIFAR10-ResNet20-S16-U1-L10-0`` (``L10`` for both 10 and 10.0)."""
+    """The authors' checkpoint name, e.g. ``CIFAR10-ResNet20-S16-U1-L10-0`` (``L10`` for both 10 and 10.0; other values
+    as Python writes the float, every digit kept, so that two runs with different ``--lambdaR`` never share files)."""
+    lambda_r = float(args.lambdaR)
     return (
         f"{FILE_PREFIX[args.dataset]}-{args.model}-S{args.shared_rank}-U{args.unique_rank}"
-        f"-L{float(args.lambdaR):g}-{args.visible_device}"
+        f"-L{int(lambda_r) if lambda_r.is_integer() else lambda_r}-{args.visible_device}"
     )
 
 
@@ -198,4 +203,51 @@ def decide_start(args, last_path: str, schedule: Schedule) -> RunStart:
         ckpt.get("rng_states") or [ckpt.get("rng_state")],
         int(ckpt.get("epoch_step") or 0),
         ckpt.get("epoch_totals"),
+        _best_file_of(path, state),
     )
+
+
+def _best_file_of(path: str, state: RunState) -> str | None:
+    """The best checkpoint of the run that ``path`` continues: the ``-last.pth`` file's sibling, or ``path`` itself
+    when it is that best epoch (None: the run has no best file)."""
+    if state.best_epoch is None:
+        return None
+    sibling = path[: -len("-last.pth")] + ".pth" if path.endswith("-last.pth") else None
+    if sibling is not None and os.path.isfile(sibling):
+        return sibling
+    return path if state.best_epoch == state.epoch else None
+
+
+def _same_file(a: str, b: str | None) -> bool:
+    try:
+        return b is not None and os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def check_earlier_files(args, start: RunStart, out_dir: str, stem: str) -> None:
+    """A run never replaces a checkpoint it did not write itself: only ``--resume`` of this folder's run or
+    ``--overwrite`` may; and fine-tuning never writes over its ``--pretrained`` source. Checked before any write."""
+    if not os.path.isdir(out_dir):
+        return
+    periodic = re.compile(re.escape(stem) + r"epoch\d+\.pth")  # the ILSVRC history files
+    names = [f"{stem}.pth", f"{stem}-last.pth", *sorted(n for n in os.listdir(out_dir) if periodic.fullmatch(n))]
+    existing = [p for n in names if os.path.isfile(p := os.path.join(out_dir, n))]
+    if start.kind == "pretrained":
+        source = next((p for p in existing if _same_file(p, start.path)), None)
+        if source is not None:
+            raise RunError(
+                f"--pretrained={start.path} is where this run writes {os.path.basename(source)}: fine-tuning never "
+                f"writes over its source; pass another --output_dir"
+            )
+    own = start.kind == "resume" and any(_same_file(p, start.path) for p in existing)
+    if own or not existing or args.overwrite or run_files_busy(out_dir, stem):  # busy: the lock's message says so
+        return
+    last = os.path.join(out_dir, f"{stem}-last.pth")
+    ways = (
+        "continue that run with --resume, or pass --overwrite to replace it"
+        if last in existing and start.kind != "resume"
+        else "pass another --output_dir to keep it, or --overwrite to replace it"
+    )
+    more = f" (and {len(existing) - 1} more)" if len(existing) > 1 else ""
+    raise RunError(f"{existing[0]!r}{more} holds an earlier run's checkpoint, which this run would replace: {ways}")

@@ -50,7 +50,15 @@ from utils.engine import (
     wrap_model,
 )
 from utils.runlog import RunLog, duration
-from utils.start import build_model, check_classes, decide_start, describe, provenance, run_stem
+from utils.start import (
+    build_model,
+    check_classes,
+    check_earlier_files,
+    decide_start,
+    describe,
+    provenance,
+    run_stem,
+)
 
 
 def fit(args) -> dict:
@@ -74,12 +82,15 @@ class TrainingRun:
         self.out_dir, self.stem = args.output_dir, run_stem(args)
         self.best_path = os.path.join(self.out_dir, self.stem + ".pth")
         self.last_path = os.path.join(self.out_dir, self.stem + "-last.pth")
-        if os.path.exists(self.out_dir) and not os.path.isdir(self.out_dir):
-            raise RunError(f"--output_dir={self.out_dir!r} exists and is not a directory")
+        self.tb_dir = os.path.join(self.out_dir, "runs", self.stem)  # TensorBoard's
+        for path in (self.out_dir, os.path.dirname(self.tb_dir), self.tb_dir):
+            if os.path.exists(path) and not os.path.isdir(path):
+                raise RunError(f"{path!r} exists and is not a directory: move it, or pass another --output_dir")
         self.schedule = Schedule.from_recipe(args.lr, args.schedule, args.epochs)
         self.model = build_model(args)  # before the data: ranks that cannot build fail fast
         self.start = distributed.from_main(lambda: decide_start(args, self.last_path, self.schedule))
         self.state = self.start.state
+        self.best_file = self.start.best_file  # where the best checkpoint in force is (None: not written yet)
         self.select = "val" if args.val_split else "test"
         self.log = RunLog(args, self.select, self.schedule.epochs)
         self.provenance = provenance(args)
@@ -89,6 +100,8 @@ class TrainingRun:
         self.saved_step = None  # (epoch, step, steps) of the last mid-epoch save
         self.last_scores = {"top1": checkpoint_acc(self.start.ckpt or {}) or 0.0, "top5": 0.0}
         self._rearm_save_clock()
+        # last of the checks, so that a bad flag, dataset or checkpoint is named first
+        distributed.from_main(lambda: check_earlier_files(args, self.start, self.out_dir, self.stem))
 
     def _rearm_save_clock(self) -> None:
         self.next_save = time.monotonic() + (60 * self.args.save_every_minutes or float("inf"))  # 0: no clock
@@ -121,6 +134,13 @@ class TrainingRun:
             heads = head_classes(args.dataset, state_dict_of(self.start.ckpt)) or NUM_CLASSES[args.dataset]
             check_classes(self.loaders, heads, args.dataset_path, self.start.path)
         self.select_loader = self.loaders.val if args.val_split else self.loaders.test
+        steps = len(self.loaders.train)  # of a whole epoch: no pass has started yet
+        if self.start.step >= steps:  # a mid-epoch save of a larger dataset
+            raise RunError(
+                f"checkpoint {self.start.path!r} stopped after step {self.start.step} of epoch {self.state.epoch + 1}, "
+                f"but the data under --dataset_path={args.dataset_path!r} makes only {steps} steps per epoch: resume "
+                f"with the dataset the run was trained on"
+            )
 
     def _setup_model(self) -> None:
         args, model, device = self.args, self.model, self.device
@@ -199,8 +219,8 @@ class TrainingRun:
         args = self.args
         try:
             self.lock = lock_run_files(self.out_dir, self.stem)  # held until the process ends
-            if args.resume is None and os.path.exists(self.last_path):
-                warn(f"{self.last_path} exists and will be overwritten by this new run (use --resume to continue it)")
+            if args.resume is None and os.path.exists(self.last_path):  # --overwrite (else refused before)
+                warn(f"{self.last_path} exists and will be overwritten by this new run (--overwrite)")
             resolved = dict(
                 vars(args),
                 device=str(self.device),
@@ -217,7 +237,7 @@ class TrainingRun:
             )
         except OSError as e:
             raise RunError(f"cannot write to --output_dir={self.out_dir!r}: {e.strerror or e}") from None
-        self.log.open_tensorboard(os.path.join(self.out_dir, "runs", self.stem))
+        self.log.open_tensorboard(self.tb_dir)
 
     def run(self) -> dict:
         print(self.header())
@@ -280,6 +300,7 @@ class TrainingRun:
         improved = te["top1"] > state.best_acc  # strictly greater, as the authors
         if improved:
             state.best_acc, state.best_acc5, state.best_epoch = te["top1"], te["top5"], epoch
+            self.best_file = self.best_path
         state.epoch, self.last_scores = epoch, te
         periodic = args.dataset == "ilsvrc" and epoch % 5 == 0  # the authors' ILSVRC history files
         paths = ([self.best_path] if improved else []) + [self.last_path]
@@ -389,8 +410,8 @@ class TrainingRun:
         state, lr = self.state, self.schedule.lr_at(epoch)
 
         def pick() -> str | None:  # the best this run has seen
-            if state.best_epoch is not None and os.path.isfile(self.best_path):
-                return self.best_path
+            if state.best_epoch is not None and self.best_file and os.path.isfile(self.best_file):
+                return self.best_file
             return self.start.path if self.start.kind == "pretrained" else None
 
         source = distributed.from_main(pick)  # decided where the files are, so that every rank does the same
@@ -412,7 +433,7 @@ class TrainingRun:
     def score_on_test(self) -> dict:
         """--val_split: the checkpoint chosen on validation, scored once on the test set and stored in its file."""
         state = self.state
-        path = self.best_path if state.best_epoch is not None else self.last_path
+        path = self.best_file if state.best_epoch is not None and self.best_file else self.last_path
         ckpt = distributed.from_main(lambda: read_checkpoint(path))
         if ckpt.get("test_acc") is None or ckpt.get("epoch") != (state.best_epoch or state.epoch):
             load_weights(self.model, ckpt)
@@ -447,7 +468,7 @@ class TrainingRun:
             "val_acc5": vals[1],
             "test_acc": test[0],
             "test_acc5": test[1],
-            "best_checkpoint": self.best_path if state.best_epoch is not None else None,
+            "best_checkpoint": self.best_file if state.best_epoch is not None else None,
             "last_checkpoint": self.last_path,
         }
         self.log.final_lines(result, final)

@@ -319,8 +319,10 @@ def test_train_loader_order_is_resumable(cifar_root):
     resumed.set_epoch(2)
     assert torch.equal(_labels(resumed), orders[2])
     assert not torch.equal(orders[0], orders[1])
-    resumed.set_epoch(2, start_step=3)  # mid-epoch resume: the remaining batches of that epoch
+    resumed.set_epoch(2, start=3 * 16)  # mid-epoch resume at sample 48: the remaining batches of that epoch
     assert len(resumed) == len(train) - 3 and torch.equal(_labels(resumed), orders[2][3 * 16 :])
+    resumed.set_epoch(2, start=40)  # a position saved with another batch size: the epoch goes on from sample 40
+    assert torch.equal(_labels(resumed), orders[2][40:])
 
 
 def test_train_loader_batches_do_not_depend_on_workers(cifar_root):
@@ -328,7 +330,7 @@ def test_train_loader_batches_do_not_depend_on_workers(cifar_root):
 
     def batches(workers, start=0):
         train = D.build_loaders("cifar100", cifar_root, 64, num_workers=workers, seed=0, download=False).train
-        train.set_epoch(1, start_step=start)
+        train.set_epoch(1, start=start * 64)
         return list(train), train
 
     ref, _ = batches(0)

@@ -599,12 +599,12 @@ def test_rank_defaults_have_one_owner(monkeypatch, capsys):
     take no rank keep the authors' file names (SPEC section 7: plain models still get -S16-U1, ILSVRC -S32-U1)."""
     from models import get_model
     from utils import cli
-    from utils.start import build_model, run_stem
+    from utils.run_start import model_for_run, run_stem
 
     monkeypatch.setitem(os.environ, "CUDA_VISIBLE_DEVICES", "0")
     a = cli.parse_train_args("cifar100", ["--model=ResNext50_SingleShared"], prog="train_cifar100.py")
     assert (a.shared_rank, a.unique_rank) == (64, 4) and a.default_ranks == {"shared_rank": 64, "unique_rank": 4}
-    assert build_model(a).cfg.build_kwargs() == get_model("ResNext50_SingleShared", "cifar100").cfg.build_kwargs()
+    assert model_for_run(a).cfg.build_kwargs() == get_model("ResNext50_SingleShared", "cifar100").cfg.build_kwargs()
     given = cli.parse_train_args("cifar10", ["--shared_rank=8", "--unique_rank=1"], prog="train_cifar10.py")
     assert (given.shared_rank, given.unique_rank, given.default_ranks) == (8, 1, {})
     only = cli.parse_train_args("cifar10", ["--model=ResNet56_SharedOnly"], prog="train_cifar10.py")

@@ -277,9 +277,17 @@ def parse_eval_args(
     return args
 
 
-def run(main: Callable, args, prog: str | None = None, exiting: bool = False) -> int:
-    """Call ``main(args)``: a user error is one stderr line and status 1, an interrupt one line and 130/143
-    (``exiting``: the process ends after, so later signals are ignored)."""
+class Outcome:
+    """The exit status :func:`one_line_errors` decided (0 when the block ended normally)."""
+
+    code = 0
+
+
+@contextlib.contextmanager
+def one_line_errors(prog: str | None = None, exiting: bool = False):
+    """Around a script's work: a user error becomes one stderr line and status 1, an interrupt one line and 130/143
+    (``exiting``: the process ends after, so later signals are ignored). A context manager, not a wrapper call, so
+    that it adds no frame between the script and the training step."""
     from models.pretrained import CheckpointError
     from utils.data import DatasetError
     from utils.distributed import DistError
@@ -290,12 +298,13 @@ def run(main: Callable, args, prog: str | None = None, exiting: bool = False) ->
     tag = f"{prog}: " if rank == "0" else f"{prog} [rank {rank}]: "
     with contextlib.suppress(AttributeError, ValueError):
         sys.stdout.reconfigure(line_buffering=True)  # so that logs piped through tee show up as they happen
+    outcome = Outcome()
     try:
-        main(args)
+        yield outcome
     except (CheckpointError, DatasetError, RunError, DistError) as e:
         sys.stdout.flush()
         sys.stderr.write(f"{tag}error: {_one_line(e)}\n")  # one write: ranks' lines do not interleave
-        return 1
+        outcome.code = 1
     except KeyboardInterrupt as e:
         sys.stdout.flush()
         message = getattr(e, "message", "") or (
@@ -305,8 +314,7 @@ def run(main: Callable, args, prog: str | None = None, exiting: bool = False) ->
         if exiting:  # the process ends now: a further Ctrl-C would only interrupt the workers' shutdown
             for sig in (signal.SIGINT, signal.SIGTERM):
                 signal.signal(sig, signal.SIG_IGN)
-        return e.exit_code if isinstance(e, Interrupted) else 130
-    return 0
+        outcome.code = e.exit_code if isinstance(e, Interrupted) else 130
 
 
 def _one_line(e) -> str:
@@ -321,7 +329,9 @@ def train_main(dataset: str, argv: Sequence[str] | None = None, recipe: dict | N
     args = parse_train_args(dataset, argv, recipe=recipe)
     from utils.train import fit
 
-    return run(fit, args, exiting=argv is None)
+    with one_line_errors(exiting=argv is None) as outcome:
+        fit(args)
+    return outcome.code
 
 
 def eval_main(dataset: str, argv: Sequence[str] | None = None, defaults: dict | None = None) -> int:
@@ -329,4 +339,6 @@ def eval_main(dataset: str, argv: Sequence[str] | None = None, defaults: dict | 
     args = parse_eval_args(dataset, argv, defaults=defaults)
     from utils.evaluate import evaluate_checkpoint
 
-    return run(evaluate_checkpoint, args, exiting=argv is None)
+    with one_line_errors(exiting=argv is None) as outcome:
+        evaluate_checkpoint(args)
+    return outcome.code

@@ -212,9 +212,10 @@ class SeededSamples(Dataset):
 class TrainLoader(DataLoader):
     """A training ``DataLoader`` over :class:`SeededSamples` with an :class:`EpochSampler`."""
 
-    def set_epoch(self, epoch: int, start_step: int = 0) -> None:
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        """Epoch ``epoch`` from this rank's sample ``start`` on (a mid-epoch resume; any batch size)."""
         self.sampler.set_epoch(int(epoch))
-        self.sampler.start = int(start_step) * self.batch_size
+        self.sampler.start = int(start)
 
 
 def _worker_signals(_: int) -> None:

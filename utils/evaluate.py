@@ -22,7 +22,7 @@ from utils.engine import (
     warn,
     wrap_model,
 )
-from utils.start import check_classes, describe
+from utils.run_start import check_classes, describe
 
 
 def evaluate_checkpoint(args) -> dict:

@@ -107,7 +107,7 @@ def fit(args) -> dict:
                 te = evaluate(run.eval_net, run.model, run.select_loader, desc=run.select, **run.pass_kw)
                 paths = run.end_epoch(epoch, te)
                 run.save(run.checkpoint(epoch, te, run.lr), paths, epoch)
-                run.log_epoch(epoch, tr, te, paths)
+                run.log_epoch(epoch, tr, te)
                 run.stop_if_asked()
             return run.summary(run.score_on_test() if args.val_split else None)
         except KeyboardInterrupt as e:  # ours (a signal), or Ctrl-C before/after the handlers
@@ -123,7 +123,7 @@ def fit(args) -> dict:
 
 
 class TrainingRun:
-    """The objects of one run (model, optimizer, loaders, state) and its steps; built by :func:`fit`."""
+    """The objects of one run (model, optimizer, loaders, state) and the hooks :func:`fit`'s epoch loop calls."""
 
     def __init__(self, args, device: torch.device, stop: StopSignals):
         self.args, self.device, self.stop = args, device, stop
@@ -373,7 +373,7 @@ class TrainingRun:
         paths = ([self.best_path] if self.improved else []) + [self.last_path]
         return paths + ([os.path.join(self.out_dir, f"{self.stem}epoch{epoch}.pth")] if self.periodic else [])
 
-    def log_epoch(self, epoch: int, tr: dict, te: dict, paths: list) -> None:
+    def log_epoch(self, epoch: int, tr: dict, te: dict) -> None:
         state = self.state
         best = (state.best_acc, state.best_acc5, state.best_epoch)
         self.log.test_lines(te, best[:2], self.improved, self.periodic)

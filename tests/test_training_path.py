@@ -154,3 +154,20 @@ def test_mid_epoch_save_after_a_resume_keeps_the_last_test_scores(cifar, tmp_pat
     assert second["epoch"] == 1 and second["epoch_step"] == 3
     for key in ("acc", "acc5", "test_acc", "test_acc5"):
         assert float(second[key]) == float(first[key]), key
+
+
+def test_resume_of_a_mid_epoch_save_under_another_process_count_is_one_line(cifar, tmp_path, capsys):
+    """Bug 1's other half: an epoch's data order depends on the number of processes, so a position saved by 2 cannot
+    be continued by 1; refused in one line, before anything is written."""
+    handle = _signal_at_training_forward(6)
+    try:
+        assert _train(_flags(cifar, tmp_path), capsys)[0] == 143
+    finally:
+        handle.remove()
+    last = tmp_path / f"{STEM}-last.pth"
+    ckpt = read_checkpoint(str(last))
+    torch.save(dict(ckpt, world_size=2), last)  # as two processes would have saved it
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()}
+    code, _, err = _train(_flags(cifar, tmp_path, "--resume"), capsys)
+    assert code == 1 and len(err.splitlines()) == 1 and "by 2 process" in err and "resume it with 2" in err, err
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()} == before

@@ -2,6 +2,7 @@
 """Evaluate a checkpoint on the CIFAR-100 test set: top-1/top-5 accuracy and error (SPEC sections 6-7).
 
     python3 eval_cifar100.py --pretrained=<path_to_model> --model=ResNet34_SingleShared --shared_rank=16 --unique_rank=1
+    python3 eval_cifar100.py --pretrained=paper --model=ResNet34_SingleShared --shared_rank=16 --unique_rank=1
 
 Reads the authors' files (with or without the ``module.`` prefix) and this project's. ``--model`` and the rank flags
 may be left out: this project's checkpoints record them, and for the authors' files the ranks are read off the tensor

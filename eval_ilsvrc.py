@@ -3,6 +3,7 @@
 
     python3 eval_ilsvrc.py --pretrained=<path_to_model> --model=ResNet34_DoubleShared --shared_rank=32 \\
         --unique_rank=1 --dataset_path=<path_to_dataset> --visible_device=0,1,2,3
+    python3 eval_ilsvrc.py --pretrained=paper --model=MobileNetV2_Shared --dataset_path=<path_to_dataset>
 
 Reads the authors' files (with or without the ``module.`` prefix) and this project's. ``--model`` and the rank flags
 may be left out: this project's checkpoints record them, and for the authors' files the ranks are read off the tensor

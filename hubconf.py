@@ -2,6 +2,7 @@
 
     model = torch.hub.load("/path/to/repo", "ResNet56_DoubleShared", source="local", dataset="cifar10",
                            shared_rank=16, unique_rank=1, checkpoint="ckpt.pth")
+    model = torch.hub.load("/path/to/repo", "ResNet56_DoubleShared", source="local", pretrained=True)  # the paper's
 
 Keywords: see :func:`models.pretrained.build_model` (ranks not given are read from the checkpoint). Models come in
 train mode: call ``.eval()`` to predict. Every helper is private, so that torch.hub lists model names only.
@@ -28,6 +29,7 @@ def _import_models():
             f"repository's hub entry points in a fresh Python process, or before the other 'models'"
         )
     import models  # with models.pretrained, which the package imports
+    import models.summary  # noqa: F401  (the paper's rows, for pretrained=True)
 
     return models
 
@@ -53,13 +55,16 @@ def _doc(name: str) -> str:
         else:
             args.append(f"{arg}=" + "|".join(f"{v} ({d})" for d, v in values.items()))
     from_file = "; ranks not given are read from it" if len(args) > 1 else ""
+    rows = [r.row for r in _models.summary.PAPER_ROWS if r.model == name and r.weights is not None]
+    published = f", pretrained=False (True: the paper's published {' / '.join(rows)})" if rows else ""
     return (
-        f"{name}, {what} ({', '.join(datasets)}); kwargs: {', '.join(args)}, checkpoint=None (a local file{from_file})."
+        f"{name}, {what} ({', '.join(datasets)}); kwargs: {', '.join(args)}, checkpoint=None (a local "
+        f"file{from_file}){published}."
     )
 
 
 def _make_entry(name: str):
-    def entry(dataset=None, *, shared_rank=None, unique_rank=None, num_classes=None, checkpoint=None):
+    def entry(dataset=None, *, shared_rank=None, unique_rank=None, num_classes=None, checkpoint=None, pretrained=False):
         return _models.pretrained.build_model(
             name,
             dataset,
@@ -67,6 +72,7 @@ def _make_entry(name: str):
             unique_rank=unique_rank,
             num_classes=num_classes,
             checkpoint=checkpoint,
+            pretrained=pretrained,
         )
 
     entry.__name__ = entry.__qualname__ = name

@@ -10,6 +10,9 @@ import functools
 import math
 import os
 import random
+import re
+import warnings
+import zipfile
 
 import numpy as np
 import torch
@@ -21,16 +24,18 @@ from .registry import (
     NUM_CLASSES,
     RANK_ARGS,
     canonical_name,
+    check_rank_type,
     datasets_of,
     get_model,
     list_models,
     model_defaults,
     model_rank_args,
-    rank_flags,
+    spell_args,
     unknown_model,
 )
 
 _PREFIXES = ("module.", "_orig_mod.")
+FORMAT_VERSION = 1  # of this project's checkpoint dict (utils.checkpoint writes it; models.convert too)
 Source = str | os.PathLike
 
 
@@ -53,13 +58,37 @@ def read_checkpoint(path: Source, map_location: str | torch.device = "cpu") -> d
     if os.path.getsize(path) == 0:
         raise CheckpointError(f"checkpoint {path!r} is not a readable PyTorch checkpoint (the file is empty)")
     try:
-        obj = torch.load(path, map_location=map_location, weights_only=True)
+        with warnings.catch_warnings():  # e.g. "Detected pickle protocol 4": a second line before our one
+            warnings.simplefilter("ignore")
+            obj = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # truncated file, not a torch file, pickled objects we refuse to run
-        raise CheckpointError(f"checkpoint {path!r} is not a readable PyTorch checkpoint ({error_line(e)})") from None
+        raise CheckpointError(f"checkpoint {path!r} {_unreadable(path, e)}") from None
     if not isinstance(obj, dict):
         raise CheckpointError(f"checkpoint {path!r} holds a {type(obj).__name__}, not a state_dict or checkpoint dict")
     check_fields(obj, path)
     return obj
+
+
+def _unreadable(path: str, e: Exception) -> str:
+    """Why torch.load refused a file, in one line: torch's own message advises unsafe loading (never ours to give)."""
+    if zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as archive:
+            names = archive.namelist()
+        if any(n.endswith("/archive_format") for n in names) and not any(n.endswith("/data.pkl") for n in names):
+            return (
+                "is a torch.export program (.pt2, e.g. written by models.export), not a checkpoint: run it with "
+                "torch.export.load(path).module(); evaluate the .pth checkpoint it was exported from"
+            )
+    text = str(e)  # torch's first line advises weights_only=False, with terminal colour codes: not ours to print
+    pickled = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
+    if pickled:
+        return (
+            f"holds pickled Python objects ({pickled.group(1)}; a whole model saved with torch.save(model)?), "
+            f"which are not loaded because unpickling them can run any code: save model.state_dict() instead"
+        )
+    reason = re.search(r"WeightsUnpickler error:\s*(.+?)\s*(?:\n\n|$)", text, flags=re.S)
+    detail = " ".join(reason.group(1).split()) if reason else (text.strip().splitlines() or ["no detail"])[0]
+    return f"is not a readable PyTorch checkpoint ({type(e).__name__}: {detail})"
 
 
 def _count(v) -> bool:
@@ -185,12 +214,12 @@ def check_identity(obj: dict, path: str, *, dataset: str, model: str | None = No
     if recorded_ds is not None and recorded_ds != dataset:
         raise CheckpointError(
             f"checkpoint {path!r} was trained on {recorded_ds} ({recorded_model}), not {dataset}; "
-            f"use the {recorded_ds} scripts"
+            f"use {spell_args({'dataset': recorded_ds})}"
         )
     if model is not None and recorded_model is not None and recorded_model != model:
         kwargs = obj.get("model_kwargs")
-        flags = f"--model={recorded_model} {rank_flags(kwargs) if isinstance(kwargs, dict) else ''}".strip()
-        raise CheckpointError(f"checkpoint {path!r} holds a {recorded_model}, not a {model}; pass {flags}")
+        fits = spell_args({"model": recorded_model, **(kwargs if isinstance(kwargs, dict) else {})})
+        raise CheckpointError(f"checkpoint {path!r} holds a {recorded_model}, not a {model}; pass {fits}")
 
 
 def _shapes(model: nn.Module) -> dict:
@@ -270,16 +299,36 @@ def pick_layout(name: str, dataset: str, state: dict) -> str:
     return next((o for o in others if set(_layout(o, dataset)) == set(state)), name)
 
 
-def guess_model_flags(dataset: str, state: dict) -> str | None:
-    """``--model=<name> <rank flags>`` of the first ``dataset`` model whose keys and shapes fit ``state``, or None."""
-    for name in list_models(dataset):
+def _depth(name: str) -> int:
+    """The number in a model name (ResNet56 -> 56), 0 without one."""
+    digits = re.search(r"\d+", name)
+    return int(digits.group()) if digits else 0
+
+
+def _guess_model(dataset: str, state: dict) -> dict | None:
+    """``{"model": name, **ranks}`` of the ``dataset`` model whose keys and shapes fit ``state``, or None. Shallow
+    names are tried first: a layout costs time in proportion to depth (ResNet1202's 3 s)."""
+    for name in sorted(list_models(dataset), key=_depth):
         try:
             if set(_layout(name, dataset)) != set(state):
                 continue
-            ranks = infer_ranks(name, dataset, state)
+            return {"model": name, **infer_ranks(name, dataset, state)}
         except ValueError:
             continue
-        return f"--model={name} {rank_flags(ranks)}".strip()
+    return None
+
+
+def guess_fit(state: dict, dataset: str | None = None) -> dict | None:
+    """The arguments of the model ``state`` fits, for error messages: a ``dataset`` model first, else another
+    dataset's (then with ``"dataset"``); None when none fits."""
+    if dataset is not None:
+        fit = _guess_model(dataset, state)
+        if fit is not None:
+            return fit
+    for other in DATASETS:
+        fit = _guess_model(other, state) if other != dataset else None
+        if fit is not None:
+            return {"dataset": other, **fit}
     return None
 
 
@@ -303,12 +352,12 @@ def _explain_mismatch(model: nn.Module, state: dict, problem: str) -> str:
         ranks = infer_ranks(cfg.name, cfg.dataset, state)
     except ValueError:
         return (
-            f"checkpoint is not a {cfg.dataset} {cfg.name} ({problem}); check --model and the dataset "
+            f"checkpoint is not a {cfg.dataset} {cfg.name} ({problem}); check the model name and the dataset "
             f"the checkpoint was trained on"
         )
     return (
-        f"checkpoint was trained with {rank_flags(ranks)} but the model was built with "
-        f"{rank_flags(cfg.build_kwargs())}; pass {rank_flags(ranks)}"
+        f"checkpoint was trained with {spell_args(ranks)} but the model was built with "
+        f"{spell_args(cfg.build_kwargs())}; pass {spell_args(ranks)}"
     )
 
 
@@ -327,15 +376,17 @@ def resolve_model(
     state = state_dict_of(ckpt)
     dataset = dataset or ckpt.get("dataset")
     if dataset is None:
+        fit = guess_fit(state, None)
+        hint = f"; the file fits {spell_args(fit)}" if fit else f" (one of {', '.join(DATASETS)})"
         raise CheckpointError(
-            f"checkpoint {path!r} records no dataset (an authors' file?): give the dataset ({', '.join(DATASETS)})"
+            f"checkpoint {path!r} records no dataset (an authors' file?): give the dataset it was trained on{hint}"
         )
     model = pick_layout(canonical_name(model), dataset, state) if model else model
     check_identity(ckpt, path, dataset=dataset, model=model)
     name = model or ckpt.get("model")
     if name is None:
-        guess = guess_model_flags(dataset, state)
-        hint = f" (the file fits {guess})" if guess else ""
+        fit = guess_fit(state, dataset)
+        hint = f"; the file fits {spell_args(fit)}" if fit else ""
         raise CheckpointError(f"checkpoint {path!r} records no model (an authors' file?): give the model{hint}")
     try:
         takes = model_rank_args(name, dataset)
@@ -344,8 +395,10 @@ def resolve_model(
     try:
         ranks = infer_ranks(name, dataset, state)
     except ValueError:
-        guess = guess_model_flags(dataset, state)
-        hint = f"; the file fits {guess}" if guess else "; check --model and the dataset it was trained on"
+        fit = guess_fit(state, dataset)
+        hint = (
+            f"; the file fits {spell_args(fit)}" if fit else "; check the model name and the dataset it was trained on"
+        )
         heads = head_classes(dataset, state)
         why = "at any ranks" if takes else f"({_shape_mismatch(_layout(name, dataset, heads), state)})"
         raise CheckpointError(f"checkpoint {path!r} is not a {dataset} {name} {why}{hint}") from None
@@ -354,16 +407,18 @@ def resolve_model(
         claimed = {**model_defaults(name, dataset), **{k: v for k, v in recorded.items() if k in takes}}
         if claimed != ranks:
             raise CheckpointError(
-                f"checkpoint {path!r} records {rank_flags(claimed)} but its tensors hold "
-                f"{rank_flags(ranks)}: its 'model_kwargs' were altered; use an unaltered copy or "
+                f"checkpoint {path!r} records {spell_args(claimed)} but its tensors hold "
+                f"{spell_args(ranks)}: its 'model_kwargs' were altered; use an unaltered copy or "
                 f"set them to {ranks}"
             )
     given = {k: v for k, v in zip(RANK_ARGS, (shared_rank, unique_rank)) if v is not None and k in takes}
+    for k, v in given.items():  # Python callers (load_model, the hub): a string is their mistake, not the file's
+        check_rank_type(k, v)
     wrong = {k: v for k, v in given.items() if ranks[k] != v}
     if wrong:
         raise CheckpointError(
-            f"checkpoint {path!r} was trained with {rank_flags(ranks)}, not {rank_flags(wrong)}; "
-            f"pass {rank_flags(ranks)}"
+            f"checkpoint {path!r} was trained with {spell_args(ranks)}, not {spell_args(wrong)}; "
+            f"pass {spell_args(ranks)}"
         )
     inferred = bool(takes) and not isinstance(recorded, dict) and given.keys() != set(takes)
     with _SkipInit():  # the caller loads every tensor next (ILSVRC ResNet34: 0.1 s instead of 3 s)
@@ -396,13 +451,25 @@ def build_model(
     unique_rank: int | None = None,
     num_classes: int | None = None,
     checkpoint: Source | dict | None = None,
+    pretrained: bool = False,
 ) -> nn.Module:
     """The hub's entry points: model ``name`` with the weights of ``checkpoint`` (path or dict), in train mode.
-    ``dataset`` may be omitted when the name or the file fixes it; ranks not given come from the file, else defaults."""
+    ``dataset`` may be omitted when the name or the file fixes it; ranks not given come from the file, else defaults.
+    ``pretrained=True``: the paper's published checkpoint of ``name`` at the ranks given (:mod:`models.download`)."""
     name = canonical_name(name)
     registered = datasets_of(name)
     if not registered:
         raise ValueError(unknown_model(name))
+    if pretrained:
+        from .download import fetch  # which imports this module
+        from .summary import published_row
+
+        if checkpoint is not None:
+            raise ValueError("pass either pretrained=True (the paper's published weights) or checkpoint=, not both")
+        if dataset is None and len(registered) > 1:
+            raise ValueError(f"{name} exists for {' and '.join(registered)}: pass dataset= one of them")
+        given = {k: v for k, v in zip(RANK_ARGS, (shared_rank, unique_rank)) if v is not None}
+        checkpoint = fetch(published_row(dataset or registered[0], name, given))
     obj = checkpoint if checkpoint is None or isinstance(checkpoint, dict) else read_checkpoint(checkpoint)
     recorded = obj.get("dataset") if obj is not None and isinstance(obj.get("dataset"), str) else None
     dataset = dataset or recorded or (registered[0] if len(registered) == 1 else None)

@@ -7,6 +7,8 @@ suffix is its variant (:data:`VARIANTS`); this module alone decides the ranks a 
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import difflib
 import fnmatch
 from collections.abc import Callable
@@ -123,8 +125,13 @@ def _check_dataset(dataset: str) -> None:
 
 
 def canonical_name(name: str) -> str:
-    """The registered spelling of ``name``: the authors' README also writes ``ResNet56-DoubleShared``."""
-    return name.replace("-", "_")
+    """The registered spelling of ``name``: the authors' README also writes ``ResNet56-DoubleShared``, and a name
+    that differs from one registered name only in case (``Resnet56_doubleshared``) means that name."""
+    name = name.replace("-", "_")
+    if any(n == name for _, n in _REGISTRY):
+        return name
+    same = {n for _, n in _REGISTRY if n.lower() == name.lower()}
+    return same.pop() if len(same) == 1 else name
 
 
 def unknown_model(name: str, dataset: str | None = None) -> str:
@@ -154,10 +161,14 @@ def model_defaults(name: str, dataset: str) -> dict:
     return dict(_entry(name, dataset).defaults)
 
 
+def check_rank_type(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
 def _check_ranks(name: str, entry: _Entry, ranks: dict) -> None:
     for k, v in ranks.items():
-        if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
-            raise ValueError(f"{k} must be a positive integer, got {v!r}")
+        check_rank_type(k, v)
         if v > entry.max_rank:  # before anything is allocated
             raise ValueError(
                 f"{k}={v} is too large for {name} (at most {entry.max_rank}: a 3x3 basis over the "
@@ -190,6 +201,8 @@ def get_model(
         raise ValueError(f"{name} ({dataset}) does not take {', '.join(extra)}; it takes {takes}")
     ranks = {k: given.get(k, default) for k, default in entry.defaults.items()}
     classes = NUM_CLASSES[dataset] if num_classes is None else num_classes
+    if isinstance(classes, bool) or not isinstance(classes, int) or classes <= 0:
+        raise ValueError(f"num_classes must be a positive integer, got {num_classes!r}")
     try:
         _check_ranks(name, entry, ranks)
         basis = None if entry.bases_per_group is None else BasisCfg(entry.bases_per_group, **ranks)
@@ -211,3 +224,34 @@ def get_model(
 def rank_flags(ranks: dict) -> str:
     """``{'shared_rank': 32, 'unique_rank': 1}`` -> ``'--shared_rank=32 --unique_rank=1'``."""
     return " ".join(f"--{k}={v}" for k, v in ranks.items())
+
+
+# How errors name arguments: None = Python keywords (``model="X", shared_rank=16``, the default for notebooks and hub);
+# "flags" = command-line flags of a tool with a --dataset flag (models.export); "scripts" = the six scripts' flags,
+# where the dataset is the script's.
+_WORDING: contextvars.ContextVar = contextvars.ContextVar("wording", default=None)
+
+
+@contextlib.contextmanager
+def flag_wording(kind: str = "scripts"):
+    """Inside, :func:`spell_args` (and so every checkpoint error) names command-line flags instead of keywords."""
+    if kind not in ("flags", "scripts"):
+        raise ValueError(f"flag_wording: kind must be 'flags' or 'scripts', got {kind!r}")
+    token = _WORDING.set(kind)
+    try:
+        yield
+    finally:
+        _WORDING.reset(token)
+
+
+def spell_args(args: dict) -> str:
+    """``args`` as the user would type them here: ``dataset="cifar10", model="X", shared_rank=16`` in Python,
+    ``--dataset=cifar10 --model=X --shared_rank=16`` for models.export, ``--model=X --shared_rank=16 with the cifar10
+    scripts`` for the scripts (whose dataset is the script's)."""
+    wording = _WORDING.get()
+    if wording is None:
+        return ", ".join(f'{k}="{v}"' if isinstance(v, str) else f"{k}={v!r}" for k, v in args.items())
+    if wording == "flags" or "dataset" not in args:
+        return " ".join(f"--{k}={v}" for k, v in args.items())
+    flags = " ".join(f"--{k}={v}" for k, v in args.items() if k != "dataset")
+    return f"{flags} with the {args['dataset']} scripts" if flags else f"the {args['dataset']} scripts"

@@ -13,6 +13,7 @@ import torch.nn as nn
 from models import get_model
 from models import pretrained as P
 from models.atomic import _umask
+from models.registry import flag_wording
 from utils import checkpoint as C
 
 
@@ -241,7 +242,9 @@ def test_identity_check(tmp_path):
     P.check_identity(obj, "f", dataset="cifar10", model=None)
     with pytest.raises(P.CheckpointError, match="trained on cifar10"):
         P.check_identity(obj, "f", dataset="cifar100")
-    with pytest.raises(P.CheckpointError, match="--model=ResNet32_DoubleShared"):
+    with pytest.raises(P.CheckpointError, match='pass model="ResNet32_DoubleShared"'):  # Python's words
+        P.check_identity(obj, "f", dataset="cifar10", model="ResNet20")
+    with flag_wording(), pytest.raises(P.CheckpointError, match="pass --model=ResNet32_DoubleShared"):  # the scripts'
         P.check_identity(obj, "f", dataset="cifar10", model="ResNet20")
 
 
@@ -377,19 +380,19 @@ def test_load_model_mismatches_name_the_right_flags(tmp_path, one_thread):
     ours, authors = str(tmp_path / "ours.pth"), str(tmp_path / "authors.pth")
     C.save_checkpoint(C.make_checkpoint(model, None, epoch=1, acc=1.0), ours)
     torch.save({"net_state_dict": model.state_dict(), "acc": torch.tensor(1.0), "epoch": 1}, authors)
-    fits = "pass --shared_rank=2 --unique_rank=1"
+    fits = "pass shared_rank=2, unique_rank=1"  # Python keywords: load_model is called from Python
     for path, kw in ((ours, {}), (authors, {"model": "ResNet32_DoubleShared", "dataset": "cifar10"})):
         with pytest.raises(P.CheckpointError, match=fits) as e:
             P.load_model(path, **kw, shared_rank=4)
-        assert "not --shared_rank=4" in str(e.value)
+        assert "not shared_rank=4;" in str(e.value)
         with pytest.raises(P.CheckpointError, match=fits):
             P.load_model(path, **kw, shared_rank=2, unique_rank=3)
-    with pytest.raises(P.CheckpointError, match="pass --model=ResNet32_DoubleShared --shared_rank=2 --unique_rank=1"):
+    with pytest.raises(P.CheckpointError, match='pass model="ResNet32_DoubleShared", shared_rank=2, unique_rank=1'):
         P.load_model(ours, model="ResNet56_DoubleShared")
     with pytest.raises(P.CheckpointError, match="trained on cifar10"):
         P.load_model(ours, dataset="cifar100")
     with pytest.raises(
-        P.CheckpointError, match="the file fits --model=ResNet32_DoubleShared --shared_rank=2 --unique_rank=1"
+        P.CheckpointError, match='the file fits model="ResNet32_DoubleShared", shared_rank=2, unique_rank=1'
     ):
         P.load_model(authors, model="ResNet20", dataset="cifar10")
     with pytest.raises(P.CheckpointError, match="records no dataset"):
@@ -426,10 +429,10 @@ def test_hostile_recorded_ranks_are_refused_before_any_model_is_built(tmp_path, 
         P.load_model(path)
     assert time.perf_counter() - start < 0.8
     message = str(e.value)
-    assert "\n" not in message and "records --shared_rank=10000000 --unique_rank=1" in message
-    assert "its tensors hold --shared_rank=1 --unique_rank=1" in message
+    assert "\n" not in message and "records shared_rank=10000000, unique_rank=1" in message  # Python's words
+    assert "its tensors hold shared_rank=1, unique_rank=1" in message
     assert all(kw.get("shared_rank", 0) <= 32 for kw in built)  # only the default-size probes were built
-    with pytest.raises(P.CheckpointError, match="records --shared_rank=10000000"):
+    with pytest.raises(P.CheckpointError, match="records shared_rank=10000000"):
         P.build_model("ResNet32_DoubleShared", checkpoint=path)
 
 

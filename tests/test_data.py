@@ -105,6 +105,64 @@ def test_partial_cifar10_names_missing_file(tmp_path):
     assert "data_batch_4" in _one_line(e)
 
 
+def test_evaluation_asks_only_for_the_test_file(tmp_path):
+    """Issue 27: eval reads only test_batch, so a missing dataset must not send the user after 160 MB of training
+    batches; training still names every file."""
+    with pytest.raises(D.DatasetError) as e:
+        D.build_loaders("cifar10", tmp_path, 8, num_workers=0, train=False, download=False)
+    msg = _one_line(e)
+    assert "test_batch" in msg and "data_batch" not in msg
+    with pytest.raises(D.DatasetError) as e:
+        D.build_loaders("cifar10", tmp_path, 8, num_workers=0, download=False)
+    msg = _one_line(e)
+    assert "data_batch_1" in msg and "test_batch" in msg
+
+
+def test_dataset_path_one_level_off(tmp_path, monkeypatch):
+    """Issue 27: the batch folder itself is accepted; a path one level too shallow or beside the layout says which
+    --dataset_path was meant; a file is named as such; no download is tried where the files are near."""
+    monkeypatch.setattr(D, "_try_download", lambda root, dataset: pytest.fail(f"download tried into {root}"))
+    root = tmp_path / "root"
+    batches = write_fake_cifar(root, "cifar10", 20, 5)
+    assert D.load_cifar(batches, "cifar10", train=False)[1].shape == (5,)  # <root>/cifar-10-batches-py
+    assert D.load_cifar(os.path.join(batches, ""), "cifar10", train=True)[1].shape == (20,)
+    for off in (tmp_path, root / "data", os.path.join(batches, "sub")):  # one level up, beside, below the batches
+        with pytest.raises(D.DatasetError) as e:
+            D.load_cifar(off, "cifar10", train=False)
+        want = batches if str(off).startswith(batches) else str(root)
+        assert _one_line(e).endswith(f"did you mean --dataset_path={want}?")
+    with pytest.raises(D.DatasetError) as e:
+        D.load_cifar(os.path.join(batches, "test_batch"), "cifar10", train=False)
+    assert "is a file, not a folder" in _one_line(e)
+    empty = tmp_path / "other" / "cifar-10-batches-py"  # an empty batch folder: the files go into it, not below it
+    empty.mkdir(parents=True)
+    with pytest.raises(D.DatasetError) as e:
+        D.load_cifar(empty, "cifar10", train=False, download=False)
+    assert f"in {str(empty) + os.sep!r}" in _one_line(e) and "batches-py/cifar-10-batches-py" not in _one_line(e)
+
+
+def test_a_failed_download_leaves_no_empty_folders(tmp_path, monkeypatch):
+    """Issue 27: a run against the default ./data/ without network must not leave an empty ./data/ behind; an
+    existing folder stays. The download is torchvision's own, pointed at a closed loopback port."""
+    import socket
+
+    import torchvision
+
+    with socket.socket() as s:  # a port nobody listens on: the connection is refused at once
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setattr(torchvision.datasets.CIFAR10, "url", f"http://127.0.0.1:{port}/cifar-10-python.tar.gz")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(D.DatasetError) as e:
+        D.load_cifar("./data/", "cifar10", train=True)
+    assert "automatic download failed" in _one_line(e)
+    assert os.listdir(tmp_path) == []
+    (tmp_path / "mine").mkdir()
+    with pytest.raises(D.DatasetError):
+        D.load_cifar(tmp_path / "mine" / "a" / "b", "cifar10", train=False)
+    assert os.listdir(tmp_path) == ["mine"] and os.listdir(tmp_path / "mine") == []
+
+
 @pytest.mark.parametrize(
     "payload,fragment",
     [

@@ -258,7 +258,10 @@ def layouts(tmp_path_factory, data):
         pickle.dump({"data": np.zeros((0, 3072), np.uint8), "labels": []}, f, protocol=2)
     bad["no test images"] = (str(p), ["test set", "holds no images"])
     bad["ImageFolder tree as CIFAR"] = (data["ilsvrc"], ["not found", "cifar-10-batches-py"])
-    bad["a file as dataset_path"] = (str(Path(data["cifar10"]) / "cifar-10-batches-py" / "batches.meta"), ["not found"])
+    bad["a file as dataset_path"] = (
+        str(Path(data["cifar10"]) / "cifar-10-batches-py" / "batches.meta"),
+        ["is a file, not a folder"],
+    )
     return bad
 
 

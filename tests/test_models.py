@@ -193,4 +193,4 @@ def test_authors_hyphen_spelling_and_closest_name():
     with pytest.raises(ValueError, match="did you mean ResNet56_DoubleShared\\?"):
         get_model("ResNet56_DoubleShard", "cifar10")
     with pytest.raises(ValueError, match="did you mean ResNet34_SingleShared\\?"):
-        build_model("resnet34_singleshared")
+        build_model("ResNet34_SingleShard")

@@ -40,6 +40,7 @@ def runs(tmp_path_factory):
         with redirect_stdout(buf):
             assert cli.train_main("cifar10", argv + common) == 0
         results[name] = json.loads(buf.getvalue().strip().splitlines()[-1])
+        results[name + " stdout"] = buf.getvalue()
     return out, results
 
 
@@ -62,8 +63,8 @@ def test_report_has_one_row_per_run_with_the_scores_training_printed(runs, capsy
     assert f"{results['plain']['best_acc']:.2f} (ep {results['plain']['best_epoch']})" in plain
     shared = by_run["CIFAR10-ResNet32_DoubleShared-S2-U1-L5-0"]
     assert shared.split()[1:6] == ["ResNet32_DoubleShared", "2", "1", "5.0", "1/1"]
-    assert f"{results['val']['val_acc']:.2f}" in shared and shared.split()[-2] == f"{results['val']['test_acc']:.2f}"
-    assert shared.split()[-1][-1] in "sm" and plain.split()[-1][-1] in "sm"  # the runs' training time
+    assert f"{results['val']['val_acc']:.2f}" in shared and shared.split()[-3] == f"{results['val']['test_acc']:.2f}"
+    assert shared.split()[-2][-1] in "sm" and plain.split()[-2][-1] in "sm"  # the runs' training time
 
 
 def test_report_lists_an_unreadable_run_and_refuses_an_empty_folder(runs, tmp_path, capsys):
@@ -74,7 +75,7 @@ def test_report_lists_an_unreadable_run_and_refuses_an_empty_folder(runs, tmp_pa
     empty = tmp_path / "empty"
     empty.mkdir()
     code, _, _, err = _rows(capsys, [str(empty)])
-    assert code == 1 and len(err.strip().splitlines()) == 1 and "no runs found" in err
+    assert code == 1 and len(err.strip().splitlines()) == 1 and "no checkpoints found" in err
     with pytest.raises(SystemExit, match="does not exist: pass the --output_dir"):
         report.main([str(tmp_path / "missing")])
     (tmp_path / "notes.txt").write_text("x")
@@ -125,3 +126,65 @@ def test_args_json_and_checkpoints_record_how_to_reproduce_the_run(runs):
     head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True)
     if head.returncode == 0:  # a git checkout (CI clones one): the commit the run's code came from
         assert recorded["git_commit"] == head.stdout.strip() and isinstance(recorded["git_dirty"], bool)
+
+
+def test_a_run_prints_where_its_args_and_tensorboard_logs_go(runs):
+    """Issue 27: the printout names the -args.json file and the TensorBoard folder, <output_dir>/runs/<name>."""
+    out, results = runs
+    stem = "CIFAR10-ResNet20-S16-U1-L10-0"
+    line = next(x for x in results["plain stdout"].splitlines() if x.startswith("Run files: "))
+    args_json, logs = os.path.join(out, f"{stem}-args.json"), os.path.join(out, "runs", stem)
+    assert f" {args_json} " in line and line.endswith(f"TensorBoard logs: {logs}")
+    assert os.path.isfile(args_json) and os.listdir(logs)
+
+
+def test_a_new_run_gets_a_fresh_tensorboard_folder_and_resume_appends(tmp_path):
+    """Issue 27 (chosen and documented in README): a rerun does not append to an earlier run's event files."""
+    from utils.runlog import tensorboard_dir
+
+    stem, runs_dir = "CIFAR10-ResNet20-S16-U1-L10-0", tmp_path / "runs"
+    first = str(runs_dir / stem)
+    assert tensorboard_dir(str(tmp_path), stem, resume=False) == first  # nothing there yet
+    assert tensorboard_dir(str(tmp_path), stem, resume=True) == first
+    os.makedirs(first)
+    assert tensorboard_dir(str(tmp_path), stem, resume=False) == first  # an empty folder holds no earlier run
+    (runs_dir / stem / "events.out.tfevents.1").write_bytes(b"x")
+    assert tensorboard_dir(str(tmp_path), stem, resume=False) == first + "-run2"
+    assert tensorboard_dir(str(tmp_path), stem, resume=True) == first
+    os.makedirs(first + "-run2")
+    (runs_dir / f"{stem}-run2" / "events.out.tfevents.2").write_bytes(b"x")
+    assert tensorboard_dir(str(tmp_path), stem, resume=False) == first + "-run3"
+    assert tensorboard_dir(str(tmp_path), stem, resume=True) == first + "-run2"  # the run being continued
+
+
+def test_report_shows_folders_authors_files_and_unreadable_files(runs, tmp_path, capsys, monkeypatch):
+    """Issue 27: runs of the same name in two folders are told apart by the folder column, and the authors' files
+    are rows (model and ranks read off the shapes, acc, epoch). Issue 25: files that hold no checkpoint dict, or a
+    hand-edited args string, are rows; the rest of the table stays."""
+    import shutil
+
+    import torch
+
+    from models import get_model
+
+    out, _ = runs
+    stem = "CIFAR10-ResNet20-S16-U1-L10-0"
+    for folder in ("a", "b"):
+        os.makedirs(tmp_path / folder)
+        shutil.copy(out / f"{stem}-last.pth", tmp_path / folder / f"{stem}-last.pth")
+    torch.manual_seed(0)
+    authors = get_model("ResNet32_DoubleShared", "cifar10", shared_rank=2, unique_rank=1).state_dict()
+    torch.save({"net_state_dict": authors, "acc": torch.tensor(91.5), "epoch": 7}, tmp_path / "a" / "r32_s2u1.pth")
+    torch.save([1, 2, 3], tmp_path / "b" / "List-last.pth")
+    last = torch.load(out / f"{stem}-last.pth", weights_only=True)
+    torch.save(dict(last, args="a string"), tmp_path / "b" / "Edited-last.pth")
+    monkeypatch.chdir(tmp_path)
+    code, lines, header, _ = _rows(capsys, ["a", "b"])
+    assert code == 0 and header[-1] == "folder" and len(lines) == 6
+    same = [line.split() for line in lines if line.startswith(stem)]
+    assert len(same) == 2 and {row[-1] for row in same} == {"a", "b"} and same[0][1:-1] == same[1][1:-1]
+    (row,) = [line.split() for line in lines if line.startswith("r32_s2u1")]
+    assert row[1:9] == ["cifar10/ResNet32_DoubleShared", "2", "1", "-", "7", "91.50", "(ep", "7)"]
+    assert row[-1] == "a" and "91.50" in row[9:]
+    assert any(line.startswith("List") and "(unreadable)" in line for line in lines)
+    assert any(line.startswith("Edited") and line.split()[-1] == "b" for line in lines)

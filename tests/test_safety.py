@@ -4,8 +4,13 @@ input reaches a traceback: each bad value or file below ends with one line namin
 
 import hashlib
 import os
+import pickle
 import shutil
+import signal
+import time
+import warnings
 
+import numpy as np
 import pytest
 import torch
 
@@ -14,9 +19,10 @@ try:
 except ImportError:  # pragma: no cover
     from fakedata import write_fake_cifar, write_fake_imagefolder
 from models import get_model
+from models import pretrained as P
 from models.pretrained import read_checkpoint
 from utils import checkpoint as C
-from utils import cli
+from utils import cli, engine
 from utils import data as D
 from utils import train as T
 
@@ -100,6 +106,30 @@ def test_a_new_run_never_replaces_an_earlier_checkpoint(cifar, tmp_path, capsys)
     assert code == 1 and _one_line(err), err
     assert "--resume" in err and "--overwrite" in err
     assert digest(out) == before
+
+
+def test_other_files_of_the_same_name_are_guarded_too(cifar, tmp_path, capsys):
+    """An ILSVRC-style periodic file alone; --resume=PATH of a run elsewhere into a folder holding other files of the
+    same name; and a live run of the same name is named as such (its lock), not as an earlier run."""
+    out = tmp_path / "out"
+    out.mkdir()
+    _earlier_checkpoint(out / f"{STEM}epoch5.pth")
+    code, _, err = _train(cifar, out, capsys)
+    assert code == 1 and _one_line(err) and f"{STEM}epoch5.pth" in err and "--overwrite" in err, err
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    _resumable(elsewhere / f"{STEM}-last.pth")
+    _earlier_checkpoint(out / f"{STEM}-last.pth")
+    before = digest(out)
+    code, _, err = _train(cifar, out, capsys, f"--resume={elsewhere / (STEM + '-last.pth')}", "--epochs=3")
+    assert code == 1 and _one_line(err) and f"{STEM}-last.pth" in err and "another --output_dir" in err, err
+    assert digest(out) == before
+    held = C.lock_run_files(str(out), STEM)
+    try:
+        code, _, err = _train(cifar, out, capsys)
+    finally:
+        held.close()
+    assert code == 1 and _one_line(err) and "another process is writing" in err, err
 
 
 @pytest.mark.slow
@@ -230,19 +260,31 @@ HAND_EDITS = [
 ]
 
 
-def test_a_hand_edited_field_is_one_line_naming_it(cifar, tmp_path, capsys):
-    out = tmp_path / "out"
-    out.mkdir()
+def test_a_hand_edited_field_is_refused_as_the_file_is_read(tmp_path):
+    path = tmp_path / "edited.pth"
     failures = []
     for key, value in HAND_EDITS:
-        _resumable(out / f"{STEM}-last.pth", **{key: value})
-        before = digest(out)
-        code, _, err = _train(cifar, out, capsys, "--resume", "--epochs=3")
-        if not (code == 1 and _one_line(err) and f"records {key}=" in err and "altered" in err):
-            failures.append(f"--resume with {key}={value!r}: exit {code}: {err[-300:]}")
-        if digest(out) != before:
-            failures.append(f"--resume with {key}={value!r} changed the folder")
+        _resumable(path, **{key: value})
+        try:
+            P.read_checkpoint(path)
+            failures.append(f"{key}={value!r} was accepted")
+        except P.CheckpointError as e:
+            if f"records {key}=" not in str(e) or "altered" not in str(e) or "\n" in str(e):
+                failures.append(f"{key}={value!r}: {e}")
     assert not failures, "\n".join(failures)
+    _resumable(path)
+    assert P.read_checkpoint(path)["epoch"] == 1  # unedited: read as it is
+
+
+def test_resume_of_a_hand_edited_epoch_is_one_line(cifar, tmp_path, capsys):
+    """epoch=-5 was accepted and trained epochs -4..3."""
+    out = tmp_path / "out"
+    out.mkdir()
+    _resumable(out / f"{STEM}-last.pth", epoch=-5)
+    before = digest(out)
+    code, _, err = _train(cifar, out, capsys, "--resume", "--epochs=3")
+    assert code == 1 and _one_line(err) and "records epoch=-5" in err, err
+    assert digest(out) == before
 
 
 def test_eval_of_a_file_whose_model_is_a_list_is_one_line(cifar, tmp_path, capsys):
@@ -299,7 +341,8 @@ def test_hidden_folders_and_files_are_no_classes_or_images(tree, tmp_path):
         assert x.shape[0] == 4
 
 
-def test_a_decompression_bomb_is_one_line_naming_the_file(tree, tmp_path, capsys, monkeypatch):
+@pytest.mark.parametrize("workers", [0, pytest.param(2, marks=pytest.mark.slow)])
+def test_a_decompression_bomb_is_one_line_naming_the_file(tree, tmp_path, capsys, monkeypatch, workers):
     """PIL refuses images above twice Image.MAX_IMAGE_PIXELS (a security guard that stays on); lowered here so that a
     64x64 PNG stands in for a 20000x20000 one."""
     from PIL import Image
@@ -311,7 +354,7 @@ def test_a_decompression_bomb_is_one_line_naming_the_file(tree, tmp_path, capsys
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1500)  # 36x36 = 1296 pixels pass, 64x64 = 4096 > 2 x 1500
     out = tmp_path / "out"
     argv = ["--model=ResNet18", "--epochs=1", "--batch_size=8", f"--dataset_path={root}", f"--output_dir={out}"]
-    code = cli.train_main("ilsvrc", [*argv, "--device=cpu", "--num_workers=0"])
+    code = cli.train_main("ilsvrc", [*argv, "--device=cpu", f"--num_workers={workers}"])
     err = capsys.readouterr().err.strip()
     assert code == 1 and _one_line(err) and str(bomb) in err and "DecompressionBombError" in err, err
     assert Image.MAX_IMAGE_PIXELS == 1500  # the guard was not turned off
@@ -325,3 +368,132 @@ def test_a_runs_path_that_is_a_file_is_refused_before_anything_is_written(cifar,
     code, _, err = _train(cifar, out, capsys)
     assert code == 1 and _one_line(err) and "runs" in err and "not a directory" in err, err
     assert digest(out) == before
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# One-liners that say what is true
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def test_sigint_during_eval_does_not_advise_resume(cifar, tmp_path, capsys, monkeypatch):
+    """Eval has no --resume and writes nothing."""
+    from utils import evaluate as E
+
+    path = tmp_path / "c.pth"
+    _earlier_checkpoint(path)
+
+    def ctrl_c(*a, **kw):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(E, "evaluate", ctrl_c)
+    code = cli.eval_main("cifar10", [f"--pretrained={path}", f"--dataset_path={cifar}", "--device=cpu"])
+    err = capsys.readouterr().err.strip()
+    assert code == 130 and _one_line(err) and "interrupted" in err and "--resume" not in err, err
+
+
+def _refusal(path) -> str:
+    with pytest.raises(P.CheckpointError) as e:
+        P.read_checkpoint(path)
+    return str(e.value)
+
+
+def test_files_that_are_no_checkpoint_say_what_they_are(tmp_path):
+    """A pickled whole model and random bytes: one plain line each, never the advice to load with
+    weights_only=False (which runs whatever the file holds), no terminal colour codes."""
+    whole = tmp_path / "whole.pth"
+    torch.save(get_model("ResNet20", "cifar10"), whole)
+    noise = tmp_path / "noise.pth"
+    noise.write_bytes(bytes(np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8)))
+    pickled = tmp_path / "plain.pkl"  # pickle protocol 4: torch warns about it before failing
+    pickled.write_bytes(pickle.dumps({"weights": np.zeros(3)}, protocol=4))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a warning would be a second line on the scripts' stderr
+        messages = {p: _refusal(p) for p in (whole, noise, pickled)}
+    for p, message in messages.items():
+        assert "\n" not in message and "\x1b" not in message and "weights_only" not in message, (p, message)
+    assert "pickled Python objects (models.resnet.ResNet" in messages[whole] and "state_dict()" in messages[whole]
+    assert "not a readable PyTorch checkpoint" in messages[noise]
+
+
+@pytest.mark.slow
+def test_an_exported_program_given_as_checkpoint_says_so(tmp_path):
+    model = get_model("ResNet20", "cifar10").eval()
+    pt2 = tmp_path / "r20.pt2"
+    torch.export.save(torch.export.export(model, (torch.randn(1, 3, 32, 32),)), pt2)
+    message = _refusal(pt2)
+    assert "torch.export program" in message and "not a checkpoint" in message and "corrupted" not in message
+
+
+def test_a_dataset_record_that_is_no_dataset_names_the_field(tmp_path):
+    path = tmp_path / "c.pth"
+    _resumable(path, dataset=5)
+    message = _refusal(path)
+    assert "records dataset=5" in message and "cifar10" in message and "5 scripts" not in message, message
+
+
+def test_load_model_names_a_wrong_argument_in_python_terms(tmp_path):
+    path = tmp_path / "c.pth"
+    _earlier_checkpoint(path)
+    with pytest.raises(ValueError) as e:
+        P.load_model(path, shared_rank="1")
+    assert str(e.value) == "shared_rank must be a positive integer, got '1'"
+
+
+def test_after_pretrained_with_no_improvement_the_epoch_line_names_the_source(capsys):
+    from types import SimpleNamespace
+
+    from utils.runlog import RunLog
+
+    log = RunLog(SimpleNamespace(val_split=0, dataset="cifar10"), "test", 3)
+    scores = {"loss": 1.0, "reg": None, "top1": 10.0, "top5": 50.0, "img_per_s": 100.0}
+    log.epoch_line(1, 0, 0.1, scores, scores, (40.0, 90.0, None), 1.0)
+    line = capsys.readouterr().out.splitlines()[-1]
+    assert "best 40.00 (--pretrained)" in line and "None" not in line, line
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Decided and documented: SIGHUP, --starting_epoch alone, num_classes
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def test_sighup_is_a_stop_like_sigterm():
+    """A dropped ssh session or a closed terminal: save and stop (status 129), not a kill with nothing saved."""
+    previous = signal.getsignal(signal.SIGHUP)
+    with engine.StopSignals() as stop:
+        os.kill(os.getpid(), signal.SIGHUP)
+        time.sleep(0.1)
+        assert stop() and stop.signum == signal.SIGHUP
+    assert signal.getsignal(signal.SIGHUP) == previous
+    assert engine.Interrupted(signal.SIGHUP).exit_code == 129
+
+
+@pytest.mark.slow
+def test_sighup_during_training_saves_and_resumes(cifar, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "out"
+    real = T.train_one_epoch
+
+    def hang_up(*a, **kw):
+        os.kill(os.getpid(), signal.SIGHUP)
+        return real(*a, **kw)
+
+    monkeypatch.setattr(T, "train_one_epoch", hang_up)
+    code, _, err = _train(cifar, out, capsys, "--epochs=2")
+    assert code == 129 and _one_line(err) and "interrupted by SIGHUP during epoch 1" in err and "--resume" in err, err
+    assert read_checkpoint(out / f"{STEM}-last.pth")["epoch_step"] == 1
+    monkeypatch.setattr(T, "train_one_epoch", real)
+    code, stdout, err = _train(cifar, out, capsys, "--epochs=2", "--resume")
+    assert code == 0 and "(resumed at step 1)" in stdout, err
+
+
+def test_starting_epoch_without_pretrained_is_said(capsys):
+    cli.parse_train_args("cifar10", ["--starting_epoch=200"], prog="t")
+    err = capsys.readouterr().err.strip()
+    assert _one_line(err) and "--starting_epoch=200 without --pretrained" in err and "random weights" in err, err
+    cli.parse_train_args("cifar10", ["--starting_epoch=200", "--pretrained=x.pth"], prog="t")
+    assert capsys.readouterr().err == ""
+
+
+@pytest.mark.parametrize("classes", [0, -3, 2.5, True])
+def test_get_model_refuses_a_head_without_outputs(classes):
+    with pytest.raises(ValueError, match=rf"num_classes must be a positive integer, got {classes!r}"):
+        get_model("ResNet20", "cifar10", num_classes=classes)

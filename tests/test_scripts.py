@@ -300,13 +300,15 @@ def test_cifar100_train_stages_then_eval(data, tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("val_split", [0, 4])
 def test_cifar100_restart_reloads_best_with_fresh_momentum(data, tmp_path, monkeypatch, val_split):
-    """In-process, with scripted accuracies on the selection set (test, or validation with --val_split): epoch 1 is
-    the best, so stages 2 and 3 both start from its weights (not from epoch 2's), with empty momentum buffers and the
-    stage's learning rate. With --val_split the test set is scored once, at the end, on epoch 1's weights."""
+    """In-process, with scripted accuracies on the selection set (test, or validation with --val_split), 8 epochs
+    (stages 1-4, 5-6, 7-8): the best of stage 1 is epoch 2 (neither its first nor its last), and stage 2 starts from
+    epoch 2's weights; epoch 5 then becomes the best, and stage 3 starts from epoch 5's (not from epoch 6's, the
+    last); each stage with empty momentum buffers and its learning rate (SPEC section 5). With --val_split the test
+    set is scored once, at the end, on epoch 5's weights."""
     from utils import cli
     from utils import train as engine
 
-    accs = {1: 50.0, 2: 40.0, 3: 45.0}
+    accs = {1: 40.0, 2: 50.0, 3: 45.0, 4: 42.0, 5: 55.0, 6: 52.0, 7: 30.0, 8: 30.0}
     seen = {}
     real_train = engine.train_one_epoch
     scored = []
@@ -314,7 +316,7 @@ def test_cifar100_restart_reloads_best_with_fresh_momentum(data, tmp_path, monke
     def fake_evaluate(net, model, loader, **kw):
         epoch = len(seen)
         scored.append((kw.get("desc"), epoch, {k: v.clone() for k, v in model.state_dict().items()}))
-        top1 = 33.0 if len(scored) == 4 else accs[epoch]  # the 4th call: the final test score (--val_split)
+        top1 = 33.0 if len(scored) > len(accs) else accs[epoch]  # after the last epoch: the final test score
         return {"top1": top1, "top5": 90.0, "loss": 1.0, "images": 16, "correct1": 0, "correct5": 0, "seconds": 0.0}
 
     def spy_train(net, model, loader, optimizer, **kw):
@@ -333,7 +335,7 @@ def test_cifar100_restart_reloads_best_with_fresh_momentum(data, tmp_path, monke
         "cifar100",
         [
             "--model=ResNet18",
-            "--epochs=3",
+            "--epochs=8",
             "--batch_size=16",
             f"--dataset_path={data['c100']}",
             f"--output_dir={tmp_path}",
@@ -343,27 +345,30 @@ def test_cifar100_restart_reloads_best_with_fresh_momentum(data, tmp_path, monke
         prog="train_cifar100.py",
     )
     result = engine.fit(args)
-    assert result["best_epoch"] == 1 and result["best_acc"] == 50.0
+    assert result["best_epoch"] == 5 and result["best_acc"] == 55.0
     selection = "val" if val_split else "test"
-    assert [d for d, _, _ in scored] == [selection] * 3 + (["test"] if val_split else [])
+    assert [d for d, _, _ in scored] == [selection] * 8 + (["test"] if val_split else [])
     if val_split:
-        assert result["val_acc"] == 50.0 and result["test_acc"] == 33.0 and result["selection"] == "val"
+        assert result["val_acc"] == 55.0 and result["test_acc"] == 33.0 and result["selection"] == "val"
         best = load(result["best_checkpoint"])
-        assert best["val_acc"] == 50.0 and best["test_acc"] == 33.0 and best["selection"] == "val"
-        assert all(torch.equal(v, best["net_state_dict"][k]) for k, v in scored[3][2].items())  # epoch 1's weights
+        assert best["val_acc"] == 55.0 and best["test_acc"] == 33.0 and best["selection"] == "val"
+        assert all(torch.equal(v, best["net_state_dict"][k]) for k, v in scored[8][2].items())  # epoch 5's weights
     else:
-        assert result["test_acc"] == 50.0 and result["val_acc"] is None
+        assert result["test_acc"] == 55.0 and result["val_acc"] is None
 
     def same(a, b):
         return all(torch.equal(a[k], b[k]) for k in a)
 
-    assert [seen[e]["lr"] for e in (1, 2, 3)] == pytest.approx([0.1, 0.01, 0.001])
-    assert seen[1]["momentum"] == 0 and seen[2]["momentum"] == 0 and seen[3]["momentum"] == 0  # fresh SGD
-    assert same(seen[2]["entry"], seen[1]["exit"])  # stage 2 starts from the best (epoch 1) weights
-    assert same(seen[3]["entry"], seen[1]["exit"])  # stage 3 too: not from epoch 2's weights
-    assert not same(seen[3]["entry"], seen[2]["exit"])
+    assert [seen[e]["lr"] for e in range(1, 9)] == pytest.approx([0.1] * 4 + [0.01] * 2 + [0.001] * 2)
+    assert [e for e in range(1, 9) if seen[e]["momentum"] == 0] == [1, 5, 7]  # a fresh SGD at each stage's start
+    for e in (2, 3, 4, 6, 8):  # within a stage the weights go on from the epoch before
+        assert same(seen[e]["entry"], seen[e - 1]["exit"]), e
+    assert same(seen[5]["entry"], seen[2]["exit"])  # stage 2 starts from the best of stage 1, epoch 2
+    assert not same(seen[5]["entry"], seen[4]["exit"]) and not same(seen[2]["exit"], seen[1]["exit"])
+    assert same(seen[7]["entry"], seen[5]["exit"])  # stage 3 from the best so far, epoch 5, not the last (epoch 6)
+    assert not same(seen[7]["entry"], seen[6]["exit"]) and not same(seen[5]["exit"], seen[2]["exit"])
     best = load(result["best_checkpoint"])
-    assert best["epoch"] == 1 and same(best["net_state_dict"], seen[1]["exit"])
+    assert best["epoch"] == 5 and same(best["net_state_dict"], seen[5]["exit"])
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -536,7 +541,7 @@ def test_bad_inputs(shared_runs, data, tmp_path):
         (["--epochs=0"], "--epochs"),
         (["--num_workers=-1"], "--num_workers"),
         (["--device=gpu"], "--device"),
-        (["--model=resnet56"], "valid names"),
+        (["--model=resnet57"], "valid names"),  # a case-only variant (resnet56) is accepted
         (["--epochs=5", "--starting_epoch=5"], "--starting_epoch"),
         (["--resume", "--pretrained=x.pth"], "exclusive"),
     ],
@@ -860,3 +865,52 @@ def test_authors_hyphen_model_spelling_and_closest_name(capsys):
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert e.value.code == 2
     assert "unknown --model 'ResNet56_DubleShared' for cifar10 (did you mean ResNet56_DoubleShared?); valid" in err
+
+
+@pytest.mark.slow  # about 3 s: the ILSVRC models' layouts are built to find what the file fits
+def test_errors_speak_python_in_python_and_flags_in_the_scripts(tmp_path, capsys, monkeypatch):
+    """Issue 27: load_model names keyword arguments, the scripts their flags; the ILSVRC eval of a CIFAR-10 file
+    names the dataset and model the file fits (in process: the file is refused before any data is read)."""
+    from models.pretrained import CheckpointError, load_model
+    from utils import cli
+
+    torch.manual_seed(0)
+    authors = tmp_path / "authors.pth"  # the authors' format: weights only, no record of model or dataset
+    torch.save(
+        {"net_state_dict": get_model("ResNet32_DoubleShared", "cifar10", shared_rank=2, unique_rank=1).state_dict()},
+        authors,
+    )
+    with pytest.raises(CheckpointError) as e:
+        load_model(authors, dataset="cifar10")
+    assert 'the file fits model="ResNet32_DoubleShared", shared_rank=2, unique_rank=1' in str(e.value)
+    assert "--" not in str(e.value)
+    with pytest.raises(CheckpointError, match='fits dataset="cifar10", model="ResNet32_DoubleShared"'):
+        load_model(authors)
+    monkeypatch.setitem(os.environ, "CUDA_VISIBLE_DEVICES", os.environ.get("CUDA_VISIBLE_DEVICES", "0"))
+    flags = [f"--pretrained={authors}", f"--dataset_path={tmp_path / 'none'}", *COMMON]
+    assert cli.eval_main("cifar10", [*flags, "--model=ResNet32_DoubleShared", "--shared_rank=4"]) == 1
+    assert "pass --shared_rank=2 --unique_rank=1\n" in capsys.readouterr().err
+    assert cli.eval_main("ilsvrc", flags) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert "fits --model=ResNet32_DoubleShared --shared_rank=2 --unique_rank=1 with the cifar10 scripts" in err
+
+
+def test_a_flag_without_its_dashes_and_a_model_name_in_other_case(capsys):
+    """Issue 27: ``lambdaR=10`` (the authors' README drops a ``--`` too) says which flag was meant; a --model name
+    that differs from a registered one only in case is that model; an ambiguous or unknown word is still refused."""
+    from models import get_model
+    from utils import cli
+
+    for argv, hint in ((["lambdaR=10"], "--lambdaR=10"), (["--lambdar=10"], "--lambdaR=10"), (["-seed=3"], "--seed=3")):
+        with pytest.raises(SystemExit) as e:
+            cli.parse_train_args("cifar10", argv, prog="train_cifar10.py")
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and f"unrecognized arguments: {argv[0]} (did you mean {hint}?)" in err
+    with pytest.raises(SystemExit):
+        cli.parse_train_args("cifar10", ["results.txt"], prog="train_cifar10.py")
+    assert "did you mean" not in capsys.readouterr().err
+    args = cli.parse_train_args("cifar10", ["--model=Resnet56_doubleshared"], prog="train_cifar10.py")
+    assert args.model == "ResNet56_DoubleShared"
+    assert cli.parse_eval_args("cifar100", ["--pretrained=x.pth", "--model=resnext50"]).model == "ResNext50"
+    assert get_model("resnet20", "cifar10").cfg.name == "ResNet20"

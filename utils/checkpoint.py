@@ -16,15 +16,13 @@ import torch
 import torch.nn as nn
 
 from models.atomic import atomic_path, atomic_write_bytes  # noqa: F401  (atomic_write_bytes: part of this API)
-from models.pretrained import unwrap_model
+from models.pretrained import FORMAT_VERSION, unwrap_model
 from utils.engine import RunError
 
 # Every value loads under weights_only=True. The authors' keys: net_state_dict (unwrapped, CPU), optimizer_state_dict,
 # acc (test top-1 %, 0-dim float32), epoch (1-based; resume at epoch + 1). Ours: format_version, model, dataset,
 # model_kwargs (ModelCfg.build_kwargs()), args (plain dict), acc5, best_acc, best_acc5, best_epoch, stage,
 # scaler_state_dict, rng_state.
-
-FORMAT_VERSION = 1
 
 
 def _to_cpu(obj, copies: dict):
@@ -81,7 +79,7 @@ def save_checkpoint(obj: dict, path: str | Sequence[str]) -> None:
     buffer = io.BytesIO()  # serialised once for all paths
     torch.save(_to_cpu(obj, {}), buffer)
     for p in [path] if isinstance(path, str) else path:
-        with atomic_path(p) as tmp, open(tmp, "wb") as f:  # written here: no further frame
+        with atomic_path(p) as tmp, os.fdopen(os.open(tmp, os.O_WRONLY | os.O_TRUNC), "wb") as f:  # no extra frame
             f.write(buffer.getvalue())
 
 

@@ -1,12 +1,13 @@
 """The command line of the six scripts: the authors' flags with their meanings and defaults (SPEC section 6), plus
 added ones. User errors end with one stderr line ``<script>: error: ...`` and status 2 (flags) or 1, never a traceback;
-SIGINT/SIGTERM end training with one line and status 130/143. Multi-GPU: start the script with ``torchrun``.
+SIGINT/SIGTERM/SIGHUP end training with one line and status 130/143/129. Multi-GPU: start the script with ``torchrun``.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import difflib
 import fnmatch
 import importlib
 import os
@@ -16,11 +17,12 @@ import sys
 from collections.abc import Callable, Sequence
 
 RANK_FLAGS = ("shared_rank", "unique_rank")
+PAPER = "paper"  # --pretrained=paper: the paper's published checkpoint (a file named paper: ./paper)
 _FLAG_DEFAULTS = ("model", "lr", "momentum", "weight_decay", "lambdaR", "batch_size", "dataset_path")
 _SCHEDULE = ("epochs", "milestones", "gammas", "restart")
 
 
-def _script_facts(kind: str, dataset: str, name: str) -> dict:
+def script_facts(kind: str, dataset: str, name: str) -> dict:
     """``RECIPE`` of ``train_<dataset>.py`` or ``DEFAULTS`` of ``eval_<dataset>.py``, for callers that pass none."""
     return getattr(importlib.import_module(f"{kind}_{dataset}"), name)
 
@@ -35,10 +37,29 @@ def recipe_for(recipe: dict, model: str) -> dict:
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse, but errors are one line (no usage block), so logs and tests see a single message."""
+    """argparse, but errors are one line (no usage block), so logs and tests see a single message, and a word that
+    names a flag without its ``--`` gets a did-you-mean hint."""
 
     def error(self, message: str):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+    def parse_args(self, args=None, namespace=None):
+        namespace, extras = self.parse_known_args(args, namespace)
+        if extras:
+            self.error(f"unrecognized arguments: {' '.join(extras)}{flag_hint(self, extras)}")
+        return namespace
+
+
+def flag_hint(parser: argparse.ArgumentParser, extras: Sequence[str]) -> str:
+    """`` (did you mean --lambdaR=10?)`` for the first unrecognized word that names a flag without its ``--`` (the
+    authors' README writes ``visible_device=0,1,2,3``) or misspells one; '' when none does."""
+    flags = [s for s in parser._option_string_actions if s.startswith("--")]
+    for word in extras:
+        name, eq, value = word.lstrip("-").partition("=")
+        close = difflib.get_close_matches(f"--{name}", flags, n=1, cutoff=0.8)
+        if close:
+            return f" (did you mean {close[0]}{eq}{value}?)"
+    return ""
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -98,7 +119,11 @@ def _parser(prog: str, dataset: str) -> argparse.ArgumentParser:
         type=_visible_device,
         help="CUDA_VISIBLE_DEVICES, e.g. 0,1,2,3 (several: DataParallel; default: the environment's or 0)",
     )
-    g.add_argument("--pretrained", help="checkpoint to start from / to evaluate")
+    g.add_argument(
+        "--pretrained",
+        help=f"checkpoint to start from / to evaluate; '{PAPER}': the paper's published checkpoint of --model and "
+        "the rank flags (downloaded once, checked; see models.download)",
+    )
     g.add_argument("--dataset_path", help="dataset root")
     g = p.add_argument_group("added")
     g.add_argument("--device", type=_device, default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
@@ -112,7 +137,7 @@ def _parser(prog: str, dataset: str) -> argparse.ArgumentParser:
     g.add_argument("--amp", action="store_true", help="mixed precision: bf16 autocast where supported, else fp16")
     g.add_argument("--channels_last", action="store_true", help="NHWC memory format for model and inputs")
     g.add_argument("--compile", action="store_true", help="torch.compile the model (falls back to eager on failure)")
-    p.set_defaults(dataset=dataset)
+    p.set_defaults(dataset=dataset, published=None)  # published: the paper row of --pretrained=paper
     return p
 
 
@@ -220,6 +245,20 @@ def _check_model(parser: argparse.ArgumentParser, dataset: str, name: str | None
     return canonical_name(name) if name is not None else None
 
 
+def _pick_published(parser: argparse.ArgumentParser, args: argparse.Namespace, model: str, ranks: dict) -> None:
+    """``--pretrained=paper``: the published row of ``model`` at ``ranks`` (status 2 naming the dataset's rows when
+    there is none); ``--pretrained`` becomes its cache path, fetched by :func:`utils.run_start.pretrained_path`."""
+    from models.download import cache_path
+    from models.summary import published_row
+
+    try:
+        row = published_row(args.dataset, model, ranks)
+    except ValueError as e:
+        parser.error(f"--pretrained={PAPER}: {e}")
+    args.pretrained, args.published, args.model = cache_path(row), row.row, row.model
+    args.__dict__.update(dict(row.ranks))
+
+
 def _under_torchrun() -> bool:
     try:
         return int(os.environ.get("WORLD_SIZE", "1")) > 1
@@ -242,7 +281,7 @@ def parse_train_args(
 ):
     """Parse and validate a training command line for ``dataset`` (defaults and schedule from ``recipe``, by
     default ``train_<dataset>.RECIPE``)."""
-    recipe = recipe or _script_facts("train", dataset, "RECIPE")
+    recipe = recipe or script_facts("train", dataset, "RECIPE")
     parser = _train_parser(prog or os.path.basename(sys.argv[0]), dataset, recipe)
     args = parser.parse_args(argv)
     args.model = _check_model(parser, args.dataset, args.model)
@@ -252,10 +291,18 @@ def parse_train_args(
             "--resume and --pretrained are exclusive (--resume continues this run; --pretrained starts "
             "from another checkpoint)"
         )
+    if args.pretrained == PAPER:
+        _pick_published(parser, args, args.model, {k: getattr(args, k) for k in RANK_FLAGS})
     args.schedule = recipe_for(recipe, args.model)
     args.epochs = args.epochs or args.schedule["recipe_epochs"]
     if args.starting_epoch >= args.epochs:
         parser.error(f"--starting_epoch={args.starting_epoch} leaves nothing to train (--epochs={args.epochs})")
+    if args.starting_epoch and args.pretrained is None and args.resume is None:
+        print(
+            f"{parser.prog}: warning: --starting_epoch={args.starting_epoch} without --pretrained: random weights "
+            f"start at epoch {args.starting_epoch + 1}'s learning rate (give the checkpoint that ended there)",
+            file=sys.stderr,
+        )
     if args.lr == 0:
         print(f"{parser.prog}: warning: --lr=0, the weights will not change", file=sys.stderr)
     _resolve_visible_device(args)
@@ -267,14 +314,23 @@ def parse_eval_args(
 ):
     """Parse and validate an evaluation command line (``--pretrained`` is required); ``defaults``: by default
     ``eval_<dataset>.DEFAULTS``."""
-    defaults = defaults or _script_facts("eval", dataset, "DEFAULTS")
+    defaults = defaults or script_facts("eval", dataset, "DEFAULTS")
     parser = _eval_parser(prog or os.path.basename(sys.argv[0]), dataset, defaults)
     args = parser.parse_args(argv)
     if not args.pretrained:
         parser.error("--pretrained=<checkpoint> is required (there is nothing to evaluate without weights)")
     args.model = _check_model(parser, args.dataset, args.model)
+    if args.pretrained == PAPER:
+        given = {k: getattr(args, k) for k in RANK_FLAGS if getattr(args, k) is not None}
+        _pick_published(parser, args, args.model or args.fallback["model"], given)
     _resolve_visible_device(args)
     return args
+
+
+_INTERRUPTED = {  # what an interrupt leaves, by what was interrupted (a training run says it more exactly itself)
+    "train": "interrupted (the last completed epoch, if any, is in the -last.pth checkpoint; rerun with --resume)",
+    "eval": "interrupted: evaluation writes nothing, rerun it to score the checkpoint",
+}
 
 
 class Outcome:
@@ -284,11 +340,12 @@ class Outcome:
 
 
 @contextlib.contextmanager
-def one_line_errors(prog: str | None = None, exiting: bool = False):
-    """Around a script's work: a user error becomes one stderr line and status 1, an interrupt one line and 130/143
-    (``exiting``: the process ends after, so later signals are ignored). A context manager, not a wrapper call, so
-    that it adds no frame between the script and the training step."""
+def one_line_errors(prog: str | None = None, exiting: bool = False, what: str = "train"):
+    """Around a script's work: a user error becomes one stderr line and status 1, an interrupt one line and
+    130/143/129 (``exiting``: the process ends after, so later signals are ignored); ``what``: ``train`` or ``eval``.
+    A context manager, not a wrapper call, so that it adds no frame between the script and the training step."""
     from models.pretrained import CheckpointError
+    from models.registry import flag_wording
     from utils.data import DatasetError
     from utils.distributed import DistError
     from utils.engine import Interrupted, RunError
@@ -300,19 +357,18 @@ def one_line_errors(prog: str | None = None, exiting: bool = False):
         sys.stdout.reconfigure(line_buffering=True)  # so that logs piped through tee show up as they happen
     outcome = Outcome()
     try:
-        yield outcome
+        with flag_wording("scripts"):  # checkpoint errors name this script's flags, not Python keywords
+            yield outcome
     except (CheckpointError, DatasetError, RunError, DistError) as e:
         sys.stdout.flush()
         sys.stderr.write(f"{tag}error: {_one_line(e)}\n")  # one write: ranks' lines do not interleave
         outcome.code = 1
     except KeyboardInterrupt as e:
         sys.stdout.flush()
-        message = getattr(e, "message", "") or (
-            "interrupted (the last completed epoch, if any, is in the -last.pth checkpoint; rerun with --resume)"
-        )
+        message = getattr(e, "message", "") or _INTERRUPTED[what]
         sys.stderr.write(f"{tag}{_one_line(message)}\n")
         if exiting:  # the process ends now: a further Ctrl-C would only interrupt the workers' shutdown
-            for sig in (signal.SIGINT, signal.SIGTERM):
+            for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
                 signal.signal(sig, signal.SIG_IGN)
         outcome.code = e.exit_code if isinstance(e, Interrupted) else 130
 
@@ -339,6 +395,6 @@ def eval_main(dataset: str, argv: Sequence[str] | None = None, defaults: dict | 
     args = parse_eval_args(dataset, argv, defaults=defaults)
     from utils.evaluate import evaluate_checkpoint
 
-    with one_line_errors(exiting=argv is None) as outcome:
+    with one_line_errors(exiting=argv is None, what="eval") as outcome:
         evaluate_checkpoint(args)
     return outcome.code

@@ -112,33 +112,98 @@ def _read_cifar_file(path: str, label_key: str, num_classes: int) -> tuple[np.nd
     return data.astype(np.uint8), labels.astype(np.int64)
 
 
+def _first_missing(path: str) -> str | None:
+    """The outermost folder of ``path`` that does not exist yet (what a download would create), or None."""
+    path, top = os.path.abspath(path), None
+    while not os.path.exists(path) and os.path.dirname(path) != path:
+        top, path = path, os.path.dirname(path)
+    return top
+
+
 def _try_download(root: str, dataset: str) -> str | None:
-    """Fetch the official archive with torchvision; None on success, else why it failed."""
+    """Fetch the official archive with torchvision; None on success, else why it failed. A failed download leaves no
+    empty folders behind (the default ``./data/`` stays absent until something is written there)."""
+    created = _first_missing(root)
     try:
         import torchvision
 
         getattr(torchvision.datasets, dataset.upper())(root, train=True, download=True)  # CIFAR10 or CIFAR100
         return None
     except Exception as e:  # noqa: BLE001  (no network, disk full, md5 of the download)
+        folder = os.path.abspath(root)
+        while created is not None and folder.startswith(created):
+            try:
+                os.rmdir(folder)  # only empty folders: a partial download stays for the user to see
+            except OSError:
+                break
+            folder = os.path.dirname(folder)
         return error_line(e)
 
 
+def _holds_files(folder: str, dataset: str) -> bool:
+    """Whether ``folder`` holds any of the dataset's batch files."""
+    _, train_files, test_files, _ = _CIFAR_LAYOUT[dataset]
+    return any(os.path.isfile(os.path.join(folder, name)) for name in train_files + test_files)
+
+
+def cifar_folder(root: str, dataset: str) -> str:
+    """The folder of the batch files: ``<root>/cifar-10-batches-py``, or ``root`` itself when it is that folder (it
+    holds the files, or bears the name)."""
+    subdir = _CIFAR_LAYOUT[dataset][0]
+    nested = os.path.join(root, subdir)
+    if _holds_files(nested, dataset):
+        return nested
+    itself = _holds_files(root, dataset) or os.path.basename(os.path.abspath(root)) == subdir
+    return root if itself else nested
+
+
+def _nearby_root(root: str, dataset: str) -> str | None:
+    """A ``--dataset_path`` one level below or above ``root`` whose layout holds the dataset's files, or None."""
+    below = []
+    if os.path.isdir(root):
+        with os.scandir(root) as entries:
+            below = sorted(e.path for e in itertools.islice(entries, 1000) if e.is_dir() and e.name[0] != ".")
+    above = os.path.dirname(os.path.abspath(root))
+    return next((c for c in below + [above] if _holds_files(cifar_folder(c, dataset), dataset)), None)
+
+
 def load_cifar(root: PathLike, dataset: str, train: bool, *, download: bool = True) -> tuple[torch.Tensor, ...]:
-    """``(uint8 [N, 32, 32, 3] HWC images, int64 [N] labels)`` of one split; downloads once if no file exists."""
+    """``(uint8 [N, 32, 32, 3] HWC images, int64 [N] labels)`` of one split. ``root`` holds ``cifar-10-batches-py/``
+    (or is that folder); the archive is downloaded only into a folder that holds none of the dataset's files."""
     if dataset not in _CIFAR_LAYOUT:
         raise ValueError(f"load_cifar: dataset must be 'cifar10' or 'cifar100', got {dataset!r}")
     root = os.fspath(root)
     subdir, train_files, test_files, label_key = _CIFAR_LAYOUT[dataset]
-    base = os.path.join(root, subdir)
-    paths = [os.path.join(base, name) for name in (train_files if train else test_files)]
-    reason = _try_download(root, dataset) if download and not any(map(os.path.isfile, paths)) else None
+    if os.path.exists(root) and not os.path.isdir(root):
+        raise DatasetError(
+            f"--dataset_path={root!r} is a file, not a folder: pass the folder that holds {subdir}/ "
+            f"(or the {subdir} folder itself)"
+        )
+    names = train_files if train else test_files
+    base = cifar_folder(root, dataset)
+    reason = None
+    if not _holds_files(base, dataset):
+        nearby = _nearby_root(root, dataset)
+        if nearby is not None:
+            raise DatasetError(
+                f"no {dataset} files in {base + os.sep!r}, but {cifar_folder(nearby, dataset) + os.sep!r} "
+                f"holds them: did you mean --dataset_path={nearby}?"
+            )
+        if download:  # the archive unpacks into <parent of base>/cifar-10-batches-py/
+            reason = _try_download(os.path.dirname(os.path.abspath(base)), dataset)
+            base = cifar_folder(root, dataset)
+    paths = [os.path.join(base, name) for name in names]
     missing = [p for p in paths if not os.path.isfile(p)]
     if missing:
         how = f"automatic download failed ({reason}); " if reason else ""
+        needed = (
+            f"the python-pickle files {', '.join(train_files + test_files)}"
+            if train
+            else f"the test file {', '.join(test_files)} (all that evaluation reads)"
+        )
         raise DatasetError(
-            f"{dataset} file {missing[0]!r} not found: put the python-pickle files "
-            f"{', '.join(train_files + test_files)} in {base + os.sep!r} ({how}download "
-            f"{CIFAR_URLS[dataset]} and extract it into {root!r})"
+            f"{dataset} file {missing[0]!r} not found: put {needed} in {base + os.sep!r} ({how}download "
+            f"{CIFAR_URLS[dataset]} and extract it into {os.path.dirname(os.path.abspath(base))!r})"
         )
     parts = [_read_cifar_file(p, label_key, NUM_CLASSES[dataset]) for p in paths]
     data, labels = np.concatenate([d for d, _ in parts]), np.concatenate([lab for _, lab in parts])
@@ -221,6 +286,7 @@ class TrainLoader(DataLoader):
 def _worker_signals(_: int) -> None:
     """Workers leave the first Ctrl-C/SIGTERM to the main process, which stops them cleanly; a second ends them."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)  # a hung-up terminal's group: the main process stops them too
     signal.signal(signal.SIGTERM, lambda *_: signal.signal(signal.SIGTERM, signal.SIG_DFL))
     hook = sys.excepthook  # multiprocessing's batch-handover thread reports a main process that hung up mid-batch
     sys.excepthook = lambda kind, *rest: None if issubclass(kind, (EOFError, ConnectionError)) else hook(kind, *rest)
@@ -317,10 +383,10 @@ def _datasets(dataset: str, root: PathLike, train: bool, val_split: int, split_s
         if ilsvrc
         else functools.partial(load_cifar, root, dataset, download=download)
     )
-    test = read(train=False)
     if not train:
-        return None, None, test
-    train_set = read(train=True)
+        return None, None, read(train=False)
+    train_set = read(train=True)  # first: a missing dataset is reported with all of its files, not the test one only
+    test = read(train=False)
     if ilsvrc and train_set.classes != test.classes:
         raise DatasetError(
             f"ILSVRC train/ has {len(train_set.classes)} class folders and val/ has "

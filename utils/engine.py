@@ -34,7 +34,7 @@ class NonFiniteLoss(RunError):
 
 
 class Interrupted(KeyboardInterrupt):
-    """SIGINT/SIGTERM; ``exit_code`` is the shell's ``128 + signal``, ``message`` says what is on disk."""
+    """SIGINT/SIGTERM/SIGHUP; ``exit_code`` is the shell's ``128 + signal``, ``message`` says what is on disk."""
 
     def __init__(self, signum: int, message: str = ""):
         super().__init__(message)
@@ -42,7 +42,7 @@ class Interrupted(KeyboardInterrupt):
 
 
 class StopSignals:
-    """First SIGINT/SIGTERM sets :attr:`signum` (stop at the next step); a second raises :class:`Interrupted`."""
+    """First SIGINT/SIGTERM/SIGHUP sets :attr:`signum` (stop at the next step); a second raises :class:`Interrupted`."""
 
     def __init__(self) -> None:
         self.signum: int | None = None
@@ -57,7 +57,9 @@ class StopSignals:
         return self.signum is not None
 
     def __enter__(self) -> StopSignals:
-        self._previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGINT, signal.SIGTERM)}
+        # SIGHUP: a dropped ssh session or closed terminal, a stop like any other
+        signals = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+        self._previous = {sig: signal.signal(sig, self._handle) for sig in signals}
         return self
 
     def __exit__(self, *exc) -> None:

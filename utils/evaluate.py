@@ -22,14 +22,14 @@ from utils.engine import (
     warn,
     wrap_model,
 )
-from utils.run_start import check_classes, describe
+from utils.run_start import check_classes, describe, pretrained_path
 
 
 def evaluate_checkpoint(args) -> dict:
     """Load ``--pretrained``, fold (unless ``--no_fold``), print the authors' ``Eval_*`` lines and one JSON."""
     with run_context(args.device) as device:
         seed_everything(args.seed)
-        ckpt = distributed.from_main(lambda: read_checkpoint(args.pretrained))
+        ckpt = distributed.from_main(lambda: read_checkpoint(pretrained_path(args)))
         model, inferred = resolve_model(
             ckpt,
             args.pretrained,

@@ -16,7 +16,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 
-from models import get_model
+from models import get_model, summary
+from models.download import fetch
 from models.pretrained import CheckpointError, check_identity, checkpoint_acc, read_checkpoint
 from models.registry import rank_flags
 from utils import distributed
@@ -147,11 +148,18 @@ def run_stem(args) -> str:
     )
 
 
+def pretrained_path(args) -> str:
+    """``--pretrained``'s file; for ``--pretrained=paper`` the published checkpoint, downloaded unless cached."""
+    if getattr(args, "published", None) is None:
+        return args.pretrained
+    return fetch(next(r for r in summary.PAPER_ROWS if (r.dataset, r.row) == (args.dataset, args.published)))
+
+
 def decide_start(args, last_path: str, schedule: Schedule) -> RunStart:
     """Read and check the checkpoint a run starts from, before anything is written."""
     if args.resume is None and args.pretrained is None:
         return RunStart(state=RunState(args.starting_epoch, stage=schedule.stage(args.starting_epoch)))
-    path = args.pretrained if args.resume is None else (last_path if args.resume == "auto" else args.resume)
+    path = pretrained_path(args) if args.resume is None else (last_path if args.resume == "auto" else args.resume)
     if args.resume is not None and not os.path.exists(path):
         raise RunError(
             f"nothing to resume: {path!r} does not exist (the same flags as the interrupted run are needed "

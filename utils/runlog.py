@@ -36,6 +36,21 @@ def duration(seconds: float) -> str:
     return f"{s // 3600}h{s % 3600 // 60:02d}m"
 
 
+def tensorboard_dir(out_dir: str, stem: str, resume: bool) -> str:
+    """``<out_dir>/runs/<stem>``, where a new run beside an earlier run's events takes the next free ``<stem>-run2``,
+    ``-run3``, ... (TensorBoard then shows the runs apart instead of one tangled curve); ``--resume`` appends to the
+    newest, the folder of the run it continues."""
+    runs = os.path.join(out_dir, "runs")
+    folders = [os.path.join(runs, stem)] + [os.path.join(runs, f"{stem}-run{n}") for n in range(2, 10_000)]
+    for i, folder in enumerate(folders):
+        used = os.path.isdir(folder) and bool(os.listdir(folder))
+        if resume and not os.path.isdir(folders[i + 1]):
+            return folder
+        if not resume and not used:
+            return folder
+    return folders[-1]
+
+
 class RunLog:
     """The printing and TensorBoard side of a :class:`~utils.train.TrainingRun` (TensorBoard on rank 0 only)."""
 
@@ -92,7 +107,8 @@ class RunLog:
             f"[epoch {epoch}/{self.epochs}] stage {stage + 1} lr {lr:.5g} | "
             f"train loss {tr['loss']:.4f}{reg} top1 {tr['top1']:.2f} | "
             f"{self.select} loss {te['loss']:.4f} top1 {te['top1']:.2f} top5 {te['top5']:.2f} | "
-            f"best {best[0]:.2f} (epoch {best[2]}) | {seconds:.1f}s {tr['img_per_s']:.0f} img/s{eta}"
+            f"best {best[0]:.2f} ({'--pretrained' if best[2] is None else f'epoch {best[2]}'}) | "
+            f"{seconds:.1f}s {tr['img_per_s']:.0f} img/s{eta}"
         )
         if self.writer is not None:
             scalars = {

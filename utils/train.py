@@ -58,7 +58,7 @@ from utils.run_start import (
     provenance,
     run_stem,
 )
-from utils.runlog import RunLog, duration
+from utils.runlog import RunLog, duration, tensorboard_dir
 
 
 def fit(args) -> dict:
@@ -286,13 +286,13 @@ class TrainingRun:
                 num_classes=self.model.cfg.num_classes,
                 split_seed=self.start.split_seed if args.val_split else None,
             )
-            atomic_write_bytes(
-                (json.dumps(resolved, indent=2, sort_keys=True, default=str) + "\n").encode(),
-                os.path.join(self.out_dir, self.stem + "-args.json"),
-            )
+            args_path = os.path.join(self.out_dir, self.stem + "-args.json")
+            atomic_write_bytes((json.dumps(resolved, indent=2, sort_keys=True, default=str) + "\n").encode(), args_path)
         except OSError as e:
             raise RunError(f"cannot write to --output_dir={self.out_dir!r}: {e.strerror or e}") from None
-        self.log.open_tensorboard(self.tb_dir)
+        logs = tensorboard_dir(self.out_dir, self.stem, resume=args.resume is not None)
+        self.log.open_tensorboard(logs)
+        print(f"Run files: {self.best_path} (best), {self.last_path}, {args_path} | TensorBoard logs: {logs}")
 
     def begin(self) -> None:
         """Before the first epoch: the output files, then the random streams of a resumed run."""

@@ -16,5 +16,13 @@ import sys
 
 from utils.cli import eval_main
 
+# The authors' eval flag defaults (SPEC section 6), read by utils/cli.py. The ranks are read off the checkpoint's
+# tensor shapes; the test transforms and normalisation are utils/data.py's, the same facts training uses (SPEC 5).
+DEFAULTS = dict(
+    model="ResNet34_SingleShared",  # when neither --model nor the checkpoint names one
+    batch_size=256,
+    dataset_path="./data/",
+)
+
 if __name__ == "__main__":
-    sys.exit(eval_main("cifar100"))
+    sys.exit(eval_main("cifar100", defaults=DEFAULTS))

@@ -90,6 +90,4 @@ def _make_entry(name: str):
 
 __all__ = sorted({qualified.split("/", 1)[1] for qualified in _models.list_models()})
 for _name in __all__:
-    if not _name.isidentifier() or _name.startswith("_") or _name == "dependencies":
-        raise ValueError(f"model name {_name!r} cannot be a torch.hub entry point")
     globals()[_name] = _make_entry(_name)

@@ -6,7 +6,7 @@ unique_rank=1)``; ``load_model("checkpoint.pth")`` rebuilds a checkpoint's model
 
 from . import bottleneck, densenet, mobilenetv2, resnet, resnext  # noqa: F401  (importing registers their models)
 from .basis import BasisCfg, BasisPosition, SharedBasisConv2d, basis_conv2d, basis_groups, set_fused
-from .fold import fold
+from .folding import fold
 from .pretrained import load_model
 from .registry import DATASETS, ModelCfg, canonical_name, get_model, list_models, model_rank_args, unknown_model
 from .regularizer import OrthogonalityRegularizer, orthogonality_penalty

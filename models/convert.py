@@ -478,12 +478,17 @@ PROG = "python -m models.convert"
 
 def _calibration_batches(dataset: str, root: str | None, n: int, seed: int) -> list[torch.Tensor]:
     """``n`` training images as training reads them (augmented, normalised), in its first epoch's order."""
-    from utils.cli import DEFAULTS  # the command line only: the library above imports nothing from utils
+    from utils.cli import script_facts  # the command line only: the library above imports nothing from utils
     from utils.data import DatasetError, build_loaders
 
     try:
         loaders = build_loaders(
-            dataset, root or DEFAULTS[dataset]["dataset_path"], min(n, 128), num_workers=0, seed=seed, download=False
+            dataset,
+            root or script_facts("train", dataset, "RECIPE")["dataset_path"],
+            min(n, 128),
+            num_workers=0,
+            seed=seed,
+            download=False,
         )
     except DatasetError as e:
         raise ConversionError(str(e)) from None

@@ -23,7 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .basis import BasisCfg, BasisPosition, basis_conv2d, make_shared_basis, require_basis, share_bases
-from .fold import fold_factorised
+from .folding import fold_factorised
 from .registry import register_model
 
 
@@ -40,7 +40,7 @@ class Transition(nn.Module):
         return self.down_sample(x)
 
 
-class Bottleneck(nn.Module):
+class DenseLayer(nn.Module):
     """Plain DenseNet-BC layer: BN -> ReLU -> 1x1 conv -> BN -> ReLU -> 3x3 conv; output ``[x, new]``. The ReLUs are
     modules (keys ``residual_function.{0,2,3,5}``), so the FLOP counter counts them, as ptflops did."""
 
@@ -60,7 +60,7 @@ class Bottleneck(nn.Module):
         return torch.cat((x, self.residual_function(x)), 1)
 
 
-class SharedBottleneck(nn.Module):
+class SharedDenseLayer(nn.Module):
     """DenseNet-BC layer whose 3x3 conv is factorised over the dense block's ``shared_basis`` and ``unique_rank`` own
     filters: bn0 -> ReLU -> 1x1 conv1 -> bn1 -> ReLU -> [basis_conv2 || shared_basis] -> basis_bn2 -> 1x1 coeff_conv2;
     output ``[x, new]``. Functional ReLUs (not counted by ptflops)."""
@@ -84,12 +84,12 @@ class SharedBottleneck(nn.Module):
     @torch.no_grad()
     def folded(self, dense: bool | None = None) -> nn.Module:
         """The eval-mode layer without basis BN, its last conv with a bias (for :meth:`DenseNet.after_fold`): a plain
-        :class:`Bottleneck` (``dense=True``), a :class:`FoldedSharedBottleneck` (``False``) or the fewer MACs (``None``:
+        :class:`DenseLayer` (``dense=True``), a :class:`FoldedSharedDenseLayer` (``False``) or the fewer MACs (``None``:
         36,864 vs 1,184*r per pixel: S16U1, r = 17, stays factorised; S64U4, r = 68, becomes a plain DenseNet)."""
         conv, _ = fold_factorised(self.basis_positions()[0], dense, keep_bias=True)
         if isinstance(conv, nn.Sequential):  # factorised: basis conv + coefficient conv with the bias
-            return FoldedSharedBottleneck(self, conv[0], conv[1]).eval()
-        block = Bottleneck(self.bn0.num_features, conv.out_channels).to(conv.weight.device, conv.weight.dtype)
+            return FoldedSharedDenseLayer(self, conv[0], conv[1]).eval()
+        block = DenseLayer(self.bn0.num_features, conv.out_channels).to(conv.weight.device, conv.weight.dtype)
         f = block.residual_function
         f[0].load_state_dict(self.bn0.state_dict())
         f[2].weight.copy_(self.conv1.weight)
@@ -105,11 +105,11 @@ class SharedBottleneck(nn.Module):
         return torch.cat((x, out), 1)
 
 
-class FoldedSharedBottleneck(nn.Module):
-    """Eval-only low-rank :class:`SharedBottleneck`: its ``basis_conv2`` is the layer's own copy of the ``[unique ||
+class FoldedSharedDenseLayer(nn.Module):
+    """Eval-only low-rank :class:`SharedDenseLayer`: its ``basis_conv2`` is the layer's own copy of the ``[unique ||
     shared]`` filters, ``coeff_conv2`` has the basis BN folded in."""
 
-    def __init__(self, layer: SharedBottleneck, basis_conv2: nn.Conv2d, coeff_conv2: nn.Conv2d) -> None:
+    def __init__(self, layer: SharedDenseLayer, basis_conv2: nn.Conv2d, coeff_conv2: nn.Conv2d) -> None:
         super().__init__()
         self.bn0, self.conv1, self.bn1 = copy.deepcopy((layer.bn0, layer.conv1, layer.bn1))
         self.basis_conv2, self.coeff_conv2 = basis_conv2, coeff_conv2
@@ -148,13 +148,15 @@ class DenseNet(nn.Module):
             shared = None if basis is None else getattr(self, f"shared_basis_{min(i, len(layers) - 2) + 1}")
             for j in range(n):
                 layer = (
-                    Bottleneck(channels, growth_rate)
+                    DenseLayer(channels, growth_rate)
                     if shared is None
-                    else SharedBottleneck(channels, growth_rate, basis.unique_rank, shared)
+                    else SharedDenseLayer(channels, growth_rate, basis.unique_rank, shared)
                 )
                 block.add_module(f"bottle_neck_layer_{j}", layer)
                 channels += growth_rate
-            self.features.add_module(self._block_name(i), block)
+            # the authors' two classes name the last dense block differently
+            last = "dense_block" if basis is None and i == len(layers) - 1 else "dense_block_layer_"
+            self.features.add_module(f"{last}{i}", block)
             if i < len(layers) - 1:
                 out_channels = int(reduction * channels)
                 self.features.add_module(f"transition_layer_{i}", Transition(channels, out_channels))
@@ -164,18 +166,14 @@ class DenseNet(nn.Module):
         self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
         self.linear = nn.Linear(channels, num_classes)
 
-    def _block_name(self, i: int) -> str:
-        # The authors' two classes name the last dense block differently (after_fold clears basis_cfg when all plain).
-        return f"dense_block{i}" if i == self.num_blocks - 1 and self.basis_cfg is None else f"dense_block_layer_{i}"
-
     @torch.no_grad()
     def after_fold(self) -> None:
         """Finish :func:`models.fold`: every reader of a layer's new channels is a BatchNorm, and ``bn(x + b)`` is
         ``bn`` with running mean ``mu - b``, so the biases move into the BNs (walked through the feature stack: a
-        channel keeps its index until the next transition). If every layer is now a plain :class:`Bottleneck`, the
+        channel keeps its index until the next transition). If every layer is now a plain :class:`DenseLayer`, the
         model takes the plain DenseNet's keys too (its last block is renamed ``dense_block3``)."""
-        layers = [m for m in self.modules() if isinstance(m, (Bottleneck, FoldedSharedBottleneck, SharedBottleneck))]
-        if self.basis_cfg is None or any(isinstance(m, SharedBottleneck) for m in layers):
+        layers = [m for m in self.modules() if isinstance(m, (DenseLayer, FoldedSharedDenseLayer, SharedDenseLayer))]
+        if self.basis_cfg is None or any(isinstance(m, SharedDenseLayer) for m in layers):
             return  # plain model, or layers that were not folded: nothing to do
         pending = self.conv1.weight.new_zeros(self.conv1.out_channels)  # bias per channel
         for module in self.features.children():
@@ -186,19 +184,16 @@ class DenseNet(nn.Module):
                 module.running_mean.sub_(pending)
             elif isinstance(module, nn.Sequential):  # a dense block
                 for layer in module:
-                    plain = isinstance(layer, Bottleneck)
+                    plain = isinstance(layer, DenseLayer)
                     (layer.residual_function[0] if plain else layer.bn0).running_mean.sub_(pending)
                     conv = layer.residual_function[5] if plain else layer.coeff_conv2  # makes the new channels
                     bias = conv.bias if conv.bias is not None else pending.new_zeros(conv.out_channels)
                     conv.register_parameter("bias", None)
                     pending = torch.cat((pending, bias))
-        if all(isinstance(m, Bottleneck) for m in layers):
-            shared_name = self._block_name(self.num_blocks - 1)
-            self.basis_cfg = None
-            plain_name = self._block_name(self.num_blocks - 1)
-            self.features = nn.Sequential(
-                OrderedDict((plain_name if n == shared_name else n, m) for n, m in self.features.named_children())
-            )
+        if all(isinstance(m, DenseLayer) for m in layers):
+            last = self.num_blocks - 1
+            names = {f"dense_block_layer_{last}": f"dense_block{last}"}
+            self.features = nn.Sequential(OrderedDict((names.get(n, n), m) for n, m in self.features.named_children()))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.features(self.conv1(x))

@@ -20,7 +20,8 @@ import torch
 import torch.nn as nn
 
 from .atomic import atomic_path
-from .fold import fold as fold_model
+from .folding import fold as fold_model
+from .folding import foldable
 from .pretrained import error_line, load_model, unwrap_model
 from .registry import DATASETS, flag_wording, rank_flags
 from .summary import count_macs, count_params
@@ -81,7 +82,7 @@ def _check_onnx(path: str, batches: list, refs: list) -> tuple[float | None, flo
 def _fold(model: nn.Module, fold: bool, batches: list, refs: list, report: dict) -> nn.Module:
     """The model to export (folded when asked and possible); fills the report's fold and size entries."""
     target, report["folded"], report["fold_rel_diff"] = model, False, None
-    if fold and any(callable(getattr(m, "folded", None)) for m in model.modules() if m is not model):
+    if fold and foldable(model):
         try:
             target = fold_model(model)
             report["fold_rel_diff"] = _worst(target, batches[:1], refs[:1])[1]

@@ -24,7 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .basis import BasisCfg, register_bases, require_basis, share_bases, shared_bases_of
-from .fold import fold_conv_bn
+from .folding import fold_conv_bn
 from .registry import register_model
 
 # (expansion t, output channels c, blocks n, first-block stride s) per stage; stage 6's stride comes from the cfg.

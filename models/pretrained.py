@@ -131,6 +131,8 @@ _FIELDS = {
     "best_epoch": ("a non-negative integer", _count),
     "stage": ("a non-negative integer", _count),
     "epoch_step": ("a non-negative integer", _count),
+    "epoch_samples": ("a non-negative integer", _count),
+    "world_size": ("a non-negative integer", _count),
     "acc": ("a number from 0 to 100", _percent),
     "best_acc": ("a number from 0 to 100", _percent),
     "best_acc5": ("a number from 0 to 100", _percent),

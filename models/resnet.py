@@ -25,7 +25,7 @@ from .basis import (
     share_bases,
     shared_bases_of,
 )
-from .fold import fold_factorised
+from .folding import fold_factorised
 from .registry import register_model
 
 
@@ -107,7 +107,7 @@ class SharedBasicBlock(nn.Module):
 
     @torch.no_grad()
     def folded(self) -> BasicBlock:
-        """The eval-mode equivalent plain block (:func:`~models.fold.fold_factorised` per position); each conv's bias
+        """The eval-mode equivalent plain block (:func:`~models.folding.fold_factorised` per position); each conv's bias
         goes into the following BN's running mean."""
         planes = self.bn1.num_features
         block = BasicBlock(planes, planes).to(self.bn1.weight.device, self.bn1.weight.dtype)

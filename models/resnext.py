@@ -22,14 +22,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .basis import BasisCfg, basis_conv2d, init_orthogonal_, make_shared_basis, require_basis, share_bases
-from .fold import bn_affine, conv_with_bias, fold_conv_bn
+from .folding import bn_affine, conv_with_bias, fold_conv_bn
 from .registry import register_model
 
 EXPANSION = 4
 FILTERS_PER_GROUP = 4  # filters per group of both grouped bases (the authors divide ranks by base_width and by 4)
 
 
-class Bottleneck(nn.Module):
+class ResNeXtBlock(nn.Module):
     """Plain ResNeXt bottleneck: 1x1 -> BN -> ReLU -> grouped 3x3 (stride) -> BN -> ReLU -> 1x1 -> BN, + shortcut,
     ReLU; its inner ReLUs are modules (ptflops counts them), the final one is not (a throwaway in the authors' code)."""
 
@@ -56,7 +56,7 @@ class Bottleneck(nn.Module):
         return F.relu(self.residual_function(x) + self.shortcut(x), inplace=True)
 
 
-class SharedBottleneck(nn.Module):
+class SharedResNeXtBlock(nn.Module):
     """ResNeXt bottleneck (``4 * planes`` in and out, identity shortcut) whose grouped 3x3 conv is ``[unique ||
     shared]`` grouped bases over the inner ``width``: ``unique_rank`` own filters and the layer's ``shared_basis``."""
 
@@ -80,13 +80,13 @@ class SharedBottleneck(nn.Module):
         return [self.basis_conv2]
 
     @torch.no_grad()
-    def folded(self) -> FoldedSharedBottleneck:
+    def folded(self) -> FoldedSharedResNeXtBlock:
         """The eval-mode equivalent block, every BN folded into the conv before it: ``bn2`` cannot cross its ReLU to
         ``conv3``, so it scales the two grouped bases (the shared one becomes this block's own copy)."""
         u = self.basis_conv2.out_channels
         scale, shift = bn_affine(self.bn2)
         scale = scale.view(-1, 1, 1, 1)
-        return FoldedSharedBottleneck(
+        return FoldedSharedResNeXtBlock(
             fold_conv_bn(self.conv1, self.bn1),
             conv_with_bias(self.basis_conv2, self.basis_conv2.weight * scale[:u], shift[:u]),
             conv_with_bias(self.shared_basis, self.shared_basis.weight * scale[u:], shift[u:]),
@@ -101,8 +101,8 @@ class SharedBottleneck(nn.Module):
         return F.relu(out + x, inplace=True)
 
 
-class FoldedSharedBottleneck(nn.Module):
-    """Eval-only :class:`SharedBottleneck`, BNs folded in: ``conv1`` -> ReLU -> ``[basis_conv2 || shared_conv2]``
+class FoldedSharedResNeXtBlock(nn.Module):
+    """Eval-only :class:`SharedResNeXtBlock`, BNs folded in: ``conv1`` -> ReLU -> ``[basis_conv2 || shared_conv2]``
     (grouped, the block's own) -> ReLU -> ``conv3``, + x, ReLU."""
 
     def __init__(self, conv1: nn.Conv2d, basis_conv2: nn.Conv2d, shared_conv2: nn.Conv2d, conv3: nn.Conv2d) -> None:
@@ -156,13 +156,13 @@ class ResNeXt(nn.Module):
                 # The shared basis has s*k filters but s/4 groups in every layer (4k filters per group).
                 shared = make_shared_basis(width, s * k, groups=s // FILTERS_PER_GROUP)
                 setattr(self, f"shared_basis_{g}", shared)
-            group = [Bottleneck(in_channels, planes, width, cardinality, stride=1 if g == 1 else 2)]
+            group = [ResNeXtBlock(in_channels, planes, width, cardinality, stride=1 if g == 1 else 2)]
             in_channels = planes * EXPANSION
             for _ in range(1, blocks):
                 group.append(
-                    Bottleneck(in_channels, planes, width, cardinality)
+                    ResNeXtBlock(in_channels, planes, width, cardinality)
                     if shared is None
-                    else SharedBottleneck(planes, width, u, shared)
+                    else SharedResNeXtBlock(planes, width, u, shared)
                 )
             setattr(self, f"layer{g}", nn.Sequential(*group))
         self.linear = nn.Linear(in_channels, num_classes)

@@ -377,8 +377,10 @@ def test_train_loader_order_is_resumable(cifar_root):
     resumed.set_epoch(2)
     assert torch.equal(_labels(resumed), orders[2])
     assert not torch.equal(orders[0], orders[1])
-    resumed.set_epoch(2, start_step=3)  # mid-epoch resume: the remaining batches of that epoch
+    resumed.set_epoch(2, start=3 * 16)  # mid-epoch resume at sample 48: the remaining batches of that epoch
     assert len(resumed) == len(train) - 3 and torch.equal(_labels(resumed), orders[2][3 * 16 :])
+    resumed.set_epoch(2, start=40)  # a position saved with another batch size: the epoch goes on from sample 40
+    assert torch.equal(_labels(resumed), orders[2][40:])
 
 
 def test_train_loader_batches_do_not_depend_on_workers(cifar_root):
@@ -386,7 +388,7 @@ def test_train_loader_batches_do_not_depend_on_workers(cifar_root):
 
     def batches(workers, start=0):
         train = D.build_loaders("cifar100", cifar_root, 64, num_workers=workers, seed=0, download=False).train
-        train.set_epoch(1, start_step=start)
+        train.set_epoch(1, start=start * 64)
         return list(train), train
 
     ref, _ = batches(0)
@@ -409,6 +411,18 @@ def test_seeded_samples_keep_main_process_rng(cifar_root):
     torch.manual_seed(0)
     assert torch.equal(ds[(1, 5)][0], a) and torch.equal(torch.rand(1), after)
     assert not torch.equal(ds[(2, 5)][0], a)  # another epoch, another crop
+
+
+def test_seeded_samples_leave_cuda_generators_alone(cifar_root, monkeypatch):
+    """Issue 24 bug 2: per-sample seeding in the main process (--num_workers=0) must not reseed the CUDA generators,
+    which fork_rng(devices=[]) does not restore; torch.manual_seed reseeds them through torch.cuda.manual_seed_all."""
+    images, labels = D.load_cifar(cifar_root, "cifar10", True, download=False)
+    ds = D.SeededSamples(D.CifarDataset(images, labels, D.cifar_transforms("cifar10", True)), seed=4)
+    calls = []
+    monkeypatch.setattr(torch.cuda, "manual_seed_all", lambda seed: calls.append(seed))
+    monkeypatch.setattr(torch.cuda, "manual_seed", lambda seed: calls.append(seed))
+    ds[(1, 5)]
+    assert calls == []
 
 
 def test_val_split_is_fixed_and_disjoint():

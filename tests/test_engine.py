@@ -20,7 +20,7 @@ from utils.checkpoint import make_checkpoint, save_checkpoint
 from utils.data import MEAN_STD, load_cifar
 from utils.engine import Precision, RunError, Schedule, evaluate, train_one_epoch
 from utils.gpu_loader import GpuCifarLoader
-from utils.start import decide_start, run_stem
+from utils.run_start import decide_start, run_stem
 
 CPU = torch.device("cpu")
 

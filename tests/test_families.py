@@ -8,7 +8,7 @@ import torch
 from reference import entry_args, manifest
 
 from models import BasisCfg, basis_groups, get_model, set_fused
-from models.densenet import DenseNet, SharedBottleneck
+from models.densenet import DenseNet, SharedDenseLayer
 from models.regularizer import OrthogonalityRegularizer
 from models.resnext import ResNeXt
 from models.summary import count_macs
@@ -115,7 +115,7 @@ def test_resnext_bases_start_orthonormal_and_grouped():
 
 def test_densenet_fused_equals_unfused():
     model = _build("cifar100/DenseNet121_SingleShared/s64u4").eval()
-    layers = [m for m in model.modules() if isinstance(m, SharedBottleneck)]
+    layers = [m for m in model.modules() if isinstance(m, SharedDenseLayer)]
     assert len(layers) == 58 and all(len(m.basis_positions()) == 1 for m in layers)
     x = torch.randn(2, 3, 16, 16)
     with torch.no_grad():

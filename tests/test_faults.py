@@ -32,7 +32,7 @@ except ImportError:  # pragma: no cover
 from models import get_model
 from models import pretrained as P
 from utils import checkpoint as C
-from utils import cli, engine, start, train
+from utils import cli, engine, run_start, train
 from utils import data as D
 
 REPO = Path(__file__).resolve().parents[1]
@@ -93,7 +93,7 @@ def files(tmp_path_factory, data):
     out = root / "out"  # an earlier run of every script, same names as the runs below would write
     for dataset, defaults in TRAIN.items():
         args = cli.parse_train_args(defaults, [SMALL[dataset], f"--output_dir={out}"], prog="x")
-        stem = start.run_stem(args)
+        stem = run_start.run_stem(args)
         ckpt = C.make_checkpoint(r20, None, epoch=3, acc=1.0)
         C.save_checkpoint(ckpt, [str(out / f"{stem}.pth"), str(out / f"{stem}-last.pth")])
         (out / f"{stem}-args.json").write_text("{}\n")
@@ -217,15 +217,12 @@ def test_malformed_flags(dataset, files, capsys):
 
 
 def test_ranks_that_cannot_build_fail_before_the_data(files, capsys, monkeypatch):
-    """ResNeXt's grouped bases need multiples of 4: the scripts' default 16/1 fails at once, naming the paper's
-    ranks, without reading the dataset (which does not exist here)."""
+    """ResNeXt's grouped bases need multiples of 4: the authors' script defaults 16/1, given as flags (without them
+    the paper's 64/4 is the default), fail at once, naming the paper's ranks, without reading the dataset (which does
+    not exist here)."""
     monkeypatch.setattr(D, "load_cifar", lambda *a, **k: pytest.fail("the data was read"))
-    code, err, _ = call(
-        cli.train_main,
-        TRAIN["cifar100"],
-        ["--model=ResNext50_SingleShared", "--dataset_path=/nonexistent", *COMMON, f"--output_dir={files['out']}"],
-        capsys,
-    )
+    argv = ["--model=ResNext50_SingleShared", "--shared_rank=16", "--unique_rank=1", "--dataset_path=/nonexistent"]
+    code, err, _ = call(cli.train_main, TRAIN["cifar100"], [*argv, *COMMON, f"--output_dir={files['out']}"], capsys)
     check([("resnext 16/1", code, err, 1, ["multiple of 4", "--shared_rank=64 --unique_rank=4"])])
 
 

@@ -13,9 +13,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from models import fold, get_model
-from models.densenet import Bottleneck as DenseBottleneck
-from models.densenet import FoldedSharedBottleneck as DenseFoldedShared
-from models.resnext import FoldedSharedBottleneck as ResNeXtFoldedShared
+from models.densenet import DenseLayer as DenseBottleneck
+from models.densenet import FoldedSharedDenseLayer as DenseFoldedShared
+from models.resnext import FoldedSharedResNeXtBlock as ResNeXtFoldedShared
 from models.summary import count_macs, count_params
 
 # id: (model, dataset, ranks, input size, plain model whose state_dict layout the folded one must have, or None)

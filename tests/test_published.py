@@ -545,11 +545,14 @@ def test_train_pretrained_paper_fine_tunes_from_it(published, cifar10, tmp_path,
 def test_train_pretrained_paper_without_a_row_is_status_2(capsys, table):
     from utils import cli
 
-    with pytest.raises(SystemExit) as e:
-        cli.parse_train_args("cifar100", ["--pretrained=paper", "--model=ResNext50_SingleShared"], prog="t.py")
+    argv = ["--pretrained=paper", "--model=ResNext50_SingleShared"]
+    with pytest.raises(SystemExit) as e:  # the authors' script defaults 16/1, given: no row (and no model) has them
+        cli.parse_train_args("cifar100", [*argv, "--shared_rank=16", "--unique_rank=1"], prog="t.py")
     assert e.value.code == 2 and "ResNeXt50-S16U1 (--model=ResNext50_SingleShared --shared_rank=64" in (
         capsys.readouterr().err
     )
+    resnext = cli.parse_train_args("cifar100", argv, prog="t.py")  # no rank flags: the paper's row, 64/4 (issue 24)
+    assert resnext.published == "ResNeXt50-S16U1" and (resnext.shared_rank, resnext.unique_rank) == (64, 4)
     args = cli.parse_train_args("cifar10", ["--pretrained=paper"], prog="t.py")  # the default model and ranks
     assert args.published == "ResNet56-S16U1*" and args.pretrained.endswith("CIFAR10_ResNet56_Double_S16U1_6.30err.pth")
 

@@ -25,7 +25,7 @@ from utils import cli
 from utils import engine as E
 from utils import train as T
 from utils.checkpoint import make_checkpoint, save_checkpoint
-from utils.start import run_stem
+from utils.run_start import run_stem
 
 COMMON = ["--device=cpu", "--num_workers=0", "--seed=3"]
 
@@ -65,13 +65,13 @@ def _no_training(net, model, loader, optimizer, **kw):
 
 
 def _count_epochs(mp: pytest.MonkeyPatch, epoch: list) -> None:
-    real = T.TrainingRun.train_epoch
+    real = T.TrainingRun.begin_epoch
 
-    def train_epoch(self, e):
+    def begin_epoch(self, e):
         epoch[0] = e
         return real(self, e)
 
-    mp.setattr(T.TrainingRun, "train_epoch", train_epoch)
+    mp.setattr(T.TrainingRun, "begin_epoch", begin_epoch)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -151,9 +151,9 @@ def four_gpu_run(c10, tmp_path_factory):
         nets.append(real_wrap(model, torch.device("cuda", 0), precision, **kw))
         return nets[-1]
 
-    real_epoch = T.TrainingRun.train_epoch
+    real_epoch = T.TrainingRun.begin_epoch
 
-    def epoch_as_on_gpu(self, epoch):
+    def epoch_as_on_gpu(self, epoch):  # the epoch's start prints the authors' "Cuda <visible_device>" line
         cpu, self.device = self.device, torch.device("cuda", 0)
         try:
             return real_epoch(self, epoch)
@@ -177,7 +177,7 @@ def four_gpu_run(c10, tmp_path_factory):
         mp.setattr(torch.cuda, "device_count", lambda: 4)
         mp.setattr(sys.modules["torch.nn.parallel.data_parallel"], "_get_available_device_type", lambda: None)
         mp.setattr(T, "wrap_model", wrap_as_on_gpu)
-        mp.setattr(T.TrainingRun, "train_epoch", epoch_as_on_gpu)
+        mp.setattr(T.TrainingRun, "begin_epoch", epoch_as_on_gpu)
         mp.setattr(T, "evaluate", _scripted_evaluate({1: 50.0}, [1]))
         code, printed = _train_printing("cifar10", argv)
     assert code == 0, printed[-2000:]
@@ -323,23 +323,26 @@ def test_resume_across_a_cifar100_stage_boundary_is_the_uninterrupted_run(tmp_pa
     write_fake_cifar(data, "cifar100", n_train=4, n_test=2, seed=0)
     epoch, entries = [0], {}
     monkeypatch.setattr(T, "evaluate", _scripted_evaluate({1: 50.0, 2: 40.0, 3: 45.0}, epoch))
-    real_epoch = T.TrainingRun.train_epoch
-    real_pass = T.TrainingRun.train_pass
+    real_begin = T.TrainingRun.begin_epoch
+    real_end = T.TrainingRun.log_epoch
 
-    def train_pass(self, e, lr, step):
-        entries[e] = ({k: v.clone() for k, v in self.model.state_dict().items()}, len(self.optimizer.state))
-        return real_pass(self, e, lr, step)
-
-    def train_epoch(self, e, stop_after=None):
+    def begin_epoch(self, e):  # the weights and optimizer the epoch's training starts from (after a restart)
         epoch[0] = e
-        real_epoch(self, e)
+        start = real_begin(self, e)
+        entries[e] = ({k: v.clone() for k, v in self.model.state_dict().items()}, len(self.optimizer.state))
+        return start
+
+    def log_epoch(self, e, *rest, stop_after=None):  # the epoch's last hook
+        real_end(self, e, *rest)
         if e == stop_after:
             os.kill(os.getpid(), signal.SIGTERM)  # caught by the run: it stops after this epoch
 
-    monkeypatch.setattr(T.TrainingRun, "train_pass", train_pass)
+    monkeypatch.setattr(T.TrainingRun, "begin_epoch", begin_epoch)
 
     def train(out, *extra, stop_after=None):
-        monkeypatch.setattr(T.TrainingRun, "train_epoch", lambda self, e: train_epoch(self, e, stop_after))
+        monkeypatch.setattr(
+            T.TrainingRun, "log_epoch", lambda self, e, *rest: log_epoch(self, e, *rest, stop_after=stop_after)
+        )
         argv = ["--model=MobileNetV2", "--epochs=3", "--batch_size=4", f"--dataset_path={data}", f"--output_dir={out}"]
         return cli.train_main("cifar100", argv + COMMON + list(extra))
 

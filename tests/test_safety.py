@@ -26,7 +26,7 @@ from utils import cli, engine
 from utils import data as D
 from utils import train as T
 
-STEM = "CIFAR10-ResNet32_DoubleShared-S1-U1-L10-0"  # the authors' name for the flags below (utils.start.run_stem)
+STEM = "CIFAR10-ResNet32_DoubleShared-S1-U1-L10-0"  # the authors' name for the flags below (utils.run_start.run_stem)
 
 
 @pytest.fixture(autouse=True)

@@ -177,7 +177,8 @@ def test_cifar10_train_then_eval(data, tmp_path):
     best, last = out / f"{stem}.pth", out / f"{stem}-last.pth"
     assert result["best_checkpoint"] == str(best) and best.is_file() and last.is_file()
     args = json.loads((out / f"{stem}-args.json").read_text())
-    assert args["epochs"] == 2 and args["milestones"] == [1, 1] and args["model"] == "ResNet20"
+    # 150/225 of 300 in 2 epochs: one step after epoch 1; the third stage gets no epoch and is dropped
+    assert args["epochs"] == 2 and args["milestones"] == [1] and args["model"] == "ResNet20"
     assert (out / "runs" / stem).is_dir()  # TensorBoard events
 
     ckpt = load(best)
@@ -397,7 +398,8 @@ def test_ilsvrc_train_then_eval(data, tmp_path):
     top1, top5 = re.findall(r"^Test_Acc_Top1/5 = (\S+)\t(\S+)$", p.stdout, re.M)[-1]
     assert "\nBasis Epoch: 1" in p.stdout and "similarity loss: " in p.stdout
     assert "test images | 3 classes (the data's folders) |" in p.stdout  # the head is as wide as the tree
-    assert "lr 0.1 x0.1 after epochs [1, 1, 1]" in p.stdout  # MobileNetV2 schedule (150/225/285 of 300), 1 epoch
+    # MobileNetV2 schedule (150/225/285 of 300) in 1 epoch: no milestone, the header says which stages went
+    assert "1 epochs, lr 0.1 (3 last stages of the recipe dropped: no epoch left)" in p.stdout
     last = out / "ILSVRC-MobileNetV2_Shared-S32-U1-L10-0-last.pth"
     ckpt = load(last)
     assert ckpt["model_kwargs"] == {} and ckpt["dataset"] == "ilsvrc"
@@ -583,11 +585,41 @@ def test_cli_defaults(monkeypatch):
     plain = cli.parse_train_args("ilsvrc", ["--model=MobileNetV2"])
     assert plain.epochs == 300 and plain.schedule["milestones"] == [150, 225, 285]
     b = cli.parse_train_args("cifar100", ["--lambdaR=10", "--epochs=30"])
-    assert b.epochs == 30 and b.schedule == {"milestones": [150, 225], "restart": True, "recipe_epochs": 300}
+    assert b.epochs == 30 and b.schedule == {
+        "milestones": [150, 225],
+        "gammas": [0.1, 0.1],
+        "restart": True,
+        "recipe_epochs": 300,
+        "include_unique": False,  # SPEC section 4: CIFAR-100's R is over the shared bases only
+    }
     assert b.lambdaR == 10.0 and b.model == "ResNet34_SingleShared" and b.weight_decay == 5e-4
+    assert cli.parse_train_args("cifar10", []).schedule["include_unique"] is True  # SPEC section 4
     e = cli.parse_eval_args("cifar10", ["--pretrained=x.pth"])
-    assert e.model is None and e.shared_rank is None  # taken from the checkpoint when it records them
-    assert e.fallback == {"model": "ResNet56_DoubleShared", "shared_rank": 16, "unique_rank": 1}
+    assert e.model is None and e.shared_rank is None  # ranks are read off the checkpoint's tensors
+    assert e.fallback == {"model": "ResNet56_DoubleShared"}
+
+
+def test_rank_defaults_have_one_owner(monkeypatch, capsys):
+    """Issue 24: rank flags not given take the model's paper row. SPEC section 9: ResNeXt50-"S16U1" is built with
+    64/4 (the scripts' 16/1 cannot build it); the authors' commands, which give ranks, keep their ranks; models that
+    take no rank keep the authors' file names (SPEC section 7: plain models still get -S16-U1, ILSVRC -S32-U1)."""
+    from models import get_model
+    from utils import cli
+    from utils.run_start import model_for_run, run_stem
+
+    monkeypatch.setitem(os.environ, "CUDA_VISIBLE_DEVICES", "0")
+    a = cli.parse_train_args("cifar100", ["--model=ResNext50_SingleShared"], prog="train_cifar100.py")
+    assert (a.shared_rank, a.unique_rank) == (64, 4) and a.default_ranks == {"shared_rank": 64, "unique_rank": 4}
+    assert model_for_run(a).cfg.build_kwargs() == get_model("ResNext50_SingleShared", "cifar100").cfg.build_kwargs()
+    given = cli.parse_train_args("cifar10", ["--shared_rank=8", "--unique_rank=1"], prog="train_cifar10.py")
+    assert (given.shared_rank, given.unique_rank, given.default_ranks) == (8, 1, {})
+    only = cli.parse_train_args("cifar10", ["--model=ResNet56_SharedOnly"], prog="train_cifar10.py")
+    assert only.default_ranks == {"shared_rank": 16} and run_stem(only) == "CIFAR10-ResNet56_SharedOnly-S16-U1-L10-0"
+    plain = cli.parse_train_args("ilsvrc", ["--model=MobileNetV2_Shared"], prog="train_ilsvrc.py")
+    assert plain.default_ranks == {} and run_stem(plain) == "ILSVRC-MobileNetV2_Shared-S32-U1-L10-0"
+    with pytest.raises(SystemExit):
+        cli.parse_train_args("cifar100", ["--help"], prog="train_cifar100.py")
+    assert "paper row" in " ".join(capsys.readouterr().out.split())
 
 
 def test_schedules():
@@ -600,6 +632,41 @@ def test_schedules():
     ilsvrc = Schedule.from_recipe(0.1, {"recipe_epochs": 150, "milestones": [60, 100, 140]})
     assert [ilsvrc.stage(e) for e in (60, 61, 100, 101, 140, 141, 150)] == [0, 1, 1, 2, 2, 3, 3]
     assert Schedule.from_recipe(0.1, {"recipe_epochs": 150, "milestones": [60, 100, 140]}, epochs=1).lr_at(1) == 0.1
+
+
+def test_a_schedule_is_an_edit_of_its_script(monkeypatch):
+    """Issue 24: the recipe is train_cifar10.py's data; a changed entry there is the whole change."""
+    import train_cifar10
+    from utils import cli
+    from utils.train import Schedule
+
+    monkeypatch.setitem(os.environ, "CUDA_VISIBLE_DEVICES", "0")
+    recipe = dict(train_cifar10.RECIPE, epochs=200, milestones=[100], gammas=[0.5], weight_decay=1e-4)
+    a = cli.parse_train_args("cifar10", [], prog="train_cifar10.py", recipe=recipe)
+    s = Schedule.from_recipe(a.lr, a.schedule, a.epochs)
+    assert (s.epochs, s.milestones, a.weight_decay) == (200, (100,), 1e-4)
+    assert [s.lr_at(e) for e in (100, 101)] == pytest.approx([0.1, 0.05])
+
+
+@pytest.mark.parametrize(
+    "total,milestones,epochs,lrs,dropped",
+    [
+        (300, [150, 225], 1, [0.1], 2),  # one epoch: no step (not "x0.1 after epochs [1, 1]")
+        (300, [150, 225], 2, [0.1, 0.01], 1),  # stage 1 then stage 2, never straight to stage 3
+        (300, [150, 225], 3, [0.1, 0.01, 0.001], 0),
+        (150, [60, 100, 140], 3, [0.1, 0.01, 0.001], 1),  # a stage collapsed to nothing ends the schedule there
+        (150, [60, 100, 140], 4, [0.1, 0.01, 0.001, 1e-4], 0),
+    ],
+)
+def test_short_runs_keep_stages_in_order(total, milestones, epochs, lrs, dropped):
+    """Issue 27 item 6: scaled milestones are strictly increasing and inside the run; a stage with no epoch is
+    dropped (the LRs are the recipe's stages in order: lr, x0.1, x0.01, ... of SPEC section 5)."""
+    from utils.train import Schedule
+
+    s = Schedule.from_recipe(0.1, {"recipe_epochs": total, "milestones": milestones}, epochs=epochs)
+    assert [s.lr_at(e) for e in range(1, epochs + 1)] == pytest.approx(lrs)
+    assert all(a < b < epochs for a, b in zip((0, *s.milestones), s.milestones))
+    assert s.dropped == dropped and ("dropped" in s.describe()) == bool(dropped)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -633,6 +700,51 @@ def test_eval_folds_by_default_with_the_same_accuracy(shared_runs, data, capsys,
     assert json_line(folded)["params"] == json_line(plain)["params"]  # the trained (factorised) model's count
     amp = _eval_in_process([*flags, "--amp"], capsys, monkeypatch)
     assert "bf16 autocast" in amp and json_line(amp)["folded"] is True
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["ResNet20", "ResNet32_DoubleShared"])
+def test_eval_and_export_agree_on_what_folds(name, data, tmp_path, capsys, monkeypatch):
+    """Issue 24 bug 4: a model without foldable blocks (a plain ResNet) is not reported "folded for inference" by
+    eval while models.export says "no foldable blocks" for it; a shared ResNet is folded by both."""
+    from models.export import export_model
+    from utils.checkpoint import make_checkpoint, save_checkpoint
+
+    model = get_model(name, "cifar10", **({"shared_rank": 1, "unique_rank": 1} if "Shared" in name else {}))
+    path = tmp_path / "m.pth"
+    save_checkpoint(make_checkpoint(model, None, epoch=1, acc=0.0), str(path))
+    out = _eval_in_process(
+        [f"--pretrained={path}", f"--dataset_path={data['c10']}", "--batch_size=32", *COMMON], capsys, monkeypatch
+    )
+    report = export_model(model.eval(), tmp_path / "m.pt2", example_input=torch.randn(2, 3, 32, 32), num_batches=1)
+    shared = "Shared" in name
+    assert json_line(out)["folded"] is report["folded"] is shared
+    assert ("| folded for inference" in out) is shared and ("no foldable blocks" in report["note"]) is not shared
+
+
+def test_eval_of_a_plain_model_does_not_claim_folding(data, tmp_path, capsys, monkeypatch):
+    """Issue 24 bug 4, fast: a plain ResNet20 has no factorised conv to fold (README, deliberate difference 13)."""
+    from utils.checkpoint import make_checkpoint, save_checkpoint
+
+    path = tmp_path / "m.pth"
+    save_checkpoint(make_checkpoint(get_model("ResNet20", "cifar10"), None, epoch=1, acc=0.0), str(path))
+    flags = [f"--pretrained={path}", f"--dataset_path={data['c10']}", "--batch_size=32", *COMMON]
+    out = _eval_in_process(flags, capsys, monkeypatch)
+    assert json_line(out)["folded"] is False and "folded for inference" not in out and "no foldable blocks" in out
+
+
+def test_eval_help_and_fold_name_say_what_is_true(capsys):
+    """Issue 24 bug 5: eval reads ranks off the tensor shapes (no 16/1 fallback), and ``models.fold`` is one thing."""
+    import importlib.util
+
+    import models
+    from utils import cli
+
+    with pytest.raises(SystemExit):
+        cli.parse_eval_args("cifar10", ["--help"], prog="eval_cifar10.py")
+    text = " ".join(capsys.readouterr().out.split())
+    assert "else 16" not in text and "else 1)" not in text and "tensor shapes" in text
+    assert callable(models.fold) and importlib.util.find_spec("models.fold") is None
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from models.atomic import atomic_write_bytes  # noqa: F401  (part of this module's API)
+from models.atomic import atomic_path, atomic_write_bytes  # noqa: F401  (atomic_write_bytes: part of this API)
 from models.pretrained import FORMAT_VERSION, unwrap_model
 from utils.engine import RunError
 
@@ -79,7 +79,8 @@ def save_checkpoint(obj: dict, path: str | Sequence[str]) -> None:
     buffer = io.BytesIO()  # serialised once for all paths
     torch.save(_to_cpu(obj, {}), buffer)
     for p in [path] if isinstance(path, str) else path:
-        atomic_write_bytes(buffer.getvalue(), p)
+        with atomic_path(p) as tmp, os.fdopen(os.open(tmp, os.O_WRONLY | os.O_TRUNC), "wb") as f:  # no extra frame
+            f.write(buffer.getvalue())
 
 
 def make_checkpoint(

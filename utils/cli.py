@@ -9,6 +9,7 @@ import argparse
 import contextlib
 import difflib
 import fnmatch
+import importlib
 import os
 import re
 import signal
@@ -17,43 +18,22 @@ from collections.abc import Callable, Sequence
 
 RANK_FLAGS = ("shared_rank", "unique_rank")
 PAPER = "paper"  # --pretrained=paper: the paper's published checkpoint (a file named paper: ./paper)
-_AUTHORS = dict(lr=0.1, momentum=0.9, lambdaR=10.0, unique_rank=1, batch_size=256, dataset_path="./data/")
-# Per dataset: the authors' defaults and recipes (model glob -> schedule, first match wins; a milestone ends a stage;
-# restart: each stage starts from the best weights with a fresh SGD, as the authors' CIFAR-100 script; gammas: the LR
-# factor of each milestone, default x0.1 each). CIFAR-100 MobileNetV2_SharedDouble takes "*": the recipe of its
-# published number (the authors' later script never decays the LR; SPEC_v2 section 5).
-DEFAULTS = {
-    "cifar10": dict(
-        _AUTHORS,
-        weight_decay=5e-4,
-        shared_rank=16,
-        model="ResNet56_DoubleShared",
-        recipes={"*": dict(epochs=300, milestones=[150, 225], restart=False)},
-    ),
-    "cifar100": dict(
-        _AUTHORS,
-        weight_decay=5e-4,
-        shared_rank=16,
-        model="ResNet34_SingleShared",
-        recipes={"*": dict(epochs=300, milestones=[150, 225], restart=True)},
-    ),
-    # The authors schedule only the shared models (their plain runs crash); plain models take their family's here.
-    "ilsvrc": dict(
-        _AUTHORS,
-        weight_decay=1e-4,
-        shared_rank=32,
-        model="ResNet34_DoubleShared",
-        dataset_path="/media/data/ILSVRC2012/",
-        # HEAD's x0.5 last step; the NoECA layout takes its own time's recipe (x0.1), as MobileNetV2*
-        recipes={
-            "MobileNetV2_SharedDouble": dict(
-                epochs=300, milestones=[150, 225, 285], gammas=[0.1, 0.1, 0.5], restart=False
-            ),
-            "MobileNetV2*": dict(epochs=300, milestones=[150, 225, 285], restart=False),
-            "ResNet*": dict(epochs=150, milestones=[60, 100, 140], restart=False),
-        },
-    ),
-}
+_FLAG_DEFAULTS = ("model", "lr", "momentum", "weight_decay", "lambdaR", "batch_size", "dataset_path")
+_SCHEDULE = ("epochs", "milestones", "gammas", "restart")
+
+
+def script_facts(kind: str, dataset: str, name: str) -> dict:
+    """``RECIPE`` of ``train_<dataset>.py`` or ``DEFAULTS`` of ``eval_<dataset>.py``, for callers that pass none."""
+    return getattr(importlib.import_module(f"{kind}_{dataset}"), name)
+
+
+def recipe_for(recipe: dict, model: str) -> dict:
+    """The schedule of ``model``: the recipe's, or that of the first ``per_model`` name or glob it matches."""
+    own = next((r for glob, r in recipe["per_model"].items() if fnmatch.fnmatch(model, glob)), {})
+    schedule = {k: own.get(k, recipe[k]) for k in _SCHEDULE}
+    schedule["recipe_epochs"] = schedule.pop("epochs")
+    schedule["include_unique"] = recipe["regularizer_includes_unique"]
+    return schedule
 
 
 class _Parser(argparse.ArgumentParser):
@@ -122,7 +102,7 @@ _VISIBLE = re.compile(r"[A-Za-z0-9_:-]+(,[A-Za-z0-9_:-]+)*")
 _visible_device = _argtype("device list", str, _VISIBLE.fullmatch, "comma-separated GPU indices such as 0,1,2,3")
 
 
-def _parser(prog: str, defaults: dict) -> argparse.ArgumentParser:
+def _parser(prog: str, dataset: str) -> argparse.ArgumentParser:
     """Flags of both the training and the evaluation scripts; ``--help`` shows the running script's docstring."""
     from models import list_models
 
@@ -130,7 +110,7 @@ def _parser(prog: str, defaults: dict) -> argparse.ArgumentParser:
         prog=prog, formatter_class=_HelpFormatter, description=getattr(sys.modules.get("__main__"), "__doc__", None)
     )
     g = p.add_argument_group("model and data (the authors' flags)")
-    g.add_argument("--model", help=f"model name, one of: {', '.join(list_models(defaults['dataset']))}")
+    g.add_argument("--model", help=f"model name, one of: {', '.join(list_models(dataset))}")
     g.add_argument("--shared_rank", type=_rank, help="rank s of each shared filter basis (group 1)")
     g.add_argument("--unique_rank", type=_rank, help="rank u of each layer's own basis (group 1)")
     g.add_argument("--batch_size", type=_batch, help="batch size, train and test")
@@ -157,12 +137,23 @@ def _parser(prog: str, defaults: dict) -> argparse.ArgumentParser:
     g.add_argument("--amp", action="store_true", help="mixed precision: bf16 autocast where supported, else fp16")
     g.add_argument("--channels_last", action="store_true", help="NHWC memory format for model and inputs")
     g.add_argument("--compile", action="store_true", help="torch.compile the model (falls back to eager on failure)")
-    p.set_defaults(**defaults, published=None)  # published: the paper row of --pretrained=paper
+    p.set_defaults(dataset=dataset, published=None)  # published: the paper row of --pretrained=paper
     return p
 
 
-def _train_parser(prog: str, dataset: str) -> argparse.ArgumentParser:
-    p = _parser(prog, dict(DEFAULTS[dataset], dataset=dataset))
+def _train_parser(prog: str, dataset: str, recipe: dict) -> argparse.ArgumentParser:
+    from models.registry import model_defaults
+
+    p = _parser(prog, dataset)
+    p.set_defaults(**{k: recipe[k] for k in _FLAG_DEFAULTS})
+    paper = model_defaults(recipe["model"], dataset)
+    for action in p._actions:
+        if action.dest in RANK_FLAGS:
+            example = f", e.g. {paper[action.dest]} for {recipe['model']}" if action.dest in paper else ""
+            action.help += (
+                f" (default: the model's paper row in models/registry.py{example}; models that take no such rank "
+                f"name their files with {recipe[action.dest]})"
+            )
     g = p.add_argument_group("optimisation (the authors' flags)")
     g.add_argument("--lr", type=_f32, help="initial learning rate")
     g.add_argument("--momentum", type=_f32, help="SGD momentum")
@@ -214,11 +205,11 @@ def _train_parser(prog: str, dataset: str) -> argparse.ArgumentParser:
     return p
 
 
-def _eval_parser(prog: str, dataset: str) -> argparse.ArgumentParser:
-    p = _parser(prog, {k: DEFAULTS[dataset][k] for k in ("batch_size", "dataset_path")} | dict(dataset=dataset))
-    # model and ranks: None = not given, then the checkpoint's record, then the authors' defaults
-    fallback = {k: DEFAULTS[dataset][k] for k in ("model", *RANK_FLAGS)}
-    p.set_defaults(model=None, shared_rank=None, unique_rank=None, fallback=fallback)
+def _eval_parser(prog: str, dataset: str, defaults: dict) -> argparse.ArgumentParser:
+    p = _parser(prog, dataset)
+    # --model: None = not given, then the checkpoint's record, then the script's default
+    p.set_defaults(batch_size=defaults["batch_size"], dataset_path=defaults["dataset_path"])
+    p.set_defaults(model=None, shared_rank=None, unique_rank=None, fallback={"model": defaults["model"]})
     g = p.add_argument_group("added (evaluation)")
     g.add_argument(
         "--no_fold",
@@ -226,9 +217,23 @@ def _eval_parser(prog: str, dataset: str) -> argparse.ArgumentParser:
         help="evaluate the factorised model as trained, not its folded form (models.fold: same outputs)",
     )
     for action in p._actions:
-        if action.dest in fallback:
-            action.help = f"{action.help} (default: what the checkpoint records, else {fallback[action.dest]})"
+        if action.dest == "model":
+            action.help += f" (default: what the checkpoint records, else {defaults['model']})"
+        if action.dest in RANK_FLAGS:
+            action.help += " (default: read off the checkpoint's tensor shapes; given, they are checked against them)"
     return p
+
+
+def _default_ranks(args: argparse.Namespace, recipe: dict) -> None:
+    """Rank flags not given: the model's paper row (models/registry.py) for the ranks it takes, else the recipe's
+    value, which only names the files (``-S16-U1``). ``args.default_ranks``: those taken from the registry."""
+    from models.registry import model_defaults
+
+    paper = model_defaults(args.model, args.dataset)
+    args.default_ranks = {k: paper[k] for k in RANK_FLAGS if getattr(args, k) is None and k in paper}
+    for k in RANK_FLAGS:
+        if getattr(args, k) is None:
+            setattr(args, k, paper.get(k, recipe[k]))
 
 
 def _check_model(parser: argparse.ArgumentParser, dataset: str, name: str | None) -> str | None:
@@ -242,7 +247,7 @@ def _check_model(parser: argparse.ArgumentParser, dataset: str, name: str | None
 
 def _pick_published(parser: argparse.ArgumentParser, args: argparse.Namespace, model: str, ranks: dict) -> None:
     """``--pretrained=paper``: the published row of ``model`` at ``ranks`` (status 2 naming the dataset's rows when
-    there is none); ``--pretrained`` becomes its cache path, where :func:`utils.start.pretrained_path` fetches it."""
+    there is none); ``--pretrained`` becomes its cache path, fetched by :func:`utils.run_start.pretrained_path`."""
     from models.download import cache_path
     from models.summary import published_row
 
@@ -271,11 +276,16 @@ def _resolve_visible_device(args: argparse.Namespace) -> None:
     os.environ["CUDA_VISIBLE_DEVICES"] = args.visible_device
 
 
-def parse_train_args(dataset: str, argv: Sequence[str] | None = None, prog: str | None = None):
-    """Parse and validate a training command line for ``dataset`` (defaults and recipe from :data:`DEFAULTS`)."""
-    parser = _train_parser(prog or os.path.basename(sys.argv[0]), dataset)
+def parse_train_args(
+    dataset: str, argv: Sequence[str] | None = None, prog: str | None = None, recipe: dict | None = None
+):
+    """Parse and validate a training command line for ``dataset`` (defaults and schedule from ``recipe``, by
+    default ``train_<dataset>.RECIPE``)."""
+    recipe = recipe or script_facts("train", dataset, "RECIPE")
+    parser = _train_parser(prog or os.path.basename(sys.argv[0]), dataset, recipe)
     args = parser.parse_args(argv)
     args.model = _check_model(parser, args.dataset, args.model)
+    _default_ranks(args, recipe)
     if args.resume is not None and args.pretrained is not None:
         parser.error(
             "--resume and --pretrained are exclusive (--resume continues this run; --pretrained starts "
@@ -283,12 +293,8 @@ def parse_train_args(dataset: str, argv: Sequence[str] | None = None, prog: str 
         )
     if args.pretrained == PAPER:
         _pick_published(parser, args, args.model, {k: getattr(args, k) for k in RANK_FLAGS})
-    recipes = vars(args).pop("recipes")
-    recipe = next((dict(r) for glob, r in recipes.items() if fnmatch.fnmatch(args.model, glob)), None)
-    if recipe is None:
-        parser.error(f"no training recipe for {args.model} on {args.dataset}")
-    recipe["recipe_epochs"] = recipe.pop("epochs")
-    args.schedule, args.epochs = recipe, args.epochs or recipe["recipe_epochs"]
+    args.schedule = recipe_for(recipe, args.model)
+    args.epochs = args.epochs or args.schedule["recipe_epochs"]
     if args.starting_epoch >= args.epochs:
         parser.error(f"--starting_epoch={args.starting_epoch} leaves nothing to train (--epochs={args.epochs})")
     if args.starting_epoch and args.pretrained is None and args.resume is None:
@@ -303,9 +309,13 @@ def parse_train_args(dataset: str, argv: Sequence[str] | None = None, prog: str 
     return args
 
 
-def parse_eval_args(dataset: str, argv: Sequence[str] | None = None, prog: str | None = None):
-    """Parse and validate an evaluation command line (``--pretrained`` is required)."""
-    parser = _eval_parser(prog or os.path.basename(sys.argv[0]), dataset)
+def parse_eval_args(
+    dataset: str, argv: Sequence[str] | None = None, prog: str | None = None, defaults: dict | None = None
+):
+    """Parse and validate an evaluation command line (``--pretrained`` is required); ``defaults``: by default
+    ``eval_<dataset>.DEFAULTS``."""
+    defaults = defaults or script_facts("eval", dataset, "DEFAULTS")
+    parser = _eval_parser(prog or os.path.basename(sys.argv[0]), dataset, defaults)
     args = parser.parse_args(argv)
     if not args.pretrained:
         parser.error("--pretrained=<checkpoint> is required (there is nothing to evaluate without weights)")
@@ -323,9 +333,17 @@ _INTERRUPTED = {  # what an interrupt leaves, by what was interrupted (a trainin
 }
 
 
-def run(main: Callable, args, prog: str | None = None, exiting: bool = False, what: str = "train") -> int:
-    """Call ``main(args)``: a user error is one stderr line and status 1, an interrupt one line and 130/143/129
-    (``exiting``: the process ends after, so later signals are ignored); ``what``: ``train`` or ``eval``."""
+class Outcome:
+    """The exit status :func:`one_line_errors` decided (0 when the block ended normally)."""
+
+    code = 0
+
+
+@contextlib.contextmanager
+def one_line_errors(prog: str | None = None, exiting: bool = False, what: str = "train"):
+    """Around a script's work: a user error becomes one stderr line and status 1, an interrupt one line and
+    130/143/129 (``exiting``: the process ends after, so later signals are ignored); ``what``: ``train`` or ``eval``.
+    A context manager, not a wrapper call, so that it adds no frame between the script and the training step."""
     from models.pretrained import CheckpointError
     from models.registry import flag_wording
     from utils.data import DatasetError
@@ -337,13 +355,14 @@ def run(main: Callable, args, prog: str | None = None, exiting: bool = False, wh
     tag = f"{prog}: " if rank == "0" else f"{prog} [rank {rank}]: "
     with contextlib.suppress(AttributeError, ValueError):
         sys.stdout.reconfigure(line_buffering=True)  # so that logs piped through tee show up as they happen
+    outcome = Outcome()
     try:
         with flag_wording("scripts"):  # checkpoint errors name this script's flags, not Python keywords
-            main(args)
+            yield outcome
     except (CheckpointError, DatasetError, RunError, DistError) as e:
         sys.stdout.flush()
         sys.stderr.write(f"{tag}error: {_one_line(e)}\n")  # one write: ranks' lines do not interleave
-        return 1
+        outcome.code = 1
     except KeyboardInterrupt as e:
         sys.stdout.flush()
         message = getattr(e, "message", "") or _INTERRUPTED[what]
@@ -351,8 +370,7 @@ def run(main: Callable, args, prog: str | None = None, exiting: bool = False, wh
         if exiting:  # the process ends now: a further Ctrl-C would only interrupt the workers' shutdown
             for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
                 signal.signal(sig, signal.SIG_IGN)
-        return e.exit_code if isinstance(e, Interrupted) else 130
-    return 0
+        outcome.code = e.exit_code if isinstance(e, Interrupted) else 130
 
 
 def _one_line(e) -> str:
@@ -362,17 +380,21 @@ def _one_line(e) -> str:
     return " ".join(text.split("\n")).strip()
 
 
-def train_main(dataset: str, argv: Sequence[str] | None = None) -> int:
+def train_main(dataset: str, argv: Sequence[str] | None = None, recipe: dict | None = None) -> int:
     """Entry point of the training scripts."""
-    args = parse_train_args(dataset, argv)
+    args = parse_train_args(dataset, argv, recipe=recipe)
     from utils.train import fit
 
-    return run(fit, args, exiting=argv is None)
+    with one_line_errors(exiting=argv is None) as outcome:
+        fit(args)
+    return outcome.code
 
 
-def eval_main(dataset: str, argv: Sequence[str] | None = None) -> int:
+def eval_main(dataset: str, argv: Sequence[str] | None = None, defaults: dict | None = None) -> int:
     """Entry point of the evaluation scripts."""
-    args = parse_eval_args(dataset, argv)
+    args = parse_eval_args(dataset, argv, defaults=defaults)
     from utils.evaluate import evaluate_checkpoint
 
-    return run(evaluate_checkpoint, args, exiting=argv is None, what="eval")
+    with one_line_errors(exiting=argv is None, what="eval") as outcome:
+        evaluate_checkpoint(args)
+    return outcome.code

@@ -267,17 +267,20 @@ class SeededSamples(Dataset):
 
     def __getitem__(self, item):
         epoch, index = item
-        with torch.random.fork_rng(devices=[], enabled=get_worker_info() is None):  # keep the main process's RNG
-            torch.manual_seed(mix_seed(self.seed, epoch, index))
+        # The transforms draw from the CPU generator alone: seed only it (torch.manual_seed would also reseed every CUDA
+        # generator, which fork_rng(devices=[]) does not restore), and restore it in the main process.
+        with torch.random.fork_rng(devices=[], enabled=get_worker_info() is None):
+            torch.default_generator.manual_seed(mix_seed(self.seed, epoch, index))
             return self.dataset[index]
 
 
 class TrainLoader(DataLoader):
     """A training ``DataLoader`` over :class:`SeededSamples` with an :class:`EpochSampler`."""
 
-    def set_epoch(self, epoch: int, start_step: int = 0) -> None:
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        """Epoch ``epoch`` from this rank's sample ``start`` on (a mid-epoch resume; any batch size)."""
         self.sampler.set_epoch(int(epoch))
-        self.sampler.start = int(start_step) * self.batch_size
+        self.sampler.start = int(start)
 
 
 def _worker_signals(_: int) -> None:

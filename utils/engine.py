@@ -69,36 +69,57 @@ class StopSignals:
 
 @dataclass(frozen=True)
 class Schedule:
-    """Step LR: ``lr * gamma**#{m: epoch > m}``, or with ``gammas`` the product of the factors of the steps passed
-    (ILSVRC MobileNetV2_SharedDouble's last step is x0.5); ``restart`` begins a stage from the best weights afresh."""
+    """Step LR: epoch ``e`` runs at ``lr`` times the factors of the milestones before it; ``restart`` begins a stage
+    from the best weights afresh. ``dropped``: the recipe's last stages that a short run leaves no epoch."""
 
     lr: float
     milestones: tuple
+    gammas: tuple  # one factor per milestone
     epochs: int
     restart: bool = False
-    gamma: float = 0.1
-    gammas: tuple = ()  # one factor per milestone; empty: gamma at every one
+    dropped: int = 0
 
     @classmethod
     def from_recipe(cls, lr: float, recipe: dict, epochs: int | None = None) -> Schedule:
+        """The recipe's milestones scaled to ``epochs``; a stage that gets no epoch is dropped, so stages follow one
+        another in order and every milestone is strictly inside the run."""
         total = int(recipe["recipe_epochs"])
         epochs = total if epochs is None else int(epochs)
+        gammas = recipe.get("gammas") or [0.1] * len(recipe["milestones"])
+        kept = []
+        for m in recipe["milestones"]:
+            scaled = int(m) * epochs // total
+            if not (kept[-1] if kept else 0) < scaled < epochs:
+                break
+            kept.append(scaled)
         return cls(
             float(lr),
-            tuple(max(1, int(m) * epochs // total) for m in recipe["milestones"]),
+            tuple(kept),
+            tuple(float(g) for g in gammas[: len(kept)]),
             epochs,
             bool(recipe.get("restart", False)),
-            float(recipe.get("gamma", 0.1)),
-            tuple(float(g) for g in recipe.get("gammas", ())),
+            len(recipe["milestones"]) - len(kept),
         )
 
     def stage(self, epoch: int) -> int:
-        return sum(epoch > m for m in self.milestones) if epoch > 0 else 0
+        return sum(epoch > m for m in self.milestones)
 
     def lr_at(self, epoch: int) -> float:
-        if self.gammas:
-            return self.lr * math.prod(self.gammas[: self.stage(epoch)])
-        return self.lr * self.gamma ** self.stage(epoch)
+        return self.lr * math.prod(self.gammas[: self.stage(epoch)])
+
+    def describe(self) -> str:
+        """``300 epochs, lr 0.1 x0.1 after epochs [150, 225]`` for the header, and what a short run dropped."""
+        text = f"{self.epochs} epochs, lr {self.lr}"
+        if self.milestones:
+            factors = self.gammas[0] if len(set(self.gammas)) == 1 else list(self.gammas)
+            text += f" x{factors} after epochs {list(self.milestones)}"
+        if self.restart and self.milestones:
+            text += " (restart from best)"
+        if self.dropped:
+            text += (
+                f" ({self.dropped} last stage{'s' if self.dropped > 1 else ''} of the recipe dropped: no epoch left)"
+            )
+        return text
 
 
 def json_line(record: dict) -> str:

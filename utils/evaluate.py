@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from models import fold
+from models.folding import foldable
 from models.pretrained import load_weights, read_checkpoint, resolve_model
 from models.registry import rank_flags
 from models.summary import count_params, paper_line, paper_row
@@ -21,7 +22,7 @@ from utils.engine import (
     warn,
     wrap_model,
 )
-from utils.start import check_classes, describe, pretrained_path
+from utils.run_start import check_classes, describe, pretrained_path
 
 
 def evaluate_checkpoint(args) -> dict:
@@ -64,10 +65,12 @@ def evaluate_checkpoint(args) -> dict:
         check_classes(loaders, model.cfg.num_classes, args.dataset_path, args.pretrained)
         params, described = count_params(model), describe(model)
         model.eval()
-        folded = False  # a family without folding support is evaluated as trained
-        if not args.no_fold:
+        form = "unfolded"
+        if not args.no_fold and not foldable(model):  # the test models.export uses: one answer per model
+            form = "unfolded (no foldable blocks)"
+        elif not args.no_fold:
             try:
-                model, folded = fold(model), True
+                model, form = fold(model), "folded for inference"
             except Exception as e:  # noqa: BLE001
                 warn(f"inference folding failed ({type(e).__name__}: {e}); evaluating the unfolded model")
         model.to(device, memory_format=torch.channels_last if args.channels_last else torch.preserve_format)
@@ -76,7 +79,7 @@ def evaluate_checkpoint(args) -> dict:
         world = f" | {info.world_size} processes" if info.enabled else ""
         print(
             f"{args.dataset} {described} | {params:,} params | {args.pretrained} | {device} {precision.label}{world} "
-            f"| {'folded for inference' if folded else 'unfolded'}"
+            f"| {form}"
         )
         te = evaluate(
             net,
@@ -101,7 +104,7 @@ def evaluate_checkpoint(args) -> dict:
             "params": params,
             "checkpoint": args.pretrained,
             "checkpoint_epoch": ckpt.get("epoch"),
-            "folded": folded,
+            "folded": form == "folded for inference",
             "images": te["images"],
             "top1": te["top1"],
             "top5": te["top5"],

@@ -67,16 +67,16 @@ class GpuCifarLoader:
         )
         self.batch_size, self.train, self.seed, self.pad = int(batch_size), train, int(seed), int(pad)
         self.channels_last, self.rank, self.world_size = channels_last, int(rank), int(world_size)
-        self.epoch, self.start_step = 0, 0
+        self.epoch, self.start = 0, 0  # start: this rank's first sample of the next pass (a mid-epoch resume)
         n, w = self.images.shape[0], self.world_size
         self.shard_samples = (math.ceil(n / w) if train else len(range(self.rank, n, w))) if w > 1 else n
         self.dataset = TensorDataset(self.images, self.labels)  # len(loader.dataset) == N; no copy
 
-    def set_epoch(self, epoch: int, start_step: int = 0) -> None:
-        self.epoch, self.start_step = int(epoch), int(start_step)
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        self.epoch, self.start = int(epoch), int(start)
 
     def __len__(self) -> int:
-        return math.ceil(self.shard_samples / self.batch_size) - (self.start_step if self.train else 0)
+        return math.ceil((self.shard_samples - (self.start if self.train else 0)) / self.batch_size)
 
     def __iter__(self):
         n, bs, w = self.images.shape[0], self.batch_size, self.world_size
@@ -86,7 +86,7 @@ class GpuCifarLoader:
         if self.train:
             g = torch.Generator(device=draw_on).manual_seed(mix_seed(self.seed, self.epoch))
             order, aug = torch.randperm(n, device=draw_on, generator=g), _draw_crop_flip(n, self.pad, draw_on, g)
-            start, self.start_step = self.start_step * bs, 0
+            start, self.start = self.start, 0
             self.epoch += 1  # a pass without set_epoch is the next epoch's
         if pos is not None:
             order, aug = order[pos].to(self.device), tuple(t[pos].to(self.device) for t in aug)

@@ -49,30 +49,81 @@ from utils.engine import (
     warn,
     wrap_model,
 )
-from utils.runlog import RunLog, duration, tensorboard_dir
-from utils.start import (
-    build_model,
+from utils.run_start import (
     check_classes,
     check_earlier_files,
     decide_start,
     describe,
+    model_for_run,
     provenance,
     run_stem,
 )
+from utils.runlog import RunLog, duration, tensorboard_dir
 
 
 def fit(args) -> dict:
-    """Train as the paper's recipe for ``args`` (``utils/cli.py``); returns the summary, also printed as a JSON line."""
+    """Train as the recipe in ``args`` says (``train_<dataset>.py``); returns the summary, also printed as a JSON line.
+
+    The epoch loop is here and calls :func:`~utils.engine.train_one_epoch` itself; :class:`TrainingRun` holds the run's
+    objects and the small hooks the loop calls (epoch start, stop checks, saves, logging)."""
     with run_context(args.device, args.batch_size) as device, StopSignals() as stop:
+        run = None
         try:
-            return TrainingRun(args, device, stop).run()
+            run = TrainingRun(args, device, stop)
+            print(run.header())
+            if run.state.epoch >= run.schedule.epochs:  # a finished run: print its result, write nothing
+                print(f"Nothing to do: the run already completed epoch {run.state.epoch} of {run.schedule.epochs}")
+                return run.summary(run.score_on_test() if args.val_split else None)
+            run.begin()
+            for epoch in range(run.state.epoch + 1, run.schedule.epochs + 1):
+                samples, totals, seconds = run.begin_epoch(epoch)
+                while True:  # one pass, or several when paused by the save clock or a signal for a mid-epoch save
+                    run.loaders.train.set_epoch(epoch, start=samples // run.world)
+                    try:
+                        r = train_one_epoch(
+                            run.net,
+                            run.model,
+                            run.loaders.train,
+                            run.optimizer,
+                            print_first=samples == 0,
+                            regularizer=run.regularizer,
+                            lambda_r=args.lambdaR,
+                            **run.pass_kw,
+                            stop=run.pause_requested,
+                            desc=run.bar_label(epoch),
+                            on_check=run.step_logger(epoch, samples),
+                        )
+                    except NonFiniteLoss as e:
+                        raise run.diverged(e, epoch, samples) from None
+                    samples, seconds = samples + r["images"], seconds + r["seconds"]
+                    totals = r["totals"] if totals is None else [a + b for a, b in zip(totals, r["totals"])]
+                    if not r["stopped"]:
+                        break
+                    run.save(run.mid_epoch_checkpoint(samples, totals), [run.last_path])
+                    run.saved_step = (epoch, samples)
+                    run.stop_if_asked()
+                tr = pass_stats(totals, seconds, run.regularizer is not None)
+                print("Training_Acc_Top1 = %.3f\nTraining_Acc_Top5 = %.3f" % (tr["top1"], tr["top5"]))
+                te = evaluate(run.eval_net, run.model, run.select_loader, desc=run.select, **run.pass_kw)
+                paths = run.end_epoch(epoch, te)
+                run.save(run.checkpoint(epoch, te, run.lr), paths, epoch)
+                run.log_epoch(epoch, tr, te)
+                run.stop_if_asked()
+            return run.summary(run.score_on_test() if args.val_split else None)
+        except KeyboardInterrupt as e:  # ours (a signal), or Ctrl-C before/after the handlers
+            if run is None or not run.started:
+                raise
+            signum = getattr(e, "signum", signal.SIGINT)
+            raise Interrupted(signum, run.interrupt_message(signum)) from None
         finally:
+            if run is not None:
+                run.log.close()
             stop.ending = True
             end_passes()  # while our handlers still catch a late Ctrl-C
 
 
 class TrainingRun:
-    """The objects of one run (model, optimizer, loaders, state) and its steps; built by :func:`fit`."""
+    """The objects of one run (model, optimizer, loaders, state) and the hooks :func:`fit`'s epoch loop calls."""
 
     def __init__(self, args, device: torch.device, stop: StopSignals):
         self.args, self.device, self.stop = args, device, stop
@@ -87,7 +138,7 @@ class TrainingRun:
             if os.path.exists(path) and not os.path.isdir(path):
                 raise RunError(f"{path!r} exists and is not a directory: move it, or pass another --output_dir")
         self.schedule = Schedule.from_recipe(args.lr, args.schedule, args.epochs)
-        self.model = build_model(args)  # before the data: ranks that cannot build fail fast
+        self.model = model_for_run(args)  # before the data: ranks that cannot build fail fast
         self.start = distributed.from_main(lambda: decide_start(args, self.last_path, self.schedule))
         self.state = self.start.state
         self.best_file = self.start.best_file  # where the best checkpoint in force is (None: not written yet)
@@ -97,8 +148,10 @@ class TrainingRun:
         self._setup_data()
         self._setup_model()
         self.saved = self.state.epoch if self.start.kind == "resume" else 0  # last epoch whose files are on disk
-        self.saved_step = None  # (epoch, step, steps) of the last mid-epoch save
-        self.last_scores = {"top1": checkpoint_acc(self.start.ckpt or {}) or 0.0, "top5": 0.0}
+        self.saved_step = None  # (epoch, samples) of the last mid-epoch save
+        self.started = False  # whether begin() ran: from then on a signal's message says what is on disk
+        ckpt = self.start.ckpt or {}
+        self.last_scores = {"top1": checkpoint_acc(ckpt) or 0.0, "top5": float(ckpt.get("acc5") or 0.0)}
         self._rearm_save_clock()
         # last of the checks, so that a bad flag, dataset or checkpoint is named first
         distributed.from_main(lambda: check_earlier_files(args, self.start, self.out_dir, self.stem))
@@ -129,17 +182,19 @@ class TrainingRun:
         )
         if args.dataset == "ilsvrc" and self.loaders.num_classes != self.model.cfg.num_classes:
             seed_everything(args.seed)  # any ImageFolder tree: the head is as wide as its class folders are many
-            self.model = build_model(args, num_classes=self.loaders.num_classes)
+            self.model = model_for_run(args, num_classes=self.loaders.num_classes)
         if self.start.ckpt is not None:
             heads = head_classes(args.dataset, state_dict_of(self.start.ckpt)) or NUM_CLASSES[args.dataset]
             check_classes(self.loaders, heads, args.dataset_path, self.start.path)
         self.select_loader = self.loaders.val if args.val_split else self.loaders.test
-        steps = len(self.loaders.train)  # of a whole epoch: no pass has started yet
-        if self.start.step >= steps:  # a mid-epoch save of a larger dataset
+        self.steps_per_epoch = len(self.loaders.train)  # of a whole epoch: no pass has started yet
+        images = images_in(self.loaders.train)
+        if self.start.samples >= images:  # a mid-epoch save of a larger dataset
             raise RunError(
-                f"checkpoint {self.start.path!r} stopped after step {self.start.step} of epoch {self.state.epoch + 1}, "
-                f"but the data under --dataset_path={args.dataset_path!r} makes only {steps} steps per epoch: resume "
-                f"with the dataset the run was trained on"
+                f"checkpoint {self.start.path!r} stopped after step {self.start.ckpt.get('epoch_step')} of epoch "
+                f"{self.state.epoch + 1} (sample {self.start.samples}), but the data under "
+                f"--dataset_path={args.dataset_path!r} makes only {self.steps_per_epoch} steps per epoch ({images} "
+                f"training images): resume with the dataset the run was trained on"
             )
 
     def _setup_model(self) -> None:
@@ -154,7 +209,7 @@ class TrainingRun:
         self.pass_kw = dict(
             device=device, precision=self.precision, channels_last=args.channels_last, progress=progress_enabled()
         )  # of both training and evaluation passes
-        self.regularizer = OrthogonalityRegularizer(model) or None  # plain and NonShared models: CE only
+        self.regularizer = OrthogonalityRegularizer(model, args.schedule["include_unique"]) or None  # plain: CE only
         self._restore()
         self.net = wrap_model(model, device, self.precision, compile=args.compile, ddp=self.world > 1)
         # evaluation runs without DDP: ranks may score different numbers of batches
@@ -203,12 +258,12 @@ class TrainingRun:
             if self.world > 1
             else ""
         )
+        paper = " (ranks not given: the paper's row)" if getattr(args, "default_ranks", None) else ""
         classes = self.model.cfg.num_classes
         heads = f" | {classes} classes (the data's folders)" if args.dataset == "ilsvrc" and classes != 1000 else ""
         return (
-            f"{args.dataset} {describe(self.model)} | {count_params(self.model):,} params | {self.device} "
-            f"{self.precision.label}{ddp} | {sch.epochs} epochs, lr {sch.lr} x{list(sch.gammas) or sch.gamma} "
-            f"after epochs {list(sch.milestones)}{' (restart from best)' if sch.restart else ''} | {sizes}"
+            f"{args.dataset} {describe(self.model)}{paper} | {count_params(self.model):,} params | {self.device} "
+            f"{self.precision.label}{ddp} | {sch.describe()} | {sizes}"
             f"{images_in(loaders.test)} test images{heads} | best checkpoint chosen on {self.select}"
         )
 
@@ -239,37 +294,98 @@ class TrainingRun:
         self.log.open_tensorboard(logs)
         print(f"Run files: {self.best_path} (best), {self.last_path}, {args_path} | TensorBoard logs: {logs}")
 
-    def run(self) -> dict:
-        print(self.header())
-        if self.state.epoch >= self.schedule.epochs:  # a finished run: print its result, write nothing
-            print(f"Nothing to do: the run already completed epoch {self.state.epoch} of {self.schedule.epochs}")
-            return self.summary(self.score_on_test() if self.args.val_split else None)
+    def begin(self) -> None:
+        """Before the first epoch: the output files, then the random streams of a resumed run."""
         self._prepare_output()
-        self.began, self.prior_seconds = time.monotonic(), self.state.seconds
+        self.began, self.prior_seconds, self.started = time.monotonic(), self.state.seconds, True
         states = self.start.rng_states
         if states:  # last, so that building things above does not shift the random streams
             restore_rng_state(states[self.rank] if len(states) == self.world else states[0] if not self.rank else None)
-        epoch = self.state.epoch + 1
-        try:
-            for epoch in range(self.state.epoch + 1, self.schedule.epochs + 1):
-                self.train_epoch(epoch)
-                if distributed.any_rank(self.stop(), self.device):
-                    raise Interrupted(self.stop.signum or signal.SIGTERM)
-            final = self.score_on_test() if self.args.val_split else None
-            return self.summary(final)
-        except KeyboardInterrupt as e:  # ours (a signal), or Ctrl-C before/after the handlers
-            signum = getattr(e, "signum", signal.SIGINT)
-            raise Interrupted(signum, self._interrupt_message(signum, epoch)) from None
-        finally:
-            self.log.close()
 
-    def _interrupt_message(self, signum: int, epoch: int) -> str:
-        name = signal.Signals(signum).name
+    def begin_epoch(self, epoch: int) -> tuple[int, list | None, float]:
+        """Stage, restart and LR of ``epoch``, the authors' epoch line; returns where the epoch starts: samples done
+        (all ranks), their totals and seconds (a mid-epoch --resume continues its first epoch only)."""
+        sch, state = self.schedule, self.state
+        self.epoch, self.epoch_began = epoch, time.perf_counter()
+        stage, self.lr = sch.stage(epoch), sch.lr_at(epoch)
+        if sch.restart and stage > state.stage:
+            self.restart_stage(epoch)
+        state.stage = stage
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.lr
+        samples, totals = self.start.samples, self.start.totals
+        self.start.samples, self.start.totals = 0, None
+        resumed = ""
+        if samples:
+            batch = self.args.batch_size
+            resumed = (
+                f" (resumed at step {samples // batch})" if samples % batch == 0 else f" (resumed at sample {samples})"
+            )
+        cuda = f"Cuda {self.args.visible_device} " if self.device.type == "cuda" else ""  # the authors' line, on GPUs
+        print(f"\n{cuda}{'Basis ' if self.regularizer is not None else ''}Epoch: {epoch}{resumed}")
+        return samples, totals, 0.0
+
+    def pause_requested(self) -> bool:
+        """Whether the pass should stop for a mid-epoch save: a signal, or the save clock."""
+        return self.stop() or time.monotonic() >= self.next_save
+
+    def stop_if_asked(self) -> None:
+        """After a save: end the run if any rank had a signal (all ranks stop at the same step)."""
+        if distributed.any_rank(self.stop(), self.device):
+            raise Interrupted(self.stop.signum or signal.SIGTERM)
+
+    def step_logger(self, epoch: int, samples: int):
+        """``on_check`` of a pass that starts at ``samples``: per-step scalars numbered over the whole run."""
+        first = (epoch - 1) * self.steps_per_epoch + samples // self.args.batch_size
+        return lambda i, loss, reg: self.log.step_scalars(first + i, loss, reg)
+
+    def _steps(self, samples: int) -> int:
+        return -(-samples // self.args.batch_size)  # this run's steps to cover ``samples``
+
+    def diverged(self, e: NonFiniteLoss, epoch: int, samples: int) -> RunError:
+        kept = (
+            f"the last checkpoint ({self.last_path}) is intact"
+            if self.saved or self.saved_step
+            else "nothing was saved"
+        )
+        return RunError(
+            f"the loss became {e.value} at epoch {epoch}, step {self._steps(samples) + e.step} of "
+            f"{self.steps_per_epoch} (lr {self.lr:g}); stopped without saving: {kept}; lower --lr (or --lambdaR), or "
+            f"--resume from the last checkpoint"
+        )
+
+    def mid_epoch_checkpoint(self, samples: int, totals: list) -> dict:
+        """The -last.pth of a paused epoch: ``epoch`` is the last completed one, ``epoch_samples`` (all ranks, with
+        ``world_size``) where the current one stands, so a resume with another --batch_size continues there."""
+        ckpt = self.checkpoint(self.state.epoch, self.last_scores, self.lr)
+        ckpt.update(epoch_step=self._steps(samples), epoch_samples=samples, epoch_totals=totals)
+        return ckpt
+
+    def end_epoch(self, epoch: int, te: dict) -> list:
+        """The best-checkpoint rule (strictly greater, as the authors); returns the files this epoch's save writes."""
+        state = self.state
+        self.improved = te["top1"] > state.best_acc
+        if self.improved:
+            state.best_acc, state.best_acc5, state.best_epoch = te["top1"], te["top5"], epoch
+            self.best_file = self.best_path
+        state.epoch, self.last_scores = epoch, te
+        self.periodic = self.args.dataset == "ilsvrc" and epoch % 5 == 0  # the authors' ILSVRC history files
+        paths = ([self.best_path] if self.improved else []) + [self.last_path]
+        return paths + ([os.path.join(self.out_dir, f"{self.stem}epoch{epoch}.pth")] if self.periodic else [])
+
+    def log_epoch(self, epoch: int, tr: dict, te: dict) -> None:
+        state = self.state
+        best = (state.best_acc, state.best_acc5, state.best_epoch)
+        self.log.test_lines(te, best[:2], self.improved, self.periodic)
+        self.log.epoch_line(epoch, state.stage, self.lr, tr, te, best, time.perf_counter() - self.epoch_began)
+
+    def interrupt_message(self, signum: int) -> str:
+        name, epoch = signal.Signals(signum).name, getattr(self, "epoch", self.state.epoch + 1)
         if self.saved_step and self.saved_step[0] == epoch and self.saved < epoch:
-            e, step, steps = self.saved_step
+            e, samples = self.saved_step
             return (
-                f"interrupted by {name} during epoch {e}: its first {step} of {steps} steps are saved in "
-                f"{self.last_path}; rerun the same command with --resume"
+                f"interrupted by {name} during epoch {e}: its first {self._steps(samples)} of {self.steps_per_epoch} "
+                f"steps are saved in {self.last_path}; rerun the same command with --resume"
             )
         where = f"after epoch {self.saved}" if self.saved >= epoch else f"during epoch {epoch}"
         kept = (
@@ -279,82 +395,7 @@ class TrainingRun:
         )
         return f"interrupted by {name} {where}: {kept}"
 
-    def train_epoch(self, epoch: int) -> None:
-        args, sch, state = self.args, self.schedule, self.state
-        stage, lr = sch.stage(epoch), sch.lr_at(epoch)
-        if sch.restart and stage > state.stage:
-            self.restart_stage(epoch)
-        state.stage = stage
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        began = time.perf_counter()
-        step, self.start.step = self.start.step, 0  # a mid-epoch --resume continues its first epoch only
-        cuda = f"Cuda {args.visible_device} " if self.device.type == "cuda" else ""  # the authors' line, on GPUs
-        print(
-            f"\n{cuda}{'Basis ' if self.regularizer is not None else ''}Epoch: {epoch}"
-            + (f" (resumed at step {step})" if step else "")
-        )
-        tr = self.train_pass(epoch, lr, step)
-        print("Training_Acc_Top1 = %.3f\nTraining_Acc_Top5 = %.3f" % (tr["top1"], tr["top5"]))
-        te = evaluate(self.eval_net, self.model, self.select_loader, desc=self.select, **self.pass_kw)
-        improved = te["top1"] > state.best_acc  # strictly greater, as the authors
-        if improved:
-            state.best_acc, state.best_acc5, state.best_epoch = te["top1"], te["top5"], epoch
-            self.best_file = self.best_path
-        state.epoch, self.last_scores = epoch, te
-        periodic = args.dataset == "ilsvrc" and epoch % 5 == 0  # the authors' ILSVRC history files
-        paths = ([self.best_path] if improved else []) + [self.last_path]
-        paths += [os.path.join(self.out_dir, f"{self.stem}epoch{epoch}.pth")] if periodic else []
-        self.save(self.checkpoint(epoch, te, lr), paths, epoch)
-        best = (state.best_acc, state.best_acc5, state.best_epoch)
-        self.log.test_lines(te, best[:2], improved, periodic)
-        self.log.epoch_line(epoch, stage, lr, tr, te, best, time.perf_counter() - began)
-
-    def train_pass(self, epoch: int, lr: float, step: int) -> dict:
-        """The epoch's training from ``step`` on, pausing for a mid-epoch save on the save clock or a signal."""
-        totals, seconds = (self.start.totals if step else None), 0.0
-        while True:
-            self.loaders.train.set_epoch(epoch, start_step=step)
-            steps = step + len(self.loaders.train)
-            try:
-                r = train_one_epoch(
-                    self.net,
-                    self.model,
-                    self.loaders.train,
-                    self.optimizer,
-                    print_first=step == 0,
-                    regularizer=self.regularizer,
-                    lambda_r=self.args.lambdaR,
-                    **self.pass_kw,
-                    stop=lambda: self.stop() or time.monotonic() >= self.next_save,
-                    desc=self._bar_label(epoch),
-                    on_check=lambda i, loss, reg, start=(epoch - 1) * steps + step: self.log.step_scalars(
-                        start + i, loss, reg
-                    ),
-                )
-            except NonFiniteLoss as e:
-                kept = (
-                    f"the last checkpoint ({self.last_path}) is intact"
-                    if self.saved or self.saved_step
-                    else "nothing was saved"
-                )
-                raise RunError(
-                    f"the loss became {e.value} at epoch {epoch}, step {step + e.step} of {steps} (lr "
-                    f"{lr:g}); stopped without saving: {kept}; lower --lr (or --lambdaR), or --resume from "
-                    f"the last checkpoint"
-                ) from None
-            step, seconds = step + r["steps"], seconds + r["seconds"]
-            totals = r["totals"] if totals is None else [a + b for a, b in zip(totals, r["totals"])]
-            if not r["stopped"]:
-                return pass_stats(totals, seconds, self.regularizer is not None)
-            ckpt = self.checkpoint(self.state.epoch, self.last_scores, lr)  # "epoch": the last completed one
-            ckpt.update(epoch_step=step, epoch_totals=totals)
-            self.save(ckpt, [self.last_path])
-            self.saved_step = (epoch, step, steps)
-            if distributed.any_rank(self.stop(), self.device):
-                raise Interrupted(self.stop.signum or signal.SIGTERM)
-
-    def _bar_label(self, epoch: int) -> str:
+    def bar_label(self, epoch: int) -> str:
         left = self.log.eta(epoch - 1)
         return f"epoch {epoch}/{self.schedule.epochs}" + (f" (run ETA {duration(left)})" if left else "")
 
@@ -382,6 +423,7 @@ class TrainingRun:
             world_size=self.world,
             args=vars(args),
             epoch_step=0,
+            epoch_samples=0,
             epoch_totals=None,
             train_seconds=self.prior_seconds + time.monotonic() - self.began,
             provenance=self.provenance,
@@ -394,7 +436,7 @@ class TrainingRun:
             except OSError as e:
                 part = self.saved_step if self.saved_step and self.saved_step[0] > self.saved else None
                 held = (
-                    f"the first {part[1]} steps of epoch {part[0]}"
+                    f"the first {self._steps(part[1])} steps of epoch {part[0]}"
                     if part
                     else f"epoch {self.saved}"
                     if self.saved
@@ -406,7 +448,7 @@ class TrainingRun:
         self._rearm_save_clock()
 
     def restart_stage(self, epoch: int) -> None:
-        """CIFAR-100: a new stage starts from the best weights so far, with a fresh SGD (no momentum)."""
+        """CIFAR-100: a new stage starts from the best weights so far, with a fresh SGD (momentum buffers zero)."""
         state, lr = self.state, self.schedule.lr_at(epoch)
 
         def pick() -> str | None:  # the best this run has seen

@@ -14,6 +14,12 @@ import torch
 import torch.nn as nn
 
 
+def foldable(model: nn.Module) -> bool:
+    """Whether :func:`fold` changes anything: some block below the root has a ``folded()`` form (plain ResNets and
+    the later whole-conv-sharing models have none)."""
+    return any(callable(getattr(m, "folded", None)) for m in model.modules() if m is not model)
+
+
 def fold(model: nn.Module) -> nn.Module:
     """An inference-only copy of ``model`` (eval mode, BN statistics frozen into the weights) with every foldable
     block replaced by its folded form; ``model`` (which must be in eval mode) is not modified."""
@@ -53,8 +59,6 @@ def _drop_unused_bases(model: nn.Module) -> None:
 
 def bn_affine(bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
     """``(scale, shift)`` with ``bn(x) = scale * x + shift`` per channel, in eval mode."""
-    if bn.running_var is None:
-        raise ValueError("cannot fold a BatchNorm without running statistics (track_running_stats=False)")
     scale = torch.rsqrt(bn.running_var + bn.eps)
     shift = -bn.running_mean * scale
     if bn.affine:

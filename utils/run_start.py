@@ -1,4 +1,5 @@
-"""The model a run trains and how it begins (fresh, ``--pretrained`` or ``--resume``), checked before any write."""
+"""Where a training run starts: its model, its file names and provenance, and how it begins (fresh, ``--pretrained`` or
+``--resume``, with the position inside an epoch), checked before any write."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from models import get_model, summary
 from models.download import fetch
 from models.pretrained import CheckpointError, check_identity, checkpoint_acc, read_checkpoint
 from models.registry import rank_flags
+from utils import distributed
 from utils.checkpoint import run_files_busy
 from utils.data import VAL_SPLIT_SEED
 from utils.engine import RunError, Schedule, warn
@@ -64,12 +66,12 @@ class RunStart:
     state: RunState = field(default_factory=RunState)
     split_seed: int = VAL_SPLIT_SEED
     rng_states: list | None = None  # per rank, for --resume
-    step: int = 0  # --resume of a mid-epoch save: steps of epoch state.epoch + 1 already done
+    samples: int = 0  # --resume of a mid-epoch save: samples (all ranks) of epoch state.epoch + 1 already done
     totals: list | None = None  # and their loss/accuracy sums
     best_file: str | None = None  # --resume: where the run's best checkpoint is (another folder for --resume=PATH)
 
 
-def build_model(args, num_classes: int | None = None) -> nn.Module:
+def model_for_run(args, num_classes: int | None = None) -> nn.Module:
     try:
         return get_model(
             args.model,
@@ -194,6 +196,7 @@ def decide_start(args, last_path: str, schedule: Schedule) -> RunStart:
     ]
     if changed:
         warn(f"resuming with flags that differ from the interrupted run's: {', '.join(changed)}")
+    samples = _epoch_position(ckpt, path, before, args.batch_size)
     state = RunState(
         ckpt["epoch"],
         float(ckpt.get("best_acc", acc)),
@@ -209,10 +212,25 @@ def decide_start(args, last_path: str, schedule: Schedule) -> RunStart:
         state,
         int(split.get("seed", VAL_SPLIT_SEED)),
         ckpt.get("rng_states") or [ckpt.get("rng_state")],
-        int(ckpt.get("epoch_step") or 0),
+        samples,
         ckpt.get("epoch_totals"),
         _best_file_of(path, state),
     )
+
+
+def _epoch_position(ckpt: dict, path: str, before: dict, batch_size: int) -> int:
+    """The position of a mid-epoch save: the position in samples over all ranks, so that a resume with
+    another --batch_size continues at the same sample (older files store steps of their own batch size)."""
+    world = int(ckpt.get("world_size") or 1)
+    samples = ckpt.get("epoch_samples")
+    if samples is None:
+        samples = int(ckpt.get("epoch_step") or 0) * int(before.get("batch_size") or batch_size)
+    if samples and world != distributed.current().world_size:
+        raise RunError(
+            f"checkpoint {path!r} was saved inside epoch {ckpt['epoch'] + 1} by {world} process(es), and an epoch's "
+            f"data order depends on their number: resume it with {world} process(es)"
+        )
+    return int(samples)
 
 
 def _best_file_of(path: str, state: RunState) -> str | None:

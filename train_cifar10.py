@@ -17,7 +17,9 @@ import sys
 
 from utils.cli import train_main
 
-# The recipe, read by utils/cli.py (the library holds no per-dataset table): editing an entry here changes the run.
+# The recipe, read by utils/cli.py (the library holds no per-dataset table): editing an entry here changes the run,
+# except `augmentation` and `normalisation`, which describe what utils/data.py implements once for training and
+# evaluation alike (tests/test_preprocessing.py holds both to SPEC section 5).
 RECIPE = dict(
     # the authors' flag defaults (SPEC section 6); the ranks a model takes default to its paper row in
     # models/registry.py, so these two only name the files of models that take none (SPEC section 7: "-S16-U1")

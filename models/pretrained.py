@@ -79,6 +79,16 @@ def _unreadable(path: str, e: Exception) -> str:
                 "is a torch.export program (.pt2, e.g. written by models.export), not a checkpoint: run it with "
                 "torch.export.load(path).module(); evaluate the .pth checkpoint it was exported from"
             )
+    else:
+        with open(path, "rb") as f:
+            head = f.read(4096)
+        if not head.startswith(b"\x80"):  # every torch file is a zip archive or a pickle (protocol 2+ opcode)
+            try:
+                head[: len(head) - 3 if len(head) == 4096 else None].decode("utf-8")  # a character cut at the end
+                what = "text: a web page or a note saved in its place?"
+            except UnicodeDecodeError:
+                what = "neither a zip archive nor a pickle"
+            return f"is not a readable PyTorch checkpoint ({what})"
     text = str(e)  # torch's first line advises weights_only=False, with terminal colour codes: not ours to print
     pickled = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
     if pickled:

@@ -415,6 +415,14 @@ def test_files_that_are_no_checkpoint_say_what_they_are(tmp_path):
     assert "not a readable PyTorch checkpoint" in messages[noise]
 
 
+@pytest.mark.parametrize("content", [b"hello world\n", b"<!DOCTYPE html><html><title>Quota exceeded</title>"])
+def test_a_text_file_given_as_checkpoint_says_it_is_text(tmp_path, content):
+    path = tmp_path / "note.pth"
+    path.write_bytes(content)
+    message = _refusal(path)
+    assert "\n" not in message and "KeyError" not in message and "is not a readable PyTorch checkpoint (text" in message
+
+
 @pytest.mark.slow
 def test_an_exported_program_given_as_checkpoint_says_so(tmp_path):
     model = get_model("ResNet20", "cifar10").eval()
